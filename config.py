@@ -1,0 +1,132 @@
+"""GrugV3 configuration: edit the values below, then run `python3 main.py`.
+
+Any key can also be overridden for one run from the command line, e.g.
+    python3 main.py --batch_size=32 --use_parallel_stream_model=True --DO_PREDICTION=False
+`python3 main.py --help` lists every key with its default and comment.
+
+The defaults train a small model on a 2-core laptop CPU in about three minutes.
+
+Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else.
+    batch_size=64, sequence_length=256, embedding_dim=384, attention_d_model=384,
+    attention_num_heads=6, num_attention_layers=6, transformer_dropout=0.1,
+    learning_rate=6e-4, max_steps=5000, max_train_minutes=None,
+    eval_max_batches=50, amp_dtype="auto", use_torch_compile=True.
+Several GPUs or machines: see "Scaling out" in README.md (torchrun, no edit needed).
+"""
+
+DO_TRAINING = True  # run the training stage
+DO_PREDICTION = True  # run the generation stage after training (loads the best checkpoint)
+
+CONFIG_V3 = {
+    # --- paths and data ---
+    "data_dir": "./dataset/USE",  # folder searched recursively for .txt training files
+    "processed_data_dir": "./dataset/USE_processed",  # where the processed byte array is cached
+    "checkpoint_dir": "./checkpoints_grug_v3",  # checkpoints, metrics.csv and samples go here
+    "model_name": "grug_v3",  # prefix of checkpoint files: {model_name}_best.pth, _latest.pth
+    "resume_from_checkpoint": None,  # None = fresh start; "latest", "best", or a .pth path
+    "generate_dummy_data_if_empty": True,  # write a generated demo corpus when data_dir has no .txt
+    "force_reprocess_data": False,  # rebuild the processed array even if the cache is current
+    "file_separator": "\n\n",  # text inserted between consecutive files (UTF-8)
+    "utf8_error_policy": "replace",  # invalid UTF-8 in a file: "replace" | "skip" | "error" | "keep"
+    "sequence_length": 128,  # bytes per training window (the model's context), bytes
+    "data_stride": 128,  # bytes between the starts of consecutive training windows
+    "val_split_ratio": 0.1,  # fraction of the byte stream (the end) held out for validation
+    "batch_size": 16,  # windows per optimizer micro-step
+    "num_workers": 0,  # DataLoader worker processes (0 = load in the main process)
+    "vocab_size": 256,  # byte vocabulary; fixed at 256
+
+    # --- model ---
+    "embedding_dim": 128,  # width of the byte embedding
+    "use_cnn_frontend": False,  # causal 1-D convolutions over the embeddings before attention
+    "cnn_out_channels_list": [128],  # output channels of each frontend convolution
+    "cnn_kernel_sizes": [3],  # kernel size of each frontend convolution, bytes
+    "cnn_activation": "gelu",  # frontend activation: "gelu" | "relu"
+    "cnn_dropout": 0.0,  # dropout after each frontend convolution, probability
+    "cnn_use_layernorm": True,  # LayerNorm over channels after each frontend convolution
+    "positional_encoding_type": "sinusoidal",  # "sinusoidal" (fixed) | "learnable"
+    "max_positional_encoding_len": 1024,  # positions in the encoding table (learnable: hard limit)
+    "pe_dropout": 0.0,  # dropout after adding positional encodings, probability
+    "attention_d_model": 128,  # width of the transformer layers
+    "attention_num_heads": 4,  # attention heads per layer; must divide attention_d_model
+    "ffn_dim_multiply": 4,  # feed-forward width = ffn_dim_multiply * attention_d_model
+    "transformer_dropout": 0.0,  # dropout inside attention and feed-forward, probability
+    "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
+    "output_dropout": 0.0,  # dropout before the output projection, probability
+    "num_attention_layers": 4,  # transformer layers of the single-stream model
+    "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"
+
+    # --- parallel stream (a strided-CNN "aggregated" stream beside the byte stream) ---
+    "use_parallel_stream_model": False,  # True = byte stream + aggregated stream
+    "num_byte_stream_layers": 3,  # transformer layers of the byte stream
+    "num_agg_stream_layers": 2,  # transformer layers of the aggregated (patch) stream
+    "agg_cnn_kernel_size": 8,  # aggregator convolution kernel, bytes
+    "agg_cnn_stride": 4,  # bytes per patch of the aggregated stream
+    "agg_cnn_out_dim": 128,  # width of the aggregated stream; attention_num_heads must divide it
+
+    # --- training ---
+    "num_epochs": 1,  # passes over the training windows (max_steps/max_train_minutes may end sooner)
+    "max_steps": 700,  # optimizer steps at most (None = no limit)
+    "max_train_minutes": 3.0,  # wall-clock training budget, minutes (None = no limit)
+    "learning_rate": 2e-3,  # peak learning rate
+    "optimizer_type": "AdamW",  # "AdamW" | "Adam"
+    "adam_beta1": 0.9,  # Adam beta1
+    "adam_beta2": 0.99,  # Adam beta2
+    "adam_eps": 1e-8,  # Adam epsilon
+    "weight_decay": 0.1,  # weight decay on weight matrices (not biases, norms or embeddings' bias)
+    "gradient_accumulation_steps": 1,  # micro-batches summed per optimizer step
+    "clip_grad_norm_value": 1.0,  # clip the global gradient norm to this (None = no clipping)
+    "print_every": 50,  # print a log line every N optimizer steps
+    "metrics_every": 10,  # append a row to metrics.csv every N optimizer steps
+    "test_every_batches": 250,  # print an interim generated sample every N steps (0 = never)
+    "interim_test_prompt": "The ",  # prompt of the interim samples
+    "interim_test_max_new_bytes": 80,  # length of an interim sample, bytes
+    "validate_and_checkpoint_best_every_batches": 100,  # validate (and save best) every N steps
+    "eval_max_batches": 20,  # validation batches per evaluation (None = the whole split)
+    "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
+
+    # --- schedule and AMP ---
+    "scheduler_type": "CosineAnnealingLR",  # "CosineAnnealingLR" | "ReduceLROnPlateau" | "constant"
+    "lr_scheduler_T_max": None,  # cosine length in steps after warmup (None = rest of the run)
+    "lr_scheduler_eta_min": 1e-4,  # cosine floor learning rate
+    "lr_scheduler_patience": 3,  # ReduceLROnPlateau: validations without improvement before cutting
+    "lr_scheduler_factor": 0.5,  # ReduceLROnPlateau: multiply the learning rate by this
+    "use_lr_warmup": True,  # ramp the learning rate up linearly at the start
+    "lr_warmup_steps": 50,  # warmup length, optimizer steps
+    "lr_warmup_init_factor": 0.01,  # warmup starts at learning_rate * this
+    "use_amp": True,  # mixed precision (autocast) for matrix work
+    "amp_dtype": "auto",  # "auto" (bf16 on CPU / capable GPUs, else fp16) | "bfloat16" | "float16"
+
+    # --- checkpoints ---
+    "checkpoint_every_batches": 250,  # save {model_name}_latest.pth every N steps
+    "save_epoch_snapshots": False,  # also save {model_name}_epoch{N}.pth at each epoch end
+    "keep_last_checkpoints": 2,  # epoch snapshots kept (older ones are deleted)
+
+    # --- generation ---
+    "generation_prompts": ["The ", "Once upon a time"],  # prompts of the prediction stage
+    "generation_max_new_bytes": 300,  # bytes generated per prompt
+    "generation_temperature": 0.8,  # sampling temperature (0 = greedy)
+    "generation_top_k": 40,  # sample among the k most likely bytes (0 = off)
+    "generation_top_p": 0.95,  # nucleus sampling: smallest set reaching this probability (1.0 = off)
+    "generation_repetition_penalty": 1.0,  # divide logits of recently seen bytes (1.0 = off)
+    "generation_repetition_window": 64,  # how many recent bytes the repetition penalty looks at
+    "generation_seed": 1234,  # sampling seed (None = different every run)
+    "generation_valid_utf8_only": True,  # forbid bytes that would make the text invalid UTF-8
+    "use_kv_cache": True,  # incremental generation with cached keys/values (False = full recompute)
+    "generation_output_file": "generated_samples.txt",  # appended in checkpoint_dir, UTF-8
+    "interim_test_temperature": 0.8,  # temperature of the interim samples during training
+    "interim_test_top_k": 40,  # top-k of the interim samples during training
+
+    # --- profiler ---
+    "enable_profiler": False,  # profile a window of training steps with torch.profiler
+    "profiler_log_dir": "./checkpoints_grug_v3/profiler",  # trace output (TensorBoard / chrome://tracing)
+    "profiler_schedule_wait": 5,  # steps skipped before profiling
+    "profiler_schedule_warmup": 2,  # steps traced but discarded
+    "profiler_schedule_active": 5,  # steps recorded
+    "profiler_schedule_repeat": 1,  # profiling cycles
+
+    # --- runtime ---
+    "seed": 42,  # seed of Python, NumPy and torch
+    "device": "auto",  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "cuda:N" | "mps"
+    "use_torch_compile": False,  # torch.compile the model (falls back with a warning if unavailable)
+    "distributed_timeout_minutes": 10,  # torchrun: a rank waiting longer than this aborts the run
+}
