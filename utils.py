@@ -388,3 +388,43 @@ def _fsync_folder(folder):
 def bits_per_byte(nats):
     """Cross-entropy in nats per byte -> bits per byte."""
     return nats / math.log(2)
+
+
+# ---------------------------------------------------------------------------
+# Distributed (torchrun) context
+
+class DistributedContext:
+    """Who this process is. A plain `python3 main.py` is rank 0 of 1, no process group."""
+
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=None):
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.device = device  # None: let the config's `device` decide
+        self.is_main = rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(config):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL and one
+    GPU per rank on CUDA, gloo on CPU. Collectives time out instead of hanging forever."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    import datetime
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and config["device"] in ("auto", "cuda")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = datetime.timedelta(minutes=config["distributed_timeout_minutes"])
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                         timeout=timeout)
+    return DistributedContext(rank, local_rank, world_size, device)
