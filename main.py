@@ -13,8 +13,9 @@ import sys
 import torch
 
 import config as config_module
-from utils import (ConfigError, UserError, apply_overrides, config_help, resolve_amp_dtype,
-                   resolve_device, seed_everything, setup_distributed, validate_config)
+from utils import (ConfigError, UserError, apply_overrides, config_help, config_problems,
+                   resolve_amp_dtype,
+                   resolve_device, seed_everything, setup_distributed)
 
 
 def load_run_config(argv):
@@ -25,8 +26,10 @@ def load_run_config(argv):
     if "--help" in argv or "-h" in argv:
         print(config_help(config_module.__file__, defaults, flags))
         sys.exit(0)
-    config, flags, switches = apply_overrides(argv, defaults, flags)
-    validate_config(config, defaults)
+    config, flags, switches, problems = apply_overrides(argv, defaults, flags)
+    problems += config_problems(config, defaults)
+    if problems:
+        raise ConfigError(problems)
     return config, flags, switches
 
 

@@ -327,7 +327,14 @@ class Trainer:
         return None
 
     def resume(self, path):
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except UserError as error:
+            best = checkpoint_path(self.config, "best")
+            if os.path.abspath(path) != os.path.abspath(best) and os.path.isfile(best):
+                raise UserError(f"{error}\nThe best checkpoint may still be good: resume "
+                                f"from it with --resume_from_checkpoint=best") from None
+            raise
         differences = architecture_differences(state["config"], self.config,
                                                self.architecture_keys)
         if differences:

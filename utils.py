@@ -255,8 +255,9 @@ def parse_value(key, text, default):
 def apply_overrides(argv, config, flags):
     """Apply `--key=value` (or `--key value`) arguments to copies of `config` and `flags`.
 
-    Returns (config, flags, switches): switches are the bare options this program knows
-    (such as --interactive). Every problem is reported at once as a ConfigError."""
+    Returns (config, flags, switches, problems): switches are the bare options this
+    program knows (such as --interactive); problems lists every argument that could not be
+    applied, so the caller can report them together with the config's own problems."""
     config, flags = dict(config), dict(flags)
     switches, problems = set(), []
     args = list(argv)
@@ -286,9 +287,7 @@ def apply_overrides(argv, config, flags):
     for name, value in flags.items():
         if not isinstance(value, bool):
             problems.append(f"`{name}` must be True or False, got {value!r}")
-    if problems:
-        raise ConfigError(problems)
-    return config, flags, switches
+    return config, flags, switches, problems
 
 
 BARE_SWITCHES = {"help", "interactive"}

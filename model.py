@@ -1,0 +1,385 @@
+"""ByteLLM_GrugV3: a byte-level causal transformer, optionally with a causal CNN frontend
+and a second "aggregated" stream that attends over strided patches of bytes.
+
+    single stream:   bytes -> embedding -> [CNN frontend] -> projection -> positions
+                     -> causal encoder layers -> final_norm -> fc_out -> logits (B, T, 256)
+    parallel stream: the byte stream as above, beside it an aggregator conv (stride s)
+                     -> patch positions -> causal encoder layers over patches; byte t
+                     reads the state of the last patch complete at t.
+
+`forward_incremental` + `GenerationCache` give the same logits as the full forward, one
+chunk of bytes at a time, with keys/values and convolution inputs cached.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_components import ACTIVATIONS, CNNFrontend, POSITIONAL_ENCODINGS
+
+# Config keys that change the parameters' shapes or the math of forward. Checkpoints
+# only fit a model built with the same values.
+ARCHITECTURE_KEYS = (
+    "vocab_size", "sequence_length", "embedding_dim",
+    "use_cnn_frontend", "cnn_out_channels_list", "cnn_kernel_sizes", "cnn_activation",
+    "cnn_use_layernorm",
+    "positional_encoding_type", "max_positional_encoding_len",
+    "attention_d_model", "attention_num_heads", "ffn_dim_multiply", "transformer_norm_first",
+    "num_attention_layers",
+    "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
+    "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
+)
+
+
+# ---------------------------------------------------------------------------
+# Generation cache
+
+class KVCache:
+    """Keys and values of one attention layer for the positions fed so far."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, nh, L, hs)
+
+    @property
+    def length(self):
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k, v):
+        # cat copies the cache each step: O(L) per new byte, the same order as attention itself.
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class GenerationCache:
+    """What forward_incremental carries from one call to the next. `length` counts the
+    positions fed so far; a fresh cache starts at position 0."""
+
+    def __init__(self, batch_size, num_byte_layers, num_convs, num_agg_layers):
+        self.batch_size = batch_size
+        self.length = 0
+        self.byte_kv = [KVCache() for _ in range(num_byte_layers)]
+        self.conv_pasts = [None] * num_convs  # last k-1 inputs of each frontend convolution
+        self.agg_kv = [KVCache() for _ in range(num_agg_layers)]
+        self.agg_past = None   # last agg_kernel-1 frontend outputs (the aggregator's input)
+        self.agg_state = None  # (B, 1, D_agg) output of the newest complete patch
+
+
+# ---------------------------------------------------------------------------
+# Transformer layer (the math of nn.TransformerEncoderLayer, plus a KV cache)
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, d_model, num_heads, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # q, k, v stacked like in_proj_weight
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(k, v)  # (B, nh, past+T, hs)
+            if past > 0:
+                # is_causal aligns its mask top-left, wrong once keys precede the queries:
+                # query i sits at position past+i and sees keys 0 .. past+i.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+
+    def __init__(self, d_model, hidden, dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, hidden)
+        self.linear2 = nn.Linear(hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(x)))))
+
+
+class EncoderLayer(nn.Module):
+    """Causal self-attention + feed-forward, pre-norm or post-norm."""
+
+    def __init__(self, d_model, num_heads, ffn_mult, dropout, norm_first):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout)
+        self.ffn = FeedForward(d_model, ffn_mult * d_model, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, kv_cache=None):
+        if self.norm_first:
+            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache))
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache)))
+        return self.norm2(x + self.ffn(x))
+
+
+def encoder_stack(num_layers, d_model, config):
+    return nn.ModuleList(
+        EncoderLayer(d_model, config["attention_num_heads"], config["ffn_dim_multiply"],
+                     config["transformer_dropout"], config["transformer_norm_first"])
+        for _ in range(num_layers))
+
+
+# ---------------------------------------------------------------------------
+# Config checks
+
+def architecture_problems(c):
+    """Every problem in the model keys of config `c` that would make a broken model."""
+    problems = []
+    parallel = c["use_parallel_stream_model"]
+    sizes = ["vocab_size", "sequence_length", "embedding_dim", "max_positional_encoding_len",
+             "attention_d_model", "attention_num_heads", "ffn_dim_multiply"]
+    sizes += (["num_byte_stream_layers", "num_agg_stream_layers", "agg_cnn_kernel_size",
+               "agg_cnn_stride", "agg_cnn_out_dim"] if parallel else ["num_attention_layers"])
+    for key in sizes:
+        if c[key] < 1:
+            problems.append(f"`{key}` must be a positive integer, got {c[key]!r}")
+    if c["vocab_size"] != 256:
+        problems.append(f"`vocab_size` must be 256 (one entry per byte), got {c['vocab_size']!r}")
+    heads = c["attention_num_heads"]
+    widths = ["attention_d_model"] + (["agg_cnn_out_dim"] if parallel else [])
+    for key in widths:
+        if heads >= 1 and c[key] >= 1 and c[key] % heads:
+            problems.append(f"`attention_num_heads` ({heads}) must divide `{key}` ({c[key]})")
+    if c["use_cnn_frontend"]:
+        channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
+        if not channels or len(channels) != len(kernels):
+            problems.append(f"`cnn_out_channels_list` ({channels!r}) and `cnn_kernel_sizes` "
+                            f"({kernels!r}) need one entry per convolution, at least one")
+        if any(v < 1 for v in list(channels) + list(kernels)):
+            problems.append(f"`cnn_out_channels_list` ({channels!r}) and `cnn_kernel_sizes` "
+                            f"({kernels!r}) must hold positive integers")
+        if c["cnn_activation"] not in ACTIVATIONS:
+            problems.append(f"`cnn_activation` = {c['cnn_activation']!r} is not one of "
+                            f"{', '.join(map(repr, ACTIVATIONS))}")
+    if c["positional_encoding_type"] not in POSITIONAL_ENCODINGS:
+        problems.append(f"`positional_encoding_type` = {c['positional_encoding_type']!r} is "
+                        f"not one of {', '.join(map(repr, POSITIONAL_ENCODINGS))}")
+    elif c["positional_encoding_type"] == "learnable" \
+            and c["sequence_length"] > c["max_positional_encoding_len"]:
+        problems.append(f"learnable positions: `sequence_length` ({c['sequence_length']}) "
+                        f"exceeds `max_positional_encoding_len` "
+                        f"({c['max_positional_encoding_len']})")
+    if c["training_objective"] not in ("all_positions", "last_byte"):
+        problems.append(f"`training_objective` = {c['training_objective']!r} is not one of "
+                        f"'all_positions', 'last_byte'")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+class ByteLLM_GrugV3(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        problems = architecture_problems(config)
+        if problems:
+            raise ValueError("bad model configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        c = config
+        self.config = dict(config)
+        self.context_length = c["sequence_length"]  # the window the model was trained on
+        self.training_objective = c["training_objective"]
+        self.parallel = c["use_parallel_stream_model"]
+        d_model = c["attention_d_model"]
+        positional_encoding = POSITIONAL_ENCODINGS[c["positional_encoding_type"]]
+
+        self.embedding = nn.Embedding(c["vocab_size"], c["embedding_dim"])
+        self.cnn_frontend = None
+        front_width = c["embedding_dim"]
+        if c["use_cnn_frontend"]:
+            self.cnn_frontend = CNNFrontend(c["embedding_dim"], c["cnn_out_channels_list"],
+                                            c["cnn_kernel_sizes"], c["cnn_activation"],
+                                            c["cnn_dropout"], c["cnn_use_layernorm"])
+            front_width = self.cnn_frontend.out_channels
+        self.projection = (nn.Linear(front_width, d_model) if front_width != d_model
+                           else nn.Identity())
+        self.pos_encoding = positional_encoding(d_model, c["pe_dropout"],
+                                                c["max_positional_encoding_len"])
+        out_width = d_model
+        if self.parallel:
+            self.byte_stream_encoder = encoder_stack(c["num_byte_stream_layers"], d_model, c)
+            agg_dim = c["agg_cnn_out_dim"]
+            self.agg_kernel, self.agg_stride = c["agg_cnn_kernel_size"], c["agg_cnn_stride"]
+            self.aggregator_cnn = nn.Conv1d(front_width, agg_dim, self.agg_kernel,
+                                            stride=self.agg_stride)
+            self.agg_pos_encoding = positional_encoding(agg_dim, c["pe_dropout"],
+                                                        c["max_positional_encoding_len"])
+            self.agg_stream_encoder = encoder_stack(c["num_agg_stream_layers"], agg_dim, c)
+            self.no_patch_state = nn.Parameter(torch.randn(agg_dim) * 0.02)  # before patch 0
+            out_width += agg_dim
+        else:
+            self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c)
+        self.final_norm = nn.LayerNorm(out_width)
+        self.output_dropout = nn.Dropout(c["output_dropout"])
+        self.fc_out = nn.Linear(out_width, c["vocab_size"])
+        self._init_weights()
+
+    @property
+    def byte_layers(self):
+        return self.byte_stream_encoder if self.parallel else self.transformer_encoder
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        # Residual projections shrink with depth (GPT-2) so the residual stream starts ~unit size.
+        streams = [self.byte_layers] + ([self.agg_stream_encoder] if self.parallel else [])
+        for stream in streams:
+            std = 0.02 / math.sqrt(2 * len(stream))
+            for layer in stream:
+                nn.init.normal_(layer.attn.out_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(layer.ffn.linear2.weight, mean=0.0, std=std)
+
+    # --- the shared body of forward and forward_incremental -----------------
+
+    def _hidden_states(self, x, cache=None):
+        """x (B, T) bytes at positions start .. start+T-1 -> (B, T, out_width) states before
+        final_norm. cache None: a whole sequence from position 0."""
+        start = 0 if cache is None else cache.length
+        h = self.embedding(x)  # (B, T, E)
+        if self.cnn_frontend is not None:
+            h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
+        z = self.pos_encoding(self.projection(h), offset=start)  # (B, T, d_model)
+        for i, layer in enumerate(self.byte_layers):
+            z = layer(z, None if cache is None else cache.byte_kv[i])
+        if self.parallel:
+            z = torch.cat([z, self._patch_state_per_byte(h, cache)], dim=-1)
+        return z
+
+    def _patch_state_per_byte(self, h, cache=None):
+        """Frontend output h (B, T, C) -> (B, T, D_agg): for byte t, the aggregated stream's
+        state of the last patch complete at t, j(t) = (t+1)//s - 1, or the "no patch yet"
+        vector. Patch j summarises bytes (j+1)s-k .. (j+1)s-1 (zeros before byte 0)."""
+        k, s = self.agg_kernel, self.agg_stride
+        B, T, C = h.shape
+        start = 0 if cache is None else cache.length
+        done = start // s                    # patches completed before this call
+        new = (start + T) // s - done        # patches completing in this call
+        past = None if cache is None else cache.agg_past
+        if past is None:
+            past = h.new_zeros(B, k - 1, C)
+        joined = torch.cat([past, h], dim=1)  # (B, k-1+T, C): bytes start-k+1 .. start+T-1
+        previous = None if cache is None else cache.agg_state
+        if previous is None:
+            previous = self.no_patch_state.view(1, 1, -1).expand(B, 1, -1)
+        states = previous  # (B, 1, D_agg): state of patch done-1
+        if new > 0:
+            first = (done + 1) * s - 1 - start  # where patch `done`'s window starts in joined
+            window = joined[:, first:first + (new - 1) * s + k]  # (B, (new-1)s+k, C)
+            patches = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, new, D_agg)
+            patches = self.agg_pos_encoding(patches, offset=done)
+            for i, layer in enumerate(self.agg_stream_encoder):
+                patches = layer(patches, None if cache is None else cache.agg_kv[i])
+            states = torch.cat([previous.to(patches.dtype), patches], dim=1)  # (B, 1+new, D_agg)
+        if cache is not None:
+            cache.agg_past = joined[:, joined.size(1) - (k - 1):]
+            cache.agg_state = states[:, -1:]
+        positions = torch.arange(start, start + T, device=h.device)
+        return states[:, (positions + 1) // s - done]  # index 0 = patch done-1 (or none)
+
+    def _logits(self, hidden):
+        return self.fc_out(self.output_dropout(self.final_norm(hidden)))
+
+    # --- public API ----------------------------------------------------------
+
+    def forward(self, x, targets=None):
+        """x (B, T) int64 bytes. Without targets: logits (B, T, 256). With targets (B, T):
+        the mean cross-entropy in nats per byte over the training objective's positions."""
+        hidden = self._hidden_states(x)  # (B, T, out_width)
+        if targets is None:
+            return self._logits(hidden)
+        if self.training_objective == "last_byte":
+            # Only the last position reaches final_norm and fc_out.
+            return F.cross_entropy(self._logits(hidden[:, -1]), targets[:, -1])
+        logits = self._logits(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def loss(self, x, y):
+        return self(x, y)
+
+    def new_cache(self, batch_size):
+        """An empty GenerationCache for forward_incremental, at position 0."""
+        return GenerationCache(
+            batch_size, len(self.byte_layers),
+            0 if self.cnn_frontend is None else len(self.cnn_frontend.blocks),
+            len(self.agg_stream_encoder) if self.parallel else 0)
+
+    @torch.no_grad()
+    def forward_incremental(self, x_new, cache):
+        """Logits (B, n, 256) of x_new (B, n), which holds positions cache.length ..
+        cache.length+n-1; the cache is updated in place. Equals the full forward's logits
+        at those positions, for any split of the sequence into chunks."""
+        if x_new.dim() != 2 or x_new.size(1) < 1 or x_new.size(0) != cache.batch_size:
+            raise ValueError(f"x_new must be (batch {cache.batch_size}, n >= 1), got "
+                             f"{tuple(x_new.shape)}")
+        hidden = self._hidden_states(x_new, cache)
+        cache.length += x_new.size(1)
+        return self._logits(hidden)
+
+
+# ---------------------------------------------------------------------------
+# Sizes
+
+def count_parameters(model):
+    """Trainable parameters (a DDP or torch.compile wrapper shares its model's)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def estimate_flops_per_byte(config):
+    """Training FLOPs (forward + backward) per byte at the full window T = sequence_length:
+
+        6 * M + 6 * sum over layers of T_layer * width
+
+    M counts the weights of every matrix multiply one byte goes through (frontend convs,
+    projection, qkv/out/FFN of each layer, fc_out; embedding lookups and norms excluded):
+    2 FLOPs per weight forward, 4 backward. The attention term: scores and weighted values
+    are 2 matmuls of 2 FLOPs per key and channel, over T/2 keys on average (causal), times 3
+    for forward + backward. In the parallel model the aggregator conv and the patch stream
+    run once per s bytes over T/s patches, so their terms are divided by s."""
+    c = config
+    d, ffn, V = c["attention_d_model"], c["ffn_dim_multiply"], c["vocab_size"]
+    T = c["sequence_length"]
+
+    def layer_weights(width):
+        return (4 + 2 * ffn) * width * width  # qkv 3w², out w², FFN 2·ffn·w²
+
+    matmul, front = 0, c["embedding_dim"]
+    if c["use_cnn_frontend"]:
+        for out_channels, kernel in zip(c["cnn_out_channels_list"], c["cnn_kernel_sizes"]):
+            matmul += kernel * front * out_channels
+            front = out_channels
+    if front != d:
+        matmul += front * d
+    if not c["use_parallel_stream_model"]:
+        layers = c["num_attention_layers"]
+        matmul += layers * layer_weights(d) + d * V
+        attention = layers * T * d
+    else:
+        agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
+        agg_layers = c["num_agg_stream_layers"]
+        matmul += byte_layers * layer_weights(d) + (d + agg) * V
+        matmul += (c["agg_cnn_kernel_size"] * front * agg + agg_layers * layer_weights(agg)) / s
+        attention = byte_layers * T * d + agg_layers * (T / s) * agg / s
+    return 6 * matmul + 6 * attention

@@ -1,0 +1,130 @@
+"""Building blocks of GrugV3 that are not attention: positional encodings and the
+causal convolutional frontend. Every module takes and returns (B, T, C)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sinusoidal_table(length, d_model):
+    """(length, d_model) table of sin/cos encodings, as in "Attention Is All You Need"."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (length, 1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
+                         * (-math.log(10000.0) / d_model))  # (ceil(d/2),)
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])  # odd d_model: one fewer cos
+    return table
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds fixed sin/cos encodings. Works for any length: positions past the stored
+    table are computed on the fly (the stored table is left as it is)."""
+
+    def __init__(self, d_model, dropout, max_len):
+        super().__init__()
+        self.d_model = d_model
+        self.dropout = nn.Dropout(dropout)
+        # Not persistent: it is a function of the config, so checkpoints need not carry it.
+        self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
+
+    def forward(self, x, offset=0):
+        # x: (B, T, d_model), holding positions offset .. offset+T-1
+        end = offset + x.size(1)
+        table = self.table
+        if end > table.size(0):
+            table = sinusoidal_table(end, self.d_model).to(table.device)
+        return self.dropout(x + table[offset:end].to(x.dtype))
+
+
+class LearnablePositionalEncoding(nn.Module):
+    """Adds a learned vector per position; positions past max_len are an error."""
+
+    def __init__(self, d_model, dropout, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.table = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, offset=0):
+        end = offset + x.size(1)
+        if end > self.max_len:
+            raise ValueError(
+                f"learnable positional encoding has {self.max_len} positions "
+                f"(`max_positional_encoding_len`), but positions up to {end - 1} were asked "
+                f"for; feed at most {self.max_len} bytes or use a larger table")
+        return self.dropout(x + self.table[offset:end].to(x.dtype))
+
+
+POSITIONAL_ENCODINGS = {
+    "sinusoidal": SinusoidalPositionalEncoding,
+    "learnable": LearnablePositionalEncoding,
+}
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d over (B, T, C) padded on the left only: output t sees inputs t-k+1 .. t,
+    and the length is unchanged for any kernel size."""
+
+    def __init__(self, in_channels, out_channels, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size)
+        self.context = kernel_size - 1  # inputs before t that output t needs
+
+    def forward(self, x, past=None):
+        """`past` (B, k-1, C_in): the inputs just before x (None = start of the sequence,
+        zeros). Returns the output (B, T, C_out) and the last k-1 inputs, the next past."""
+        if past is None:
+            past = x.new_zeros(x.size(0), self.context, x.size(2))
+        x = torch.cat([past, x], dim=1)  # (B, k-1+T, C_in)
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C_out)
+        return y, x[:, x.size(1) - self.context:]
+
+
+class ConvBlock(nn.Module):
+    """Causal convolution -> activation -> optional LayerNorm over channels -> dropout."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, activation, dropout,
+                 use_layernorm):
+        super().__init__()
+        self.conv = CausalConv1d(in_channels, out_channels, kernel_size)
+        self.activation = ACTIVATIONS[activation]()
+        self.norm = nn.LayerNorm(out_channels) if use_layernorm else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, past=None):
+        y, past = self.conv(x, past)
+        return self.dropout(self.norm(self.activation(y))), past
+
+
+class CNNFrontend(nn.Module):
+    """A stack of causal ConvBlocks over the byte embeddings: (B, T, C_in) -> (B, T, C_out)."""
+
+    def __init__(self, in_channels, out_channels_list, kernel_sizes, activation="gelu",
+                 dropout=0.0, use_layernorm=True):
+        super().__init__()
+        if len(out_channels_list) != len(kernel_sizes) or not kernel_sizes:
+            raise ValueError(f"CNNFrontend needs one kernel size per convolution, got "
+                             f"out_channels_list={out_channels_list!r}, "
+                             f"kernel_sizes={kernel_sizes!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use one of "
+                             f"{', '.join(map(repr, ACTIVATIONS))}")
+        widths = [in_channels] + list(out_channels_list)
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in, c_out, k, activation, dropout, use_layernorm)
+            for c_in, c_out, k in zip(widths[:-1], widths[1:], kernel_sizes))
+        self.out_channels = widths[-1]
+
+    def forward(self, x, pasts=None):
+        """`pasts`: None for a whole sequence from position 0; in incremental generation a
+        list with one entry per convolution (None at the start), updated in place."""
+        for i, block in enumerate(self.blocks):
+            x, past = block(x, None if pasts is None else pasts[i])
+            if pasts is not None:
+                pasts[i] = past
+        return x

@@ -1,0 +1,130 @@
+"""Config checking and command-line overrides (utils.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import config as config_module
+from utils import ConfigError, apply_overrides, config_help, validate_config
+
+DEFAULTS = config_module.CONFIG_V3
+FLAGS = {"DO_TRAINING": True, "DO_PREDICTION": True}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def problems_of(**changes):
+    config = {**DEFAULTS, **changes}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, DEFAULTS)
+    return caught.value.problems
+
+
+def test_defaults_are_valid():
+    assert validate_config(dict(DEFAULTS), DEFAULTS) == DEFAULTS
+
+
+def test_every_key_has_a_comment_in_config_py():
+    text = config_help(config_module.__file__, DEFAULTS, FLAGS)
+    for key in DEFAULTS:
+        line_after = text.split(f"--{key}=", 1)[1].splitlines()[1]
+        assert not line_after.strip().startswith("--"), f"`{key}` has no comment"
+
+
+def test_unknown_key_suggests_the_nearest_name():
+    config = dict(DEFAULTS)
+    config["batch_sise"] = config.pop("batch_size")
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, DEFAULTS)
+    text = str(caught.value)
+    assert "unknown key `batch_sise`; did you mean `batch_size`?" in text
+    assert "missing key `batch_size`" in text
+
+
+def test_wrong_types_are_named():
+    problems = problems_of(learning_rate="fast", use_amp=1, cnn_kernel_sizes=[3.5])
+    assert any("`learning_rate` must be float, got str" in p for p in problems)
+    assert any("`use_amp` must be bool, got int" in p for p in problems)
+    assert any("`cnn_kernel_sizes` must be a list of int" in p for p in problems)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    validate_config({**DEFAULTS, "learning_rate": 1}, DEFAULTS)
+
+
+def test_ranges_and_choices():
+    problems = problems_of(val_split_ratio=1.0, batch_size=0, transformer_dropout=1.5,
+                           scheduler_type="cosine")
+    assert any("`val_split_ratio` = 1.0 is out of range: must be in (0, 1)" in p for p in problems)
+    assert any("`batch_size` = 0 is out of range" in p for p in problems)
+    assert any("`transformer_dropout`" in p for p in problems)
+    assert any("`scheduler_type` = 'cosine' is not one of" in p for p in problems)
+
+
+def test_inconsistencies_are_all_reported_at_once():
+    problems = problems_of(attention_num_heads=3, use_parallel_stream_model=True,
+                           agg_cnn_out_dim=100, cnn_kernel_sizes=[3, 5],
+                           sequence_length=2, agg_cnn_stride=4)
+    text = "\n".join(problems)
+    assert "`attention_num_heads` (3) must divide `attention_d_model` (128)" in text
+    assert "`attention_num_heads` (3) must divide `agg_cnn_out_dim` (100)" in text
+    assert "`cnn_kernel_sizes` has 2 entries but `cnn_out_channels_list` has 1" in text
+    assert "`sequence_length` (2) must be at least `agg_cnn_stride` (4)" in text
+    assert len(problems) == 4
+
+
+def test_none_only_where_allowed():
+    validate_config({**DEFAULTS, "max_steps": None, "resume_from_checkpoint": None}, DEFAULTS)
+    assert any("`batch_size` must not be None" in p for p in problems_of(batch_size=None))
+
+
+def test_overrides_are_parsed_with_the_default_type():
+    config, flags, switches, problems = apply_overrides(
+        ["--batch_size=32", "--use_parallel_stream_model=True", "--DO_PREDICTION=False",
+         "--learning_rate", "3e-4", "--cnn_kernel_sizes=[3,4]", "--model_name=run 2",
+         "--max_steps=None", "--resume_from_checkpoint=latest", "--interactive"],
+        DEFAULTS, FLAGS)
+    assert config["batch_size"] == 32 and config["use_parallel_stream_model"] is True
+    assert config["learning_rate"] == 3e-4 and config["cnn_kernel_sizes"] == [3, 4]
+    assert config["model_name"] == "run 2" and config["max_steps"] is None
+    assert config["resume_from_checkpoint"] == "latest"
+    assert flags == {"DO_TRAINING": True, "DO_PREDICTION": False}
+    assert switches == {"interactive"} and problems == []
+    assert DEFAULTS["batch_size"] != 32  # the defaults themselves are untouched
+
+
+def test_bad_overrides_are_reported_together():
+    _, _, _, problems = apply_overrides(
+        ["--batch_sizee=3", "--use_amp=maybe", "--batch_size=abc", "stray"], DEFAULTS, FLAGS)
+    text = "\n".join(problems)
+    assert "unknown option `--batch_sizee`; did you mean `batch_size`?" in text
+    assert "`--use_amp` expects True or False, got 'maybe'" in text
+    assert "`--batch_size` expects a int, got 'abc'" in text
+    assert "unexpected argument 'stray'" in text
+
+
+def test_override_of_wrong_type_is_caught_by_validation():
+    config, _, _, _ = apply_overrides(["--batch_size=2.5"], DEFAULTS, FLAGS)
+    with pytest.raises(ConfigError, match="`batch_size` must be int, got float"):
+        validate_config(config, DEFAULTS)
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_main_help_lists_every_key():
+    result = run_main("--help")
+    assert result.returncode == 0
+    for key in list(DEFAULTS) + list(FLAGS):
+        assert f"--{key}=" in result.stdout
+
+
+def test_main_reports_config_errors_without_traceback():
+    result = run_main("--batch_sise=3", "--attention_num_heads=5")
+    assert result.returncode == 2
+    assert "did you mean `batch_size`?" in result.stderr
+    assert "`attention_num_heads` (5) must divide `attention_d_model`" in result.stderr
+    assert "Traceback" not in result.stderr

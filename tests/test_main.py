@@ -1,0 +1,128 @@
+"""`python3 main.py` end to end, in subprocesses, on tiny configs in temporary folders."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import REPO_ROOT, write_text_corpus
+from trainer import load_checkpoint
+
+TINY_MODEL = ["--sequence_length=16", "--data_stride=16", "--batch_size=4",
+              "--embedding_dim=32", "--attention_d_model=32", "--attention_num_heads=2",
+              "--num_attention_layers=1", "--num_byte_stream_layers=1",
+              "--num_agg_stream_layers=1", "--agg_cnn_out_dim=32", "--eval_max_batches=2",
+              "--print_every=2", "--validate_and_checkpoint_best_every_batches=3",
+              "--checkpoint_every_batches=3", "--test_every_batches=4",
+              "--interim_test_max_new_bytes=8", "--max_train_minutes=None", "--device=cpu",
+              "--generation_max_new_bytes=24", "--lr_warmup_steps=2"]
+
+
+def paths(root):
+    return [f"--data_dir={root}/data", f"--processed_data_dir={root}/processed",
+            f"--checkpoint_dir={root}/ckpt", f"--profiler_log_dir={root}/prof"]
+
+
+def run_main(root, *args, timeout=240):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "main.py"), *paths(root),
+                           *TINY_MODEL, *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_fresh_run_on_dummy_data_trains_generates_and_resumes(tmp_path):
+    root = str(tmp_path)
+    first = run_main(root, "--max_steps=6", "--generation_prompts=['Hé']")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "dummy" in first.stdout.lower()
+    assert "parameters" in first.stdout and "device: cpu" in first.stdout
+    checkpoints = os.listdir(f"{root}/ckpt")
+    for name in ("grug_v3_best.pth", "grug_v3_latest.pth", "metrics.csv",
+                 "interim_samples.txt", "generated_samples.txt"):
+        assert name in checkpoints
+    with open(f"{root}/ckpt/generated_samples.txt", encoding="utf-8") as file:
+        sample = file.read()
+    assert "=== prompt: 'Hé'" in sample and len(sample.splitlines()[1]) > 2
+
+    resumed = run_main(root, "--max_steps=9", "--resume_from_checkpoint=latest",
+                       "--DO_PREDICTION=False")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert "reused" in (resumed.stdout + resumed.stderr).lower()  # processed cache reused
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 9
+
+
+def test_sigint_saves_latest_and_says_how_to_resume(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "abcdefghij klmnop, qrstuvwxyz.\n" * 3000)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_ROOT, "main.py"), *paths(root), *TINY_MODEL,
+         "--max_steps=100000", "--checkpoint_every_batches=100000", "--test_every_batches=0",
+         "--validate_and_checkpoint_best_every_batches=100000"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = f"{root}/ckpt/metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training steps are being logged
+        if os.path.exists(metrics) and len(open(metrics).readlines()) > 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert "--resume_from_checkpoint=latest" in output
+    state = load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")
+    assert 0 < state["step"] < 100000
+    assert not os.path.exists(f"{root}/ckpt/grug_v3_best.pth")  # no validation was due
+
+
+def test_prediction_stage_alone_uses_the_trained_checkpoint(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "to be or not to be, that is the question. " * 400)
+    trained = run_main(root, "--max_steps=3", "--DO_PREDICTION=False")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    os.remove(f"{root}/ckpt/grug_v3_best.pth")  # falls back to latest, with a message
+
+    # A different architecture in the current config: the checkpoint's own wins.
+    predicted = run_main(root, "--DO_TRAINING=False", "--embedding_dim=64",
+                         "--generation_prompts=['to be', '']", "--generation_seed=7")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "no best checkpoint" in predicted.stdout
+    with open(f"{root}/ckpt/generated_samples.txt", encoding="utf-8") as file:
+        text = file.read()
+    assert text.count("=== prompt:") == 2 and "seed 7" in text
+
+
+def test_prediction_without_checkpoint_is_a_clear_error(tmp_path):
+    result = run_main(str(tmp_path), "--DO_TRAINING=False")
+    assert result.returncode == 1
+    assert "no checkpoint to generate from" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_errors_exit_cleanly(tmp_path):
+    root = str(tmp_path)
+    os.makedirs(f"{root}/data")
+    with open(f"{root}/data/bad.txt", "wb") as file:
+        file.write(b"fine text " * 500 + b"\xff\xfe broken")
+    result = run_main(root, "--utf8_error_policy=error")
+    assert result.returncode == 1
+    assert "bad.txt" in result.stderr and "Traceback" not in result.stderr
+
+    empty = run_main(str(tmp_path / "other"), "--generate_dummy_data_if_empty=False")
+    assert empty.returncode == 1 and "Traceback" not in empty.stderr
+    assert "data" in empty.stderr
+
+
+def test_corrupt_resume_checkpoint_is_reported(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "hello world, hello bytes. " * 400)
+    os.makedirs(f"{root}/ckpt")
+    with open(f"{root}/ckpt/grug_v3_latest.pth", "wb") as file:
+        file.write(b"\x00garbage")
+    torch.save({"format_version": 1, "model_state": {}}, f"{root}/ckpt/grug_v3_best.pth")
+    result = run_main(root, "--resume_from_checkpoint=latest")
+    assert result.returncode == 1
+    assert "grug_v3_latest.pth" in result.stderr and "Traceback" not in result.stderr
+    assert "--resume_from_checkpoint=best" in result.stderr

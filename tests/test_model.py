@@ -1,0 +1,359 @@
+"""Tests of the GrugV3 model: causality, cache equivalence, objectives, checkpoints,
+config errors, learning, FLOP estimate. Tiny models only: the whole file runs in seconds."""
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import CONFIG_V3
+from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, EncoderLayer, count_parameters,
+                   estimate_flops_per_byte)
+from model_components import CNNFrontend, LearnablePositionalEncoding, SinusoidalPositionalEncoding
+
+
+def tiny_config(**overrides):
+    config = dict(CONFIG_V3)
+    config.update(embedding_dim=32, attention_d_model=32, attention_num_heads=2,
+                  ffn_dim_multiply=2, num_attention_layers=2, num_byte_stream_layers=2,
+                  num_agg_stream_layers=1, agg_cnn_out_dim=16, sequence_length=16,
+                  max_positional_encoding_len=64)
+    config.update(overrides)
+    return config
+
+
+def tiny_model(seed=0, **overrides):
+    """A model in eval mode with large random weights, so that any wrong connection moves
+    the logits far more than rounding does."""
+    torch.manual_seed(seed)
+    model = ByteLLM_GrugV3(tiny_config(**overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model.eval()
+
+
+CNN = dict(use_cnn_frontend=True, cnn_out_channels_list=[24, 32], cnn_kernel_sizes=[2, 3])
+PARALLEL = dict(use_parallel_stream_model=True)
+
+# (name, overrides): both architectures, frontend on/off, even and odd kernels, and
+# aggregator kernels below, at and above the stride, strides that do not divide T = 13.
+ARCHITECTURES = [
+    ("single", {}),
+    ("single-cnn-k2k3", CNN),
+    ("single-cnn-learnable", dict(CNN, cnn_kernel_sizes=[4, 1], positional_encoding_type="learnable")),
+    ("parallel-k3s2", dict(PARALLEL, agg_cnn_kernel_size=3, agg_cnn_stride=2)),
+    ("parallel-k2s3-cnn", dict(PARALLEL, **CNN, agg_cnn_kernel_size=2, agg_cnn_stride=3)),
+    ("parallel-k4s4", dict(PARALLEL, agg_cnn_kernel_size=4, agg_cnn_stride=4)),
+    ("parallel-k1s3", dict(PARALLEL, agg_cnn_kernel_size=1, agg_cnn_stride=3)),
+    ("parallel-k5s2-cnn-postnorm", dict(PARALLEL, **CNN, agg_cnn_kernel_size=5, agg_cnn_stride=2,
+                                        transformer_norm_first=False)),
+]
+ARCH_IDS = [name for name, _ in ARCHITECTURES]
+ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
+
+
+# ---------------------------------------------------------------------------
+# Causality
+
+def leaking_positions(forward, x):
+    """Positions t whose logits change when only bytes after t change."""
+    with torch.no_grad():
+        base = forward(x)
+        leaks = []
+        for t in range(x.size(1) - 1):
+            changed = x.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.randint_like(changed[:, t + 1:], 254)) % 256
+            if not torch.equal(forward(changed)[:, :t + 1], base[:, :t + 1]):
+                leaks.append(t)
+    return leaks
+
+
+@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
+def test_future_bytes_do_not_change_logits(overrides):
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (2, 13))
+    assert leaking_positions(model, x) == []
+    # The same check catches a model that peeks one byte ahead.
+    assert leaking_positions(lambda x: model(torch.roll(x, -1, dims=1)), x) != []
+
+
+@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
+def test_present_and_past_bytes_do_change_logits(overrides):
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (1, 13))
+    with torch.no_grad():
+        base = model(x)
+        for t in (0, 5, 12):
+            changed = x.clone()
+            changed[:, t] = (changed[:, t] + 1) % 256
+            logits = model(changed)
+            assert not torch.allclose(logits[:, t], base[:, t])   # byte t itself
+            assert not torch.allclose(logits[:, -1], base[:, -1])  # and every later position
+
+
+@pytest.mark.parametrize("kernels", [[1], [2], [3], [4, 5]])
+def test_cnn_frontend_is_causal_and_keeps_length(kernels):
+    torch.manual_seed(0)
+    frontend = CNNFrontend(8, [6] * len(kernels), kernels, "relu", 0.0, False).eval()
+    x = torch.randn(2, 9, 8)
+    y = frontend(x)
+    assert y.shape == (2, 9, 6)
+    changed = x.clone()
+    changed[:, 5:] += 1.0
+    assert torch.equal(frontend(changed)[:, :5], y[:, :5])
+    assert not torch.equal(frontend(changed)[:, 5], y[:, 5])
+
+
+# ---------------------------------------------------------------------------
+# Incremental generation equals the full forward
+
+def incremental_logits(model, x, chunks):
+    cache = model.new_cache(x.size(0))
+    assert cache.length == 0
+    outputs, start = [], 0
+    for n in chunks:
+        outputs.append(model.forward_incremental(x[:, start:start + n], cache))
+        start += n
+        assert cache.length == start
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
+@pytest.mark.parametrize("chunks", [[1] * 13, [5] + [1] * 8, [3, 4, 1, 2, 3], [13]],
+                         ids=["bytewise", "prompt5", "uneven", "whole"])
+def test_incremental_logits_equal_full_forward(overrides, chunks):
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        full = model(x)
+    incremental = incremental_logits(model, x, chunks)
+    assert incremental.shape == (2, 13, 256)
+    assert (incremental - full).abs().max().item() < 1e-4
+
+
+def test_fresh_cache_starts_again_at_position_zero():
+    # The predictor drops old bytes by feeding the kept ones to a new cache.
+    model = tiny_model(**PARALLEL, agg_cnn_kernel_size=3, agg_cnn_stride=2)
+    x = torch.randint(0, 256, (1, 12))
+    incremental_logits(model, x, [12])
+    kept = x[:, 5:]
+    with torch.no_grad():
+        assert (incremental_logits(model, kept, [3, 1, 1, 1, 1]) - model(kept)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN)], ids=["single", "parallel"])
+def test_incremental_under_autocast(overrides):
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        incremental = incremental_logits(model, x, [4, 1, 1, 1, 1, 1]).float()
+    assert torch.isfinite(incremental).all()
+    # bf16 rounding only: far below the spread of the logits.
+    assert (incremental - full).abs().max() < 0.1 * full.std() * 10
+
+
+def test_learnable_positions_past_the_table_raise_clear_error():
+    model = tiny_model(positional_encoding_type="learnable", max_positional_encoding_len=16)
+    with pytest.raises(ValueError, match="max_positional_encoding_len"):
+        model(torch.randint(0, 256, (1, 17)))
+    cache = model.new_cache(1)
+    model.forward_incremental(torch.randint(0, 256, (1, 16)), cache)
+    with pytest.raises(ValueError, match="16 positions"):
+        model.forward_incremental(torch.randint(0, 256, (1, 1)), cache)
+    encoding = LearnablePositionalEncoding(8, 0.0, max_len=4)
+    with pytest.raises(ValueError):
+        encoding(torch.zeros(1, 2, 8), offset=3)
+
+
+def test_sinusoidal_positions_past_the_table_work():
+    encoding = SinusoidalPositionalEncoding(10, 0.0, max_len=8)
+    long = encoding(torch.zeros(1, 20, 10))
+    assert encoding.table.shape == (8, 10)  # the stored table is not grown
+    assert torch.equal(long[0, :8], encoding.table)
+    assert torch.equal(encoding(torch.zeros(1, 3, 10), offset=15), long[:, 15:18])
+    model = tiny_model(max_positional_encoding_len=8)
+    assert model(torch.randint(0, 256, (1, 20))).shape == (1, 20, 256)
+
+
+# ---------------------------------------------------------------------------
+# Encoder layer = nn.TransformerEncoderLayer
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_layer_matches_torch(norm_first):
+    torch.manual_seed(0)
+    ours = EncoderLayer(16, 4, 3, 0.0, norm_first).eval()
+    reference = nn.TransformerEncoderLayer(16, 4, 48, 0.0, activation="gelu", batch_first=True,
+                                           norm_first=norm_first).eval()
+    with torch.no_grad():
+        reference.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        reference.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias.normal_())
+        reference.self_attn.out_proj.weight.copy_(ours.attn.out_proj.weight)
+        reference.self_attn.out_proj.bias.copy_(ours.attn.out_proj.bias.normal_())
+        for name in ("linear1", "linear2"):
+            getattr(reference, name).load_state_dict(getattr(ours.ffn, name).state_dict())
+        for name in ("norm1", "norm2"):
+            getattr(ours, name).weight.normal_()
+            getattr(reference, name).load_state_dict(getattr(ours, name).state_dict())
+        x = torch.randn(2, 7, 16)
+        mask = nn.Transformer.generate_square_subsequent_mask(7)
+        expected = reference(x, src_mask=mask, is_causal=True)
+        assert (ours(x) - expected).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Objectives
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, agg_cnn_stride=1, agg_cnn_kernel_size=2)],
+                         ids=["single", "parallel"])
+def test_objectives_agree_on_a_window_of_one(overrides):
+    all_positions = tiny_model(**overrides, training_objective="all_positions")
+    last_byte = tiny_model(**overrides, training_objective="last_byte")
+    x, y = torch.randint(0, 256, (4, 1)), torch.randint(0, 256, (4, 1))
+    assert torch.allclose(all_positions(x, y), last_byte(x, y))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN)], ids=["single", "parallel"])
+def test_losses_are_cross_entropy_of_their_positions(overrides):
+    all_positions = tiny_model(**overrides, training_objective="all_positions")
+    last_byte = tiny_model(**overrides, training_objective="last_byte")
+    x, y = torch.randint(0, 256, (3, 11)), torch.randint(0, 256, (3, 11))
+    logits = all_positions(x)
+    assert torch.allclose(all_positions(x, y), F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)))
+    assert torch.allclose(last_byte(x, y), F.cross_entropy(logits[:, -1], y[:, -1]), atol=1e-6)
+    assert torch.equal(last_byte.loss(x, y), last_byte(x, y))
+    assert not torch.allclose(all_positions(x, y), last_byte(x, y))
+
+
+def test_last_byte_objective_sends_only_the_last_position_to_fc_out():
+    model = tiny_model(training_objective="last_byte")
+    seen = []
+    model.fc_out.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    model(torch.randint(0, 256, (3, 11)), torch.randint(0, 256, (3, 11)))
+    assert seen == [torch.Size([3, 32])]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN)], ids=["single", "parallel"])
+def test_state_dict_round_trip_gives_identical_outputs(overrides):
+    model = tiny_model(seed=0, **overrides)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    restored = tiny_model(seed=1, **overrides)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN)], ids=["single", "parallel"])
+def test_state_dict_holds_parameters_only(overrides):
+    model = ByteLLM_GrugV3(tiny_config(**overrides))
+    keys = list(model.state_dict())
+    assert keys == [name for name, _ in model.named_parameters()]  # no sinusoidal table
+    assert not any("table" in key for key in keys)
+    assert list(torch.compile(model)._orig_mod.state_dict()) == keys
+
+
+def test_full_forward_traces_as_one_graph():
+    # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
+    model = tiny_model(**PARALLEL, **CNN, agg_cnn_stride=3)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x))
+    compiled(x, x).backward()
+
+
+def test_architecture_keys_are_config_keys():
+    assert set(ARCHITECTURE_KEYS) <= set(CONFIG_V3)
+    for key in ("attention_d_model", "agg_cnn_stride", "cnn_kernel_sizes", "sequence_length",
+                "positional_encoding_type", "transformer_norm_first", "vocab_size"):
+        assert key in ARCHITECTURE_KEYS
+    for key in ("transformer_dropout", "pe_dropout", "output_dropout", "cnn_dropout",
+                "training_objective", "learning_rate"):
+        assert key not in ARCHITECTURE_KEYS
+    assert ByteLLM_GrugV3(tiny_config(sequence_length=24)).context_length == 24
+
+
+# ---------------------------------------------------------------------------
+# Config errors
+
+@pytest.mark.parametrize("overrides, names", [
+    (dict(attention_num_heads=3), ["attention_num_heads", "attention_d_model", "(3)"]),
+    (dict(PARALLEL, agg_cnn_out_dim=15), ["attention_num_heads", "agg_cnn_out_dim", "(15)"]),
+    (dict(use_cnn_frontend=True, cnn_out_channels_list=[8, 8], cnn_kernel_sizes=[3]),
+     ["cnn_kernel_sizes", "cnn_out_channels_list"]),
+    (dict(use_cnn_frontend=True, cnn_out_channels_list=[0], cnn_kernel_sizes=[3]),
+     ["cnn_out_channels_list", "positive"]),
+    (dict(embedding_dim=0), ["embedding_dim", "0"]),
+    (dict(num_attention_layers=-1), ["num_attention_layers", "-1"]),
+    (dict(PARALLEL, agg_cnn_stride=0), ["agg_cnn_stride", "0"]),
+    (dict(use_cnn_frontend=True, cnn_out_channels_list=[8], cnn_kernel_sizes=[3],
+          cnn_activation="tanh"), ["cnn_activation", "tanh"]),
+    (dict(positional_encoding_type="rope"), ["positional_encoding_type", "rope"]),
+], ids=["heads", "agg-heads", "kernel-list", "channels", "embedding", "layers", "stride",
+        "activation", "pe-type"])
+def test_bad_configs_raise_clear_errors(overrides, names):
+    with pytest.raises(ValueError) as error:
+        ByteLLM_GrugV3(tiny_config(**overrides))
+    for name in names:
+        assert name in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Learning
+
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, agg_cnn_kernel_size=4, agg_cnn_stride=4)],
+                         ids=["single", "parallel"])
+def test_overfits_a_repeated_text(overrides):
+    torch.manual_seed(0)
+    config = tiny_config(embedding_dim=64, attention_d_model=64, attention_num_heads=4,
+                         num_attention_layers=2, num_byte_stream_layers=2,
+                         num_agg_stream_layers=2, agg_cnn_out_dim=64, sequence_length=32,
+                         **overrides)
+    model = ByteLLM_GrugV3(config)
+    text = torch.tensor(list(b"grug eats the bright red berry. " * 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        starts = torch.randint(0, len(text) - 33, (8,))
+        windows = torch.stack([text[s:s + 33] for s in starts.tolist()])
+        loss = model(windows[:, :-1], windows[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5
+
+
+# ---------------------------------------------------------------------------
+# Sizes
+
+def test_count_parameters():
+    model = ByteLLM_GrugV3(tiny_config())
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    model.embedding.weight.requires_grad_(False)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) - 256 * 32
+
+
+def test_flops_are_six_times_matmul_weights_plus_attention():
+    config = tiny_config(**CNN, embedding_dim=24, sequence_length=1)
+    model = ByteLLM_GrugV3(config)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    attention = 6 * config["num_attention_layers"] * 1 * config["attention_d_model"]
+    assert estimate_flops_per_byte(config) == 6 * weights + attention
+
+    def flops(**overrides):
+        return estimate_flops_per_byte(tiny_config(**overrides))
+    # Linear in depth; the attention term grows with the window.
+    assert flops(num_attention_layers=3) - flops(num_attention_layers=2) == \
+        flops(num_attention_layers=2) - flops(num_attention_layers=1)
+    assert flops(sequence_length=64) > flops(sequence_length=16)
+    # The patch stream costs 1/s per byte: a wider stride makes it cheaper.
+    assert flops(**PARALLEL, agg_cnn_stride=8) < flops(**PARALLEL, agg_cnn_stride=2)

@@ -1,0 +1,319 @@
+"""Predictor: sampling filters, UTF-8 masking, streaming, KV cache against the full
+forward, the sliding window, RNG hygiene and the interactive loop."""
+
+import codecs
+
+import pytest
+import torch
+
+from conftest import make_tiny_config
+from model import ByteLLM_GrugV3
+from predictor import (
+    Predictor, UTF8_START, apply_repetition_penalty, interactive_loop, top_k_filter,
+    top_p_filter, utf8_next_state, utf8_unfinished_tail,
+)
+
+ARCHITECTURES = [False, True]  # use_parallel_stream_model
+RANDOM = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)  # raw model sampling
+
+
+def make_predictor(tmp_path, parallel=False, use_kv_cache=True, **overrides):
+    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=parallel, **overrides)
+    torch.manual_seed(0)
+    model = ByteLLM_GrugV3(config)
+    return Predictor(model, "cpu", config, use_kv_cache=use_kv_cache)
+
+
+def generate_both_ways(predictor, prompt, **kwargs):
+    """(text, bytes) with the KV cache, then without it."""
+    results = []
+    for use_kv_cache in (True, False):
+        predictor.use_kv_cache = use_kv_cache
+        text = predictor.generate(prompt, **kwargs)
+        results.append((text, predictor.last_bytes))
+    return results
+
+
+def spy_on_model(model):
+    """Record the length of every input the model is fed, and the cache length after
+    every incremental call; returns the record."""
+    record = {"full": [], "incremental": [], "cache_lengths": []}
+    model.register_forward_pre_hook(lambda module, args: record["full"].append(args[0].shape[1]))
+    incremental = model.forward_incremental
+
+    def spy(x_new, cache):
+        logits = incremental(x_new, cache)
+        record["incremental"].append(x_new.shape[1])
+        record["cache_lengths"].append(cache.length)
+        return logits
+    model.forward_incremental = spy
+    return record
+
+
+# --- KV cache against the full forward ---------------------------------------------
+
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32)
+    cached, uncached = generate_both_ways(predictor, "Hello, world", max_new_bytes=24,
+                                          seed=7, **RANDOM)
+    assert len(cached[1]) > 0
+    assert cached == uncached
+
+
+def test_cache_feeds_prompt_once_then_one_byte_per_step(tmp_path):
+    predictor = make_predictor(tmp_path, sequence_length=64)
+    record = spy_on_model(predictor.model)
+    predictor.generate("abcdef", max_new_bytes=10, seed=1, **RANDOM)
+    assert record["incremental"] == [6] + [1] * 9
+    assert record["cache_lengths"][-1] == 15
+
+
+def test_use_kv_cache_switch_comes_from_config_and_constructor(tmp_path):
+    config = make_tiny_config(str(tmp_path), use_kv_cache=False)
+    model = ByteLLM_GrugV3(config)
+    assert Predictor(model, "cpu", config).use_kv_cache is False
+    assert Predictor(model, "cpu", config, use_kv_cache=True).use_kv_cache is True
+    record = spy_on_model(model)
+    Predictor(model, "cpu", config).generate("abc", max_new_bytes=5, seed=1, **RANDOM)
+    assert record["incremental"] == [] and record["full"] == [3, 4, 5, 6, 7]
+
+
+# --- sampling filters ---------------------------------------------------------------
+
+def test_greedy_is_deterministic_and_top_k_1_equals_greedy(tmp_path):
+    predictor = make_predictor(tmp_path)
+    greedy = predictor.generate("The ", max_new_bytes=20, temperature=0, seed=1)
+    assert predictor.generate("The ", max_new_bytes=20, temperature=0, seed=2) == greedy
+    for seed in (1, 2, 3):
+        assert predictor.generate("The ", max_new_bytes=20, temperature=1.0, top_k=1,
+                                  top_p=1.0, seed=seed) == greedy
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [False, True, False, True, False]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.15, 0.5, 0.1, 0.25])  # order by likelihood: 1, 3, 0, 2
+    logits = probs.log()
+
+    def kept(p):
+        return set(torch.isfinite(top_p_filter(logits, p)).nonzero().flatten().tolist())
+    assert kept(0.3) == {1}
+    assert kept(0.7) == {1, 3}  # 0.5 < 0.7 <= 0.75
+    assert kept(0.8) == {1, 3, 0}  # 0.75 < 0.8 <= 0.9
+    assert kept(0.95) == {0, 1, 2, 3}
+    assert kept(1e-6) == {1}  # always at least one
+    assert kept(1.0) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_lowers_recent_bytes_only():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    penalized = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert penalized.tolist() == [1.0, -2.0, 0.5, 3.0]  # positive divided, negative multiplied
+    before, after = torch.softmax(logits, 0), torch.softmax(penalized, 0)
+    assert (after[:2] < before[:2]).all() and (after[2:] > before[2:]).all()
+    assert torch.equal(apply_repetition_penalty(logits, [0, 1], 1.0), logits)
+
+
+def test_repetition_penalty_is_applied_during_generation(tmp_path):
+    predictor = make_predictor(tmp_path)
+    plain = predictor.generate("aaaa", max_new_bytes=30, temperature=0)
+    penalized = predictor.generate("aaaa", max_new_bytes=30, temperature=0,
+                                   repetition_penalty=50.0)
+    assert penalized != plain
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    predictor = make_predictor(tmp_path)
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1),
+                dict(repetition_penalty=0.0), dict(max_new_bytes=-1)):
+        with pytest.raises(ValueError):
+            predictor.generate("a", **bad)
+
+
+# --- UTF-8 ---------------------------------------------------------------------------
+
+def test_utf8_state_machine_matches_the_standard():
+    """Every 1- and 2-byte sequence: accepted iff some continuation decodes strictly."""
+    def completable(data):
+        endings = [b""] + [bytes([first]) + b"\x80" * more
+                           for first in (0x80, 0x90, 0xA0) for more in range(3)]
+        return any(is_valid_utf8(data + ending) for ending in endings)
+
+    for first in range(256):
+        state = utf8_next_state(UTF8_START, first)
+        assert (state is not None) == completable(bytes([first])), hex(first)
+        for second in range(256):
+            accepted = state is not None and utf8_next_state(state, second) is not None
+            assert accepted == completable(bytes([first, second])), (hex(first), hex(second))
+
+
+def test_unfinished_tail_of_a_prompt():
+    assert utf8_unfinished_tail(b"caf\xc3") == ((1, 0x80, 0xBF), b"\xc3")
+    assert utf8_unfinished_tail("x€".encode()[:-1])[1] == b"\xe2\x82"
+    assert utf8_unfinished_tail("café".encode()) == (UTF8_START, b"")
+    assert utf8_unfinished_tail(b"ab\xed\xa0") == (UTF8_START, b"")  # invalid: not finished
+    assert utf8_unfinished_tail(b"") == (UTF8_START, b"")
+
+
+def test_masked_output_is_always_valid_utf8_and_unmasked_is_not(tmp_path):
+    predictor = make_predictor(tmp_path)
+    outputs = {}
+    for masked in (True, False):
+        predictor.valid_utf8_only = masked
+        outputs[masked] = []
+        for seed in range(12):
+            predictor.generate("x", max_new_bytes=30, seed=seed, **RANDOM)
+            outputs[masked].append(predictor.last_bytes)
+    for data in outputs[True]:
+        data.decode("utf-8")  # raises on invalid UTF-8
+    assert any(not is_valid_utf8(data) for data in outputs[False])
+
+
+def is_valid_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_streamed_pieces_are_whole_characters(tmp_path):
+    predictor = make_predictor(tmp_path)
+    non_ascii = 0
+    for seed in range(4):
+        pieces = []
+        text = predictor.generate("é", max_new_bytes=40, seed=seed, on_text=pieces.append,
+                                  **RANDOM)
+        assert "".join(pieces) == text == predictor.last_bytes.decode("utf-8")
+        assert all(piece and "\ufffd" not in piece for piece in pieces)
+        non_ascii += sum(ord(c) > 127 for c in text)
+    assert non_ascii > 0  # multi-byte characters were really split over steps
+
+
+def test_unmasked_stream_decodes_with_replacement(tmp_path):
+    predictor = make_predictor(tmp_path)
+    predictor.valid_utf8_only = False
+    pieces = []
+    text = predictor.generate("x", max_new_bytes=40, seed=0, on_text=pieces.append, **RANDOM)
+    assert "".join(pieces) == text == predictor.last_bytes.decode("utf-8", errors="replace")
+
+
+def test_prompt_ending_mid_character_is_completed(tmp_path):
+    predictor = make_predictor(tmp_path)
+    for seed in range(3):
+        text = predictor.generate(b"caf\xc3", max_new_bytes=10, seed=seed, **RANDOM)
+        assert 0x80 <= predictor.last_bytes[0] <= 0xBF
+        assert text == (b"\xc3" + predictor.last_bytes).decode("utf-8")
+
+
+def test_unfinished_last_character_is_trimmed(tmp_path):
+    predictor = make_predictor(tmp_path)
+    for seed in range(10):
+        predictor.generate("x", max_new_bytes=7, seed=seed, **RANDOM)
+        assert len(predictor.last_bytes) <= 7
+        predictor.last_bytes.decode("utf-8")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder.decode(predictor.last_bytes)
+        assert decoder.getstate()[0] == b""
+
+
+# --- context window ------------------------------------------------------------------
+
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_generating_far_past_the_window(tmp_path, parallel):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=16)
+    record = spy_on_model(predictor.model)
+    cached, uncached = generate_both_ways(predictor, "ab", max_new_bytes=100, seed=3,
+                                          **RANDOM)
+    assert cached == uncached
+    assert len(cached[1]) >= 97  # at most 3 bytes of an unfinished character trimmed
+    assert max(record["full"]) <= 16 and max(record["cache_lengths"]) <= 16
+    rebuilds = record["incremental"].count(12)  # the cache restarts from 3/4 of the window
+    assert 5 <= rebuilds <= 30  # amortised: not one rebuild per step
+
+
+@pytest.mark.parametrize("prompt", ["", b"", "q" * 50 + "é" * 10])
+def test_empty_and_overlong_prompts(tmp_path, prompt):
+    predictor = make_predictor(tmp_path, sequence_length=16)
+    cached, uncached = generate_both_ways(predictor, prompt, max_new_bytes=20, seed=4,
+                                          **RANDOM)
+    assert cached == uncached and len(cached[1]) > 0
+
+
+# --- RNG and mode hygiene ---------------------------------------------------------------
+
+def test_seeds_are_reproducible_and_distinct(tmp_path):
+    predictor = make_predictor(tmp_path)
+    first = predictor.generate("The ", max_new_bytes=30, seed=11, **RANDOM)
+    assert predictor.generate("The ", max_new_bytes=30, seed=11, **RANDOM) == first
+    assert predictor.generate("The ", max_new_bytes=30, seed=12, **RANDOM) != first
+
+
+def test_config_seed_is_the_default(tmp_path):
+    predictor = make_predictor(tmp_path, generation_seed=5)
+    assert predictor.generate("a", **RANDOM) == predictor.generate("a", seed=5, **RANDOM)
+
+
+def test_global_rng_and_train_mode_are_left_alone(tmp_path):
+    predictor = make_predictor(tmp_path)
+    for training in (True, False):
+        predictor.model.train(training)
+        rng_before = torch.get_rng_state()
+        predictor.generate("abc", max_new_bytes=10, seed=None, **RANDOM)
+        assert torch.equal(torch.get_rng_state(), rng_before)
+        assert predictor.model.training is training
+
+
+def test_train_mode_is_restored_after_an_error(tmp_path):
+    predictor = make_predictor(tmp_path)
+    predictor.model.train()
+
+    def fail(piece):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        predictor.generate("abc", max_new_bytes=10, temperature=0, on_text=fail)
+    assert predictor.model.training
+
+
+# --- interactive loop ------------------------------------------------------------------
+
+def scripted(lines):
+    """An input() stand-in that answers `lines`, then raises `EOFError` (Ctrl-D)."""
+    remaining = list(lines)
+
+    def input_fn(prompt):  # noqa: ARG001
+        if not remaining:
+            raise EOFError
+        line = remaining.pop(0)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+    return input_fn
+
+
+def test_interactive_loop_changes_settings_and_generates(tmp_path):
+    predictor = make_predictor(tmp_path)
+    written = []
+    interactive_loop(predictor, predictor.config,
+                     input_fn=scripted(["/temp 0", "/len 12", "/topk abc", "/bogus", "hello"]),
+                     write=written.append)
+    output = "".join(written)
+    expected = predictor.generate("hello", temperature=0, max_new_bytes=12)
+    assert "temperature = 0.0" in output and "max_new_bytes = 12" in output
+    assert "/topk needs an int" in output and "unknown command /bogus" in output
+    assert output.endswith(expected + "\n\n")  # the continuation, then a clean exit on EOF
+
+
+@pytest.mark.parametrize("ending", ["/quit", KeyboardInterrupt()])
+def test_interactive_loop_exits_on_quit_and_ctrl_c(tmp_path, ending):
+    predictor = make_predictor(tmp_path)
+    written = []
+    interactive_loop(predictor, predictor.config, write=written.append,
+                     input_fn=scripted(["/seed 3", ending, "never read"]))
+    assert "seed = 3" in "".join(written)
