@@ -30,7 +30,7 @@ PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
 FORMAT_VERSION = 1  # bump when the processing itself changes, so old caches get rebuilt
-BLOCK_BYTES = 8 * 2**20  # read size: large enough for disk speed, small enough to bound memory
+BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x faster than 8 MB ones
 
 
 def _warn(message):
@@ -260,8 +260,7 @@ class DataProcessor:
         _write_manifest(self.manifest_path, {**wanted, "num_bytes": num_bytes,
                                              "invalid_utf8": invalid, "skipped": skipped})
         seconds = time.perf_counter() - started
-        print(f"data: wrote {num_bytes:,} bytes from {len(wanted['files']) - len(skipped)} "
-              f"file(s) in {seconds:.1f} s")
+        print(f"data: wrote {num_bytes:,} bytes in {seconds:.1f} s")
 
     def _write_array(self, sources):
         """Stream every source into the .npy file. Returns (num_bytes, {file: invalid
@@ -295,8 +294,8 @@ class DataProcessor:
                     continue
                 if count:
                     invalid[name] = count
-                    done = "replaced with U+FFFD" if self.policy == "replace" else "kept as raw bytes"
-                    _warn(f"{path}: {count} invalid UTF-8 sequence(s) {done}")
+                    done = {"replace": "replaced with U+FFFD", "keep": "kept as raw bytes"}
+                    _warn(f"{path}: {count} invalid UTF-8 sequence(s) {done[self.policy]}")
                 wrote_a_file = True
             num_bytes = out.tell() - len(header)
             if num_bytes == 0:
@@ -373,8 +372,9 @@ def _shopping_list(rng):
 
 def _story(rng):
     noun, other = _pick(rng, "noun"), _pick(rng, "noun")
-    return (f"Once upon a time, {_a(_pick(rng, 'adjective'))} {noun} lived {_pick(rng, 'place')}. "
-            f"Every day the {noun} {_pick(rng, 'verb')} {_a(other)}. The end. {_pick(rng, 'emoji')}")
+    return (f"Once upon a time, {_a(_pick(rng, 'adjective'))} {noun} lived "
+            f"{_pick(rng, 'place')}. Every day the {noun} {_pick(rng, 'verb')} {_a(other)}. "
+            f"The end. {_pick(rng, 'emoji')}")
 
 
 def _counting(rng):
@@ -385,7 +385,7 @@ def _counting(rng):
 def dummy_corpus_text(target_bytes=3_000_000, seed=1234):
     """A deterministic demo corpus a small model visibly learns within minutes: templated
     sentences, arithmetic, question/answer pairs, lists, counting and short stories, with
-    multi-byte characters (é, ü, —, €, ×, 東京, emoji) so the byte model meets them too."""
+    multi-byte characters (é, ü, —, €, ×, 東京, emoji) so the model meets them too."""
     rng = random.Random(seed)
     writers = [_sentence, _arithmetic, _dialogue, _shopping_list, _story, _counting]
     paragraphs, size = [], 0
@@ -418,7 +418,8 @@ class ByteSequenceDataset(Dataset):
                              f"must be positive")
         boundary = split_point(len(data), val_split_ratio)
         self.data = data
-        self.span_start, self.span_end = (0, boundary) if split == "train" else (boundary, len(data))
+        train = split == "train"
+        self.span_start, self.span_end = (0, boundary) if train else (boundary, len(data))
         self.sequence_length, self.stride, self.split = sequence_length, stride, split
         self._offsets = np.arange(sequence_length + 1)  # (T+1,) byte offsets in a window
 

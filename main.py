@@ -40,7 +40,8 @@ def prepare_data(config, context):
         data = DataProcessor(config).prepare()
     context.barrier()
     if not context.is_main:
-        data = DataProcessor(config).prepare()  # the cache is current: just opens it
+        # Rank 0 just built the cache: open it, never rebuild it a second time.
+        data = DataProcessor({**config, "force_reprocess_data": False}).prepare()
     split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
                  val_split_ratio=config["val_split_ratio"])
     return (data, ByteSequenceDataset(data, split="train", **split),

@@ -240,10 +240,13 @@ class ByteLLM_GrugV3(nn.Module):
 
     def _init_weights(self):
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
+                if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        # Unit scale, like the sin/cos table: at 0.02 the positions drown out the bytes and
+        # learning stalls for the first hundred steps.
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
         # Residual projections shrink with depth (GPT-2) so the residual stream starts ~unit size.
         streams = [self.byte_layers] + ([self.agg_stream_encoder] if self.parallel else [])
         for stream in streams:

@@ -361,6 +361,7 @@ def atomic_output(path):
     os.makedirs(folder, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_",
                                          suffix="_" + os.path.basename(path))
+    os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file
     try:
         with os.fdopen(handle, "wb") as file:
             yield file
@@ -372,6 +373,12 @@ def atomic_output(path):
             os.remove(temp_path)
         raise
     _fsync_folder(folder)
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder):

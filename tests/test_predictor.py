@@ -284,13 +284,12 @@ def test_train_mode_is_restored_after_an_error(tmp_path):
 # --- interactive loop ------------------------------------------------------------------
 
 def scripted(lines):
-    """An input() stand-in that answers `lines`, then raises `EOFError` (Ctrl-D)."""
-    remaining = list(lines)
-
-    def input_fn(prompt):  # noqa: ARG001
-        if not remaining:
+    """An input() stand-in that pops answers off `lines` (raising the exceptions among
+    them), then raises EOFError as Ctrl-D does."""
+    def input_fn(prompt):
+        if not lines:
             raise EOFError
-        line = remaining.pop(0)
+        line = lines.pop(0)
         if isinstance(line, BaseException):
             raise line
         return line
@@ -314,6 +313,7 @@ def test_interactive_loop_changes_settings_and_generates(tmp_path):
 def test_interactive_loop_exits_on_quit_and_ctrl_c(tmp_path, ending):
     predictor = make_predictor(tmp_path)
     written = []
-    interactive_loop(predictor, predictor.config, write=written.append,
-                     input_fn=scripted(["/seed 3", ending, "never read"]))
+    lines = ["/seed 3", ending, "never read"]
+    interactive_loop(predictor, predictor.config, write=written.append, input_fn=scripted(lines))
     assert "seed = 3" in "".join(written)
+    assert lines == ["never read"]  # it stopped asking

@@ -1,0 +1,388 @@
+"""DataProcessor (folder of .txt -> cached byte array) and ByteSequenceDataset (windows)."""
+
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import dataset
+from conftest import make_tiny_config
+from dataset import ByteSequenceDataset, DataProcessor, check_enough_data, min_bytes_needed
+from utils import UserError
+
+BAD = b"ok\xff\xfe bad \xe2\x82"  # two invalid bytes, then a sequence cut off at the end
+BAD_REPLACED = "ok\ufffd\ufffd bad \ufffd".encode()
+
+
+def make_config(tmp_path, **overrides):
+    # A window of 2 bytes and a 50/50 split: four bytes are enough, so tiny corpora work.
+    small = dict(file_separator="|", sequence_length=1, val_split_ratio=0.5)
+    return make_tiny_config(str(tmp_path), **{**small, **overrides})
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def prepare(config):
+    return DataProcessor(config).prepare()
+
+
+def array_path(tmp_path):
+    return tmp_path / "processed" / dataset.PROCESSED_FILENAME
+
+
+def manifest_path(tmp_path):
+    return tmp_path / "processed" / dataset.MANIFEST_FILENAME
+
+
+# ---------------------------------------------------------------------------
+# Processing
+
+def test_files_are_joined_in_sorted_path_order_with_the_separator(tmp_path):
+    write(tmp_path, "b.txt", "bee")
+    write(tmp_path, "a.txt", "ay")
+    write(tmp_path, "b/a.txt", "b-slash-a")  # "b.txt" < "b/a.txt": '.' sorts before '/'
+    write(tmp_path, "sub/deeper/d.txt", "dé")
+    write(tmp_path, "sub/c.txt", "sea")
+    write(tmp_path, "notes.md", "not a .txt file")
+    data = prepare(make_config(tmp_path, file_separator="—\n"))
+    assert bytes(data) == "—\n".join(["ay", "bee", "b-slash-a", "sea", "dé"]).encode()
+    assert isinstance(data, np.memmap) and data.dtype == np.uint8 and data.ndim == 1
+    assert not data.flags.writeable
+
+
+def test_empty_files_are_skipped_with_a_warning(tmp_path, capsys):
+    write(tmp_path, "a.txt", "one")
+    write(tmp_path, "b.txt", "")
+    write(tmp_path, "c.txt", "three")
+    assert bytes(prepare(make_config(tmp_path))) == b"one|three"
+    assert re.search(r"warning: .*b\.txt: empty file", capsys.readouterr().err)
+
+
+def test_a_corpus_of_zero_bytes_is_an_error(tmp_path):
+    write(tmp_path, "a.txt", "")
+    with pytest.raises(UserError, match="no bytes"):
+        prepare(make_config(tmp_path))
+    assert not manifest_path(tmp_path).exists() and not array_path(tmp_path).exists()
+
+
+@pytest.mark.parametrize("policy, expected, warning", [
+    ("replace", b"Aa|" + BAD_REPLACED + b"|Cc",
+     r"bad\.txt: 3 invalid UTF-8 sequence\(s\) replaced"),
+    ("keep", b"Aa|" + BAD + b"|Cc", r"bad\.txt: 3 invalid UTF-8 sequence\(s\) kept as raw bytes"),
+    ("skip", b"Aa|Cc", r"bad\.txt: skipped .*byte offset 2"),
+])
+def test_invalid_utf8_policies_transform_and_warn(tmp_path, capsys, policy, expected, warning):
+    write(tmp_path, "a.txt", "Aa")
+    write(tmp_path, "bad.txt", BAD)
+    write(tmp_path, "c.txt", "Cc")
+    assert bytes(prepare(make_config(tmp_path, utf8_error_policy=policy))) == expected
+    assert re.search("warning: .*" + warning, capsys.readouterr().err)
+
+
+def test_invalid_utf8_policy_error_names_file_and_offset(tmp_path):
+    write(tmp_path, "a.txt", "Aa")
+    write(tmp_path, "bad.txt", BAD)
+    with pytest.raises(UserError, match=r"bad\.txt: invalid UTF-8 at byte offset 2"):
+        prepare(make_config(tmp_path, utf8_error_policy="error"))
+    assert not manifest_path(tmp_path).exists()
+
+
+MIXED = ("héllo €uro 🙂 東京 ".encode() + b"\xff" + "ü".encode() + b"\xf0\x9f" + b"x"
+         + "—🙂".encode() + b"\xe2\x82")
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5])
+def test_characters_split_across_read_blocks(tmp_path, monkeypatch, capsys, block_bytes):
+    monkeypatch.setattr(dataset, "BLOCK_BYTES", block_bytes)
+    write(tmp_path, "valid.txt", "é€🙂東京—ü")
+    write(tmp_path, "mixed.txt", MIXED)
+    reference = MIXED.decode("utf-8", "replace")
+    data = prepare(make_config(tmp_path, force_reprocess_data=True))
+    assert bytes(data) == reference.encode() + "|é€🙂東京—ü".encode()
+    err = capsys.readouterr().err
+    assert f"mixed.txt: {reference.count(chr(0xFFFD))} invalid" in err and "valid.txt" not in err
+
+    data = prepare(make_config(tmp_path, force_reprocess_data=True, utf8_error_policy="keep"))
+    assert bytes(data) == MIXED + "|é€🙂東京—ü".encode()
+    first_bad = len("héllo €uro 🙂 東京 ".encode())
+    with pytest.raises(UserError, match=f"byte offset {first_bad}\\b"):
+        prepare(make_config(tmp_path, force_reprocess_data=True, utf8_error_policy="error"))
+
+    # "skip" has already written the good start of mixed.txt when it meets the bad byte.
+    data = prepare(make_config(tmp_path, force_reprocess_data=True, utf8_error_policy="skip"))
+    assert bytes(data) == "é€🙂東京—ü".encode()
+    assert array_path(tmp_path).stat().st_size == len(dataset._npy_header(0)) + len(data)
+
+
+# ---------------------------------------------------------------------------
+# Caching
+
+def test_unchanged_sources_reuse_the_cache(tmp_path, capsys):
+    write(tmp_path, "a.txt", "alpha")
+    write(tmp_path, "b.txt", "beta")
+    prepare(make_config(tmp_path))
+    assert "rebuilding" in capsys.readouterr().out
+    inode = array_path(tmp_path).stat().st_ino  # a rebuild renames a new file into place
+    data = prepare(make_config(tmp_path))
+    out = capsys.readouterr().out
+    assert "reusing" in out and "rebuilding" not in out
+    assert array_path(tmp_path).stat().st_ino == inode
+    assert bytes(data) == b"alpha|beta"
+
+
+def _modify_same_size(tmp_path):
+    path = write(tmp_path, "a.txt", "ALPHA")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    return {}, b"ALPHA|beta", "1 file(s) modified (a.txt)"
+
+
+def _add_file(tmp_path):
+    write(tmp_path, "sub/c.txt", "gamma")
+    return {}, b"alpha|beta|gamma", "1 file(s) added (sub/c.txt)"
+
+
+def _remove_file(tmp_path):
+    (tmp_path / "data" / "b.txt").unlink()
+    return {}, b"alpha", "1 file(s) removed (b.txt)"
+
+
+def _change_separator(tmp_path):
+    return {"file_separator": "\n"}, b"alpha\nbeta", "`file_separator` changed"
+
+
+def _change_policy(tmp_path):
+    return {"utf8_error_policy": "keep"}, b"alpha|beta", "`utf8_error_policy` changed"
+
+
+def _force(tmp_path):
+    return {"force_reprocess_data": True}, b"alpha|beta", "force_reprocess_data is set"
+
+
+def _damage_array(tmp_path):
+    with open(array_path(tmp_path), "r+b") as file:
+        file.truncate(130)
+    return {}, b"alpha|beta", "cached array is missing or has the wrong size"
+
+
+@pytest.mark.parametrize("change", [_modify_same_size, _add_file, _remove_file,
+                                    _change_separator, _change_policy, _force, _damage_array])
+def test_any_change_rebuilds_the_cache(tmp_path, capsys, change):
+    write(tmp_path, "a.txt", "alpha")
+    write(tmp_path, "b.txt", "beta")
+    prepare(make_config(tmp_path))
+    inode = array_path(tmp_path).stat().st_ino
+    capsys.readouterr()
+    overrides, expected, reason = change(tmp_path)
+    data = prepare(make_config(tmp_path, **overrides))
+    assert f"rebuilding cache {array_path(tmp_path)} ({reason})" in capsys.readouterr().out
+    assert array_path(tmp_path).stat().st_ino != inode
+    assert bytes(data) == expected
+
+
+def _fail_on_second_file(monkeypatch):
+    calls = []
+    append = dataset._append_source
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return append(*args)
+    monkeypatch.setattr(dataset, "_append_source", failing)
+
+
+def test_interrupted_build_leaves_no_cache_to_trust(tmp_path, monkeypatch, capsys):
+    for name, text in [("a.txt", "alpha"), ("b.txt", "beta"), ("c.txt", "gamma")]:
+        write(tmp_path, name, text)
+    prepare(make_config(tmp_path))
+    _fail_on_second_file(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(make_config(tmp_path, force_reprocess_data=True))
+    assert not manifest_path(tmp_path).exists()
+    assert sorted(os.listdir(tmp_path / "processed")) == [dataset.PROCESSED_FILENAME]  # no temp
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert bytes(prepare(make_config(tmp_path))) == b"alpha|beta|gamma"
+    assert "rebuilding" in capsys.readouterr().out
+
+
+def test_crash_before_the_manifest_is_written_is_not_trusted(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path, "a.txt", "alpha")
+    write(tmp_path, "b.txt", "beta")
+    prepare(make_config(tmp_path))
+    original = path.stat()
+    write(tmp_path, "a.txt", "ALPHA")
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(dataset, "_write_manifest", crash)
+    with pytest.raises(OSError):
+        prepare(make_config(tmp_path))  # the new array is in place, its manifest is not
+    monkeypatch.undo()
+    # Put the old source back exactly: the old manifest, had it survived, would match it.
+    write(tmp_path, "a.txt", "alpha")
+    os.utime(path, ns=(original.st_atime_ns, original.st_mtime_ns))
+    capsys.readouterr()
+    assert bytes(prepare(make_config(tmp_path))) == b"alpha|beta"
+    assert "rebuilding" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# Demo corpus
+
+def test_empty_data_dir_gets_a_deterministic_demo_corpus(tmp_path, capsys):
+    data_dir = tmp_path / "missing" / "data"  # a missing folder counts as empty
+    data = prepare(make_config(tmp_path, data_dir=str(data_dir), sequence_length=128,
+                               val_split_ratio=0.1))
+    out = capsys.readouterr().out
+    assert "DUMMY DATA" in out and f"put .txt files in {data_dir}" in out
+    content = (data_dir / dataset.DUMMY_FILENAME).read_bytes()
+    assert bytes(data) == content
+    assert 2_000_000 <= len(content) <= 4_000_000
+    text = content.decode("utf-8")  # valid UTF-8, or this raises
+    assert all(ch in text for ch in "éü—€東京") and any(ord(ch) > 0xFFFF for ch in text)
+    assert len(set(text.splitlines())) > 5000  # varied, not one line repeated
+    assert dataset.dummy_corpus_text() == text  # same bytes every time
+
+
+def test_demo_corpus_arithmetic_is_correct():
+    facts = re.findall(r"^(\d+) ([-+×]) (\d+) = (\d+)\.$", dataset.dummy_corpus_text(), re.M)
+    assert len(facts) > 1000
+    ops = {"+": int.__add__, "-": int.__sub__, "×": int.__mul__}
+    assert all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in facts)
+
+
+def test_empty_data_dir_without_demo_corpus_is_an_error(tmp_path):
+    data_dir = tmp_path / "data"
+    with pytest.raises(UserError, match=f"no .txt files in {re.escape(str(data_dir))}"):
+        prepare(make_config(tmp_path, generate_dummy_data_if_empty=False))
+    assert data_dir.is_dir() and not any(data_dir.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Enough data
+
+def _windows_per_split(n, length, ratio):
+    data = np.zeros(n, dtype=np.uint8)
+    return [len(ByteSequenceDataset(data, length, 1, split, ratio)) for split in ("train", "val")]
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 128])
+@pytest.mark.parametrize("ratio", [0.1, 0.013, 0.25, 0.5, 0.7, 0.9])
+def test_min_bytes_needed_is_the_smallest_corpus_with_a_window_per_split(length, ratio):
+    needed = min_bytes_needed(length, ratio)
+    assert min(_windows_per_split(needed, length, ratio)) >= 1
+    assert min(_windows_per_split(needed - 1, length, ratio)) == 0
+
+
+def test_too_little_data_error_gives_the_numbers(tmp_path):
+    config = make_config(tmp_path, sequence_length=9, val_split_ratio=0.25)
+    needed = min_bytes_needed(9, 0.25)
+    assert needed == 37  # train int(37 * 0.75) = 27 >= 10 and validation 10 >= 10
+    check_enough_data(needed, config)
+    with pytest.raises(UserError, match=r"found 36 bytes.*at least 37 bytes"):
+        check_enough_data(needed - 1, config)
+    write(tmp_path, "a.txt", "x" * 17)
+    with pytest.raises(UserError, match=r"found 17 bytes.*at least 37 bytes"):
+        prepare(config)
+
+
+# ---------------------------------------------------------------------------
+# Windows
+
+def _span(data, split, ratio):
+    train_end = int(len(data) * (1 - ratio))
+    return (0, train_end) if split == "train" else (train_end, len(data))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("length, stride", [(1, 1), (8, 3), (16, 16), (16, 40)])
+def test_windows_are_the_shifted_slices_of_their_span(split, length, stride):
+    data = np.random.default_rng(0).integers(0, 256, 1037, dtype=np.uint8)
+    ds = ByteSequenceDataset(data, length, stride, split, 0.3)
+    begin, end = _span(data, split, 0.3)
+    starts = list(range(begin, end - length, stride))  # s + length + 1 <= end
+    assert len(ds) == len(starts) > 0 and ds.num_bytes == end - begin
+    for i, s in enumerate(starts):
+        x, y = ds[i]
+        assert x.dtype == y.dtype == torch.int64 and ds.window_start(i) == s
+        assert x.tolist() == data[s:s + length].tolist()
+        assert y.tolist() == data[s + 1:s + length + 1].tolist()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("windows_before", [0, 1, 5])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_window_count_at_the_span_boundary(split, windows_before, extra):
+    length, stride = 8, 3
+    span = length + 1 + windows_before * stride + extra  # extra == 0: last window ends on the edge
+    data = np.arange(2 * span, dtype=np.int64).astype(np.uint8)
+    ds = ByteSequenceDataset(data, length, stride, split, 0.5)  # each split gets `span` bytes
+    expected = windows_before + 1 if extra >= 0 else windows_before
+    assert ds.num_bytes == span and len(ds) == expected
+    if len(ds):  # where the last window's targets end, relative to the span's end
+        begin = 0 if split == "train" else span
+        last_end = ds.window_start(len(ds) - 1) + length + 1
+        assert last_end == begin + span - (extra if extra >= 0 else stride - 1)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_no_training_window_touches_validation_bytes():
+    data = np.zeros(1037, dtype=np.uint8)
+    train_end = int(1037 * 0.9)
+    train = ByteSequenceDataset(data, 16, 5, "train", 0.1)
+    val = ByteSequenceDataset(data, 16, 5, "val", 0.1)
+    assert max(train.window_start(i) + 16 for i in range(len(train))) <= train_end - 1
+    assert min(val.window_start(i) for i in range(len(val))) == train_end
+    assert len(train) > 0 and len(val) > 0
+
+
+def test_getitems_equals_stacked_getitem():
+    data = np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)
+    ds = ByteSequenceDataset(data, 12, 7, "train", 0.2)
+    indices = [3, 0, 7, 7, -1, len(ds) - 1]
+    x, y = ds.__getitems__(indices)
+    assert x.shape == y.shape == (len(indices), 12) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x, torch.stack([ds[i][0] for i in indices]))
+    assert torch.equal(y, torch.stack([ds[i][1] for i in indices]))
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    with pytest.raises(IndexError):
+        ds.__getitems__([0, len(ds)])
+
+
+def test_dataloader_gets_whole_batches_from_getitems():
+    data = np.random.default_rng(2).integers(0, 256, 400, dtype=np.uint8)
+    ds = ByteSequenceDataset(data, 10, 10, "train", 0.1)
+    x, y = next(iter(DataLoader(ds, batch_size=4, collate_fn=lambda batch: batch)))
+    expected_x, expected_y = ds.__getitems__([0, 1, 2, 3])
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+
+
+def test_pickling_reopens_the_memmap_instead_of_copying_it(tmp_path):
+    path = tmp_path / "bytes.npy"
+    np.save(path, np.random.default_rng(3).integers(0, 256, 100_000, dtype=np.uint8))
+    ds = ByteSequenceDataset(np.load(path, mmap_mode="r"), 32, 32, "val", 0.1)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000
+    copy = pickle.loads(blob)
+    assert isinstance(copy.data, np.memmap) and len(copy) == len(ds)
+    assert torch.equal(copy.__getitems__(range(len(ds)))[1], ds.__getitems__(range(len(ds)))[1])
+
+
+def test_bad_arguments_are_rejected():
+    data = np.zeros(100, dtype=np.uint8)
+    with pytest.raises(ValueError, match="split"):
+        ByteSequenceDataset(data, 4, 4, "test", 0.1)
+    with pytest.raises(ValueError, match="uint8"):
+        ByteSequenceDataset(data.astype(np.int64), 4, 4, "train", 0.1)
