@@ -247,7 +247,8 @@ class ByteLLM_GrugV3(nn.Module):
         # Unit scale, like the sin/cos table: at 0.02 the positions drown out the bytes and
         # learning stalls for the first hundred steps.
         nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
-        # Residual projections shrink with depth (GPT-2) so the residual stream starts ~unit size.
+        # Residual projections shrink with depth (GPT-2): the sum of L layers' updates to the
+        # residual stream starts equally small whatever L is.
         streams = [self.byte_layers] + ([self.agg_stream_encoder] if self.parallel else [])
         for stream in streams:
             std = 0.02 / math.sqrt(2 * len(stream))
@@ -353,7 +354,7 @@ def count_parameters(model):
 def estimate_flops_per_byte(config):
     """Training FLOPs (forward + backward) per byte at the full window T = sequence_length:
 
-        6 * M + 6 * sum over layers of T_layer * width
+        6 * M + 6 * L * T * d    (+ 6 * L_agg * (T/s) * d_agg / s in the parallel model)
 
     M counts the weights of every matrix multiply one byte goes through (frontend convs,
     projection, qkv/out/FFN of each layer, fc_out; embedding lookups and norms excluded):

@@ -5,7 +5,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def sinusoidal_table(length, d_model):

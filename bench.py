@@ -1,0 +1,608 @@
+"""GrugV3 benchmark: the one place where the project measures itself.
+
+    python3 bench.py                                  # every section on tiny Shakespeare
+    python3 bench.py --quick --data corpus.txt        # smoke test, under a minute
+    python3 bench.py --only training,generation --json bench_results.json
+    python3 bench.py --data my_texts/ --quality-seconds 300 --threads 2
+
+Sections (--only):
+    training    bytes/s, ms per optimizer step and model FLOP utilisation (MFU) against a
+                matmul peak measured in the same run; single/parallel stream, fp32/bf16
+    quality     validation bits per byte after a fixed wall-clock training budget
+    generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024
+    data        DataProcessor MB/s on a generated corpus, and the peak memory it takes
+
+Every comparison is measured side by side in the same run (interleaved, medians of
+repeats) and reported as a ratio beside the absolute figures. stdout carries the report
+(tables, then a TARGETS summary); progress goes to stderr. MB = 10^6 bytes.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import operator
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import CONFIG_V3
+from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text
+from model import ByteLLM_GrugV3, count_parameters, estimate_flops_per_byte
+from predictor import measure_generation_speed
+from trainer import Trainer
+from utils import (UserError, atomic_output, bits_per_byte, resolve_device, seed_everything,
+                   validate_config)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+SECTIONS = ("training", "quality", "generation", "data")
+MB = 10**6
+
+# nanoGPT's CPU recipe for tiny Shakespeare (block 64, batch 12, 4 layers, 4 heads,
+# width 128, no dropout), run on the project's 2-core reference machine.
+REFERENCE_SHAPE = {
+    "sequence_length": 64, "data_stride": 64, "batch_size": 12,
+    "embedding_dim": 128, "attention_d_model": 128, "agg_cnn_out_dim": 128,
+    "attention_num_heads": 4, "num_attention_layers": 4,
+    "transformer_dropout": 0.0, "pe_dropout": 0.0, "output_dropout": 0.0,
+    "use_cnn_frontend": False, "training_objective": "all_positions",
+}
+NANOGPT = {"ms_per_step": 45.0, "bytes_per_s": 17_000, "val_bpb": 2.72, "seconds": 100}
+
+# The best configuration for a 2-core CPU, as overrides of config.CONFIG_V3. Tune it here:
+# the quality section trains it, and its single/parallel and objective variants.
+CPU_BEST = {
+    **REFERENCE_SHAPE,
+    "data_stride": 1,  # every byte offset starts a window, like nanoGPT's random crops
+    "learning_rate": 1e-3, "lr_scheduler_eta_min": 1e-4, "lr_warmup_steps": 100,
+    "use_amp": False,
+}
+
+TARGETS = {  # (comparison, threshold) for each target of the issue
+    "quality_bpb": ("<=", 2.45),
+    "kv_cache_speedup_1024": (">=", 10.0),
+    "data_mb_per_s": (">=", 100.0),
+    "data_peak_mb": ("<", 300.0),
+}
+
+# How much work each section does. Quick mode only checks that everything runs.
+SCALES = {
+    "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=1024,
+                 matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
+                 gen_max_new_bytes=256, gen_rounds=3, data_bytes=200 * MB, data_rounds=3),
+    "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=256,
+                  matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
+                  gen_max_new_bytes=4, gen_rounds=1, data_bytes=20 * MB, data_rounds=1),
+}
+GENERATION_CONTEXTS = (64, 256, 1024)
+ARCHITECTURES = {"single-stream": False, "parallel-stream": True}  # -> use_parallel_stream_model
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # -> autocast dtype
+DATA_FILES = 8  # files of the generated corpus of the data section
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers: statistics, ratios, targets, tables
+
+def median_result(samples):
+    """The median of numbers, or of each field of dicts (a field that is None stays None)."""
+    if isinstance(samples[0], dict):
+        return {key: None if samples[0][key] is None else median_result([s[key] for s in samples])
+                for key in samples[0]}
+    return statistics.median(samples)
+
+
+def ratio(a, b):
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def comparison(name, measure, a, b):
+    """One side-by-side comparison: both figures and their ratio a / b."""
+    return {"comparison": name, "measure": measure, "a": a, "b": b, "ratio": ratio(a, b)}
+
+
+COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def check_target(name, measured, op, threshold, unit=""):
+    """Pass/fail of `measured op threshold`; margin > 0 means room to spare."""
+    passed = measured is not None and COMPARE[op](measured, threshold)
+    margin = None
+    if measured is not None:
+        margin = measured - threshold if op in (">=", ">") else threshold - measured
+    return {"target": name, "measured": measured, "op": op, "threshold": threshold,
+            "unit": unit, "passed": bool(passed), "margin": margin}
+
+
+def format_cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "PASS" if value else "FAIL"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows, title=None):
+    """Dicts with the same keys -> an aligned plain-text table (numbers right-aligned)."""
+    headers = list(rows[0])
+    cells = [[format_cell(row[h]) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[h], (int, float)) or row[h] is None for row in rows)
+               for h in headers]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    lines = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])]
+    return "\n".join(lines + [line(r) for r in cells])
+
+
+def peak_rss_bytes(ru_maxrss):
+    """ru_maxrss is in kilobytes on Linux, in bytes on macOS."""
+    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------
+# Measuring side by side
+
+def side_by_side(measures, rounds, block=1, warmup=0):
+    """{name: median result} of zero-argument measures, run in turn: every round runs each
+    measure `block` times in a row, so drift on a noisy machine hits them all alike."""
+    for measure in measures.values():
+        for _ in range(warmup):
+            measure()
+    samples = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            samples[name].extend(measure() for _ in range(block))
+    return {name: median_result(values) for name, values in samples.items()}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of(work, device):
+    """A measure: the wall-clock seconds of one call of `work()`, device work included."""
+    def measure():
+        synchronize(device)
+        began = time.perf_counter()
+        work()
+        synchronize(device)
+        return time.perf_counter() - began
+    return measure
+
+
+def autocast(device, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def model_config(**overrides):
+    """CONFIG_V3 with CPU_BEST and `overrides` applied, checked like main.py checks it."""
+    return validate_config({**CONFIG_V3, **CPU_BEST, **overrides}, CONFIG_V3)
+
+
+def make_trainer(config, data, device):
+    """A freshly seeded model and its Trainer over the windows of `data` (1-D uint8)."""
+    split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
+                 val_split_ratio=config["val_split_ratio"])
+    seed_everything(config["seed"])
+    model = ByteLLM_GrugV3(config).to(device)
+    return Trainer(model, ByteSequenceDataset(data, split="train", **split),
+                   ByteSequenceDataset(data, split="val", **split), config, device)
+
+
+# ---------------------------------------------------------------------------
+# 1. Training throughput
+
+def matmul_peak(device, size, rounds):
+    """{precision: FLOP/s} of a square matmul, the median of `rounds` timings."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def multiply(dtype):
+        with autocast(device, dtype):
+            a @ b
+    seconds = side_by_side({name: seconds_of(lambda d=dtype: multiply(d), device)
+                            for name, dtype in PRECISIONS.items()}, rounds, warmup=2)
+    return {name: 2 * size**3 / s for name, s in seconds.items()}
+
+
+def bench_training(device, scale):
+    """ms per optimizer step of the reference shape (the Trainer's own step: forward,
+    backward, clipping, AdamW), single/parallel stream x fp32/bf16 autocast, interleaved."""
+    data = np.random.default_rng(0).integers(0, 256, size=64 * 1024, dtype=np.uint8)
+    steps, configs = {}, {}
+    for arch, parallel in ARCHITECTURES.items():
+        for precision, dtype in PRECISIONS.items():
+            config = validate_config({**CONFIG_V3, **REFERENCE_SHAPE,
+                                      "use_parallel_stream_model": parallel,
+                                      "use_amp": dtype is not None, "amp_dtype": "bfloat16"},
+                                     CONFIG_V3)
+            trainer = make_trainer(config, data, device)
+            batch = trainer.train_dataset.__getitems__(range(config["batch_size"]))
+            # _train_step reads the schedule's clock, which train() normally starts.
+            trainer._start_time = time.perf_counter()
+            steps[arch, precision] = seconds_of(lambda t=trainer, b=batch: t._train_step([b]),
+                                                device)
+            configs[arch, precision] = (config, count_parameters(trainer.raw_model))
+    log(f"training: timing {len(steps)} variants")
+    seconds = side_by_side(steps, scale["train_rounds"], scale["train_block"],
+                           scale["train_warmup"])
+    peak = matmul_peak(device, scale["matmul_size"], scale["matmul_rounds"])
+
+    rows = []
+    for (arch, precision), s in seconds.items():
+        config, params = configs[arch, precision]
+        rate = config["batch_size"] * config["sequence_length"] / s
+        flops = estimate_flops_per_byte(config)
+        rows.append({"model": arch, "precision": precision, "params": params,
+                     "ms_per_step": 1000 * s, "bytes_per_s": rate, "flops_per_byte": flops,
+                     "mfu_pct": 100 * flops * rate / peak[precision],
+                     "vs_nanogpt": ratio(rate, NANOGPT["bytes_per_s"])})
+    rows.append({"model": "nanoGPT (reference)", "precision": "fp32", "params": None,
+                 "ms_per_step": NANOGPT["ms_per_step"], "bytes_per_s": NANOGPT["bytes_per_s"],
+                 "flops_per_byte": None, "mfu_pct": None, "vs_nanogpt": 1.0})
+    rate = {(r["model"], r["precision"]): r["bytes_per_s"] for r in rows}
+    comparisons = [comparison(f"bf16 vs fp32, {arch}", "bytes_per_s", rate[arch, "bf16"],
+                              rate[arch, "fp32"]) for arch in ARCHITECTURES]
+    comparisons += [comparison(f"parallel vs single-stream, {p}", "bytes_per_s",
+                               rate["parallel-stream", p], rate["single-stream", p])
+                    for p in PRECISIONS]
+    comparisons.append(comparison("single-stream fp32 vs nanoGPT", "bytes_per_s",
+                                  rate["single-stream", "fp32"], NANOGPT["bytes_per_s"]))
+    matmul = [{"precision": p, "size": scale["matmul_size"], "gflop_per_s": f / 1e9}
+              for p, f in peak.items()]
+    return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul}, []
+
+
+# ---------------------------------------------------------------------------
+# 2. Quality in a fixed time
+
+def prepare_corpus(path, workdir):
+    """The corpus at `path` (a .txt file or a folder of them) as a uint8 array, processed
+    by DataProcessor into a cache under `workdir`; the user's files are only read."""
+    data_dir = path
+    if os.path.isfile(path):
+        data_dir = os.path.join(workdir, "corpus")
+        os.makedirs(data_dir)
+        link = os.path.join(data_dir, "corpus.txt")  # DataProcessor reads *.txt files
+        try:
+            os.symlink(os.path.abspath(path), link)
+        except OSError:  # no symlinks here (Windows without the privilege)
+            shutil.copyfile(path, link)
+    config = model_config(data_dir=data_dir, generate_dummy_data_if_empty=False,
+                          processed_data_dir=os.path.join(workdir, "processed"))
+    with contextlib.redirect_stdout(sys.stderr):
+        return DataProcessor(config).prepare()
+
+
+@torch.no_grad()
+def validation_bits_per_byte(model, data, config, device, max_windows=None, batch_size=64):
+    """(all-positions, last-byte) bits per byte from the model's logits, the same way for
+    every model: non-overlapping windows of sequence_length over the validation split,
+    all of them or `max_windows` evenly spread."""
+    length = config["sequence_length"]
+    val = ByteSequenceDataset(data, length, length, "val", config["val_split_ratio"])
+    count = len(val) if max_windows is None else min(len(val), max_windows)
+    indices = np.linspace(0, len(val) - 1, num=count).round().astype(np.int64)
+    model.eval()
+    all_nats = last_nats = 0.0
+    for start in range(0, count, batch_size):
+        x, y = val.__getitems__(indices[start:start + batch_size])
+        logits = model(x.to(device)).float()  # (B, T, 256)
+        nats = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none")  # (B, T)
+        all_nats += nats.sum().item()
+        last_nats += nats[:, -1].sum().item()
+    return bits_per_byte(all_nats / (count * length)), bits_per_byte(last_nats / count)
+
+
+def quality_run(config, data, device, eval_windows):
+    """Train `config` with the Trainer until its time budget ends, then evaluate."""
+    trainer = make_trainer(config, data, device)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log is progress, not report
+        summary = trainer.train()
+    val_bpb, last_byte_bpb = validation_bits_per_byte(trainer.raw_model, data, config, device,
+                                                      eval_windows)
+    bytes_per_step = config["batch_size"] * config["sequence_length"]
+    return {"params": count_parameters(trainer.raw_model), "steps": summary["steps"],
+            "train_s": summary["elapsed_seconds"],
+            "bytes_per_s": summary["steps"] * bytes_per_step / summary["elapsed_seconds"],
+            "val_bpb": val_bpb, "last_byte_bpb": last_byte_bpb}
+
+
+def bench_quality(device, scale, data_path, seconds, repeats):
+    """Validation bits/byte after `seconds` of training: CPU_BEST, its single- and
+    parallel-stream versions, and its all_positions and last_byte versions. Runs with the
+    same configuration are trained once."""
+    variants = {
+        "best": {},
+        "single-stream": {"use_parallel_stream_model": False},
+        "parallel-stream": {"use_parallel_stream_model": True},
+        "all_positions": {"training_objective": "all_positions"},
+        "last_byte": {"training_objective": "last_byte"},
+    }
+    with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
+        data = prepare_corpus(data_path, workdir)
+        runs = {}  # configuration (as JSON) -> (names, config)
+        for name, overrides in variants.items():
+            config = model_config(**overrides, max_train_minutes=seconds / 60, max_steps=None,
+                                  num_epochs=1000, checkpoint_dir=os.path.join(workdir, name),
+                                  test_every_batches=0, print_every=200, metrics_every=200,
+                                  validate_and_checkpoint_best_every_batches=10**9,
+                                  checkpoint_every_batches=10**9, eval_max_batches=1,
+                                  device=str(device))
+            key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
+                             sort_keys=True)
+            runs.setdefault(key, ([], config))[0].append(name)
+        log(f"quality: {len(runs)} distinct runs x {repeats} of {seconds:g} s")
+        measures = {" = ".join(names): lambda c=config: quality_run(c, data, device,
+                                                                    scale["eval_windows"])
+                    for names, config in runs.values()}
+        results = side_by_side(measures, repeats)
+
+    rows, by_variant = [], {}
+    for (names, config), (label, result) in zip(runs.values(), results.items()):
+        model = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
+        rows.append({"runs": label, "model": model, "objective": config["training_objective"],
+                     **result, "vs_nanogpt": ratio(result["val_bpb"], NANOGPT["val_bpb"])})
+        by_variant.update({name: result for name in names})
+    rows.append({"runs": f"nanoGPT (reference, {NANOGPT['seconds']} s)", "model": "nanoGPT",
+                 "objective": "all_positions", **{k: None for k in results[label]},
+                 "val_bpb": NANOGPT["val_bpb"], "vs_nanogpt": 1.0})
+    comparisons = [
+        comparison("best vs nanoGPT", "val_bpb", by_variant["best"]["val_bpb"], NANOGPT["val_bpb"]),
+        comparison("parallel vs single-stream", "val_bpb",
+                   by_variant["parallel-stream"]["val_bpb"], by_variant["single-stream"]["val_bpb"]),
+    ]
+    comparisons += [comparison("last_byte vs all_positions objective", measure,
+                               by_variant["last_byte"][measure], by_variant["all_positions"][measure])
+                    for measure in ("val_bpb", "last_byte_bpb")]
+    op, threshold = TARGETS["quality_bpb"]
+    targets = [check_target(f"best config val bits/byte in {seconds:g} s",
+                            by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
+    return {"seconds": seconds, "rows": rows, "comparisons": comparisons}, targets
+
+
+# ---------------------------------------------------------------------------
+# 3. Generation speed
+
+def bench_generation(device, scale):
+    """Bytes/s of Predictor.generate with and without the KV cache, the context growing to
+    64, 256 and 1024 bytes (untrained weights: speed does not depend on them)."""
+    models, measures = {}, {}
+    for arch, parallel in ARCHITECTURES.items():
+        config = model_config(use_parallel_stream_model=parallel, sequence_length=1024)
+        seed_everything(config["seed"])
+        models[arch] = ByteLLM_GrugV3(config).to(device).eval()
+        for context in GENERATION_CONTEXTS:
+            new_bytes = min(context // 4, scale["gen_max_new_bytes"])
+            for cached in (True, False):
+                measures[arch, context, cached] = (
+                    lambda m=models[arch], c=context, n=new_bytes, k=cached, cfg=config:
+                    measure_generation_speed(m, c, n, k, cfg))
+    log(f"generation: timing {len(measures)} settings")
+    speed = side_by_side(measures, scale["gen_rounds"])
+    rows = [{"model": arch, "context": context, "new_bytes": min(context // 4, scale["gen_max_new_bytes"]),
+             "cached_bytes_per_s": speed[arch, context, True],
+             "uncached_bytes_per_s": speed[arch, context, False],
+             "cached_vs_uncached": ratio(speed[arch, context, True], speed[arch, context, False])}
+            for arch in ARCHITECTURES for context in GENERATION_CONTEXTS]
+    op, threshold = TARGETS["kv_cache_speedup_1024"]
+    targets = [check_target(f"KV cache speed-up at 1024, {row['model']}",
+                            row["cached_vs_uncached"], op, threshold, "x")
+               for row in rows if row["context"] == 1024]
+    return {"rows": rows}, targets
+
+
+# ---------------------------------------------------------------------------
+# 4. Data processing
+
+def write_generated_corpus(folder, total_bytes, files=DATA_FILES):
+    """About `total_bytes` of generated text (with multi-byte UTF-8) in `files` files.
+    Returns the exact size. Whole copies of one block are written, so no file ends
+    inside a character."""
+    block = dummy_corpus_text(target_bytes=MB).encode("utf-8")
+    copies = max(1, round(total_bytes / files / len(block)))
+    for i in range(files):
+        with open(os.path.join(folder, f"part{i:02d}.txt"), "wb") as file:
+            for _ in range(copies):
+                file.write(block)
+    return files * copies * len(block)
+
+
+def data_worker(mode, corpus_dir, processed_dir):
+    """The hidden --data-worker mode, run in a fresh process: with the same imports as a
+    normal run, "baseline" does nothing and "process" builds the DataProcessor cache.
+    Prints {"seconds", "peak_rss_bytes"} as JSON on stdout."""
+    import resource  # Unix only, and only needed here
+    seconds = None
+    if mode == "process":
+        config = model_config(data_dir=corpus_dir, processed_data_dir=processed_dir,
+                              force_reprocess_data=True, generate_dummy_data_if_empty=False)
+        began = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            DataProcessor(config).prepare()
+        seconds = time.perf_counter() - began
+    rss = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": rss}))
+
+
+def run_data_worker(mode, corpus_dir, processed_dir):
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--data-worker", mode,
+                           corpus_dir, processed_dir], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"data worker ({mode}) failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_data(scale):
+    """DataProcessor throughput on a generated corpus, and the peak RSS of the process
+    that ran it beside that of a process that only imported the same modules."""
+    with tempfile.TemporaryDirectory(prefix="grug_bench_data_") as workdir:
+        corpus_dir, processed_dir = os.path.join(workdir, "corpus"), os.path.join(workdir, "processed")
+        os.makedirs(corpus_dir)
+        size = write_generated_corpus(corpus_dir, scale["data_bytes"])
+        log(f"data: processing {size / MB:.0f} MB in a child process")
+        result = side_by_side({mode: lambda m=mode: run_data_worker(m, corpus_dir, processed_dir)
+                               for mode in ("baseline", "process")}, scale["data_rounds"])
+    peak, baseline = result["process"]["peak_rss_bytes"], result["baseline"]["peak_rss_bytes"]
+    row = {"corpus_mb": size / MB, "files": DATA_FILES,
+           "seconds": result["process"]["seconds"],
+           "mb_per_s": size / MB / result["process"]["seconds"],
+           "peak_rss_mb": peak / MB, "baseline_rss_mb": baseline / MB,
+           "increase_mb": (peak - baseline) / MB}
+    targets = [check_target("DataProcessor throughput", row["mb_per_s"],
+                            *TARGETS["data_mb_per_s"], "MB/s"),
+               check_target(f"DataProcessor peak RSS ({row['corpus_mb']:.0f} MB corpus)",
+                            row["peak_rss_mb"], *TARGETS["data_peak_mb"], "MB")]
+    return {"rows": [row]}, targets
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+def cpu_model():
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device):
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "device": str(device), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = os.getloadavg()[0]  # > cores: other work shared the CPU
+    return info
+
+
+def print_section(name, result):
+    print(f"\n== {name} == ({result['section_seconds']:.0f} s)")
+    for key, value in result.items():
+        if isinstance(value, list) and value:
+            print(format_table(value, title=None if key == "rows" else f"-- {key}"))
+
+
+def print_targets(targets, quick):
+    print("\n== TARGETS ==" + (" (quick mode: figures are not meaningful)" if quick else ""))
+    print(format_table([{"target": t["target"], "measured": t["measured"],
+                         "need": f"{t['op']} {t['threshold']:g} {t['unit']}".strip(),
+                         "result": t["passed"], "margin": t["margin"]} for t in targets]))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+def section_list(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {','.join(SECTIONS)}")
+    return names
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="MB = 10^6 bytes. Progress goes to stderr.")
+    parser.add_argument("--data", help="corpus: a .txt file or a folder of them (default: "
+                        "../shared/data/tinyshakespeare.txt beside the repo, if present)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: every section shrunk to finish in under a minute")
+    parser.add_argument("--only", type=section_list, default=list(SECTIONS),
+                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument("--quality-seconds", type=float,
+                        help="training budget of each quality run (default: 100; quick: 2)")
+    parser.add_argument("--quality-repeats", type=int, default=1,
+                        help="train each quality run this many times; report medians")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
+    parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if "quality" in args.only and not args.data and not args.data_worker:
+        if not os.path.exists(DEFAULT_DATA):
+            parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
+        args.data = os.path.normpath(DEFAULT_DATA)
+    if args.data and not os.path.exists(args.data):
+        parser.error(f"--data {args.data}: no such file or folder")
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.data_worker:
+        data_worker(*args.data_worker)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = SCALES["quick" if args.quick else "full"]
+    device = resolve_device(args.device)
+    quality_seconds = args.quality_seconds or scale["quality_seconds"]
+    report = {"machine": machine_info(device),
+              "settings": {"quick": args.quick, "sections": args.only, "data": args.data,
+                           "quality_seconds": quality_seconds,
+                           "quality_repeats": args.quality_repeats, "scale": scale},
+              "sections": {}, "targets": []}
+    print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
+    sections = {
+        "training": lambda: bench_training(device, scale),
+        "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
+                                         args.quality_repeats),
+        "generation": lambda: bench_generation(device, scale),
+        "data": lambda: bench_data(scale),
+    }
+    for name in SECTIONS:
+        if name in args.only:
+            log(f"--- {name} ---")
+            began = time.perf_counter()
+            result, targets = sections[name]()
+            result["section_seconds"] = time.perf_counter() - began
+            report["sections"][name] = result
+            report["targets"] += targets
+            print_section(name, result)
+    if report["targets"]:
+        print_targets(report["targets"], args.quick)
+    if args.json:
+        with atomic_output(args.json) as file:
+            file.write(json.dumps(report, indent=1).encode("utf-8"))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
