@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import operator
 import os
 import platform
@@ -80,7 +81,7 @@ SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=1024,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
                  gen_max_new_bytes=256, gen_rounds=3, data_bytes=200 * MB, data_rounds=3),
-    "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=256,
+    "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
                   gen_max_new_bytes=4, gen_rounds=1, data_bytes=20 * MB, data_rounds=1),
 }
@@ -160,9 +161,17 @@ def format_table(rows, title=None):
     return "\n".join(lines + [line(r) for r in cells])
 
 
-def peak_rss_bytes(ru_maxrss):
-    """ru_maxrss is in kilobytes on Linux, in bytes on macOS."""
-    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+def peak_rss_bytes():
+    """Peak resident memory of this process. On Linux VmHWM: ru_maxrss would also count
+    the parent's peak, which Linux carries over through fork and exec."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    import resource  # Unix only
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, else KiB
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +435,7 @@ def write_generated_corpus(folder, total_bytes, files=DATA_FILES):
     Returns the exact size. Whole copies of one block are written, so no file ends
     inside a character."""
     block = dummy_corpus_text(target_bytes=MB).encode("utf-8")
-    copies = max(1, round(total_bytes / files / len(block)))
+    copies = math.ceil(total_bytes / files / len(block))
     for i in range(files):
         with open(os.path.join(folder, f"part{i:02d}.txt"), "wb") as file:
             for _ in range(copies):
@@ -438,7 +447,6 @@ def data_worker(mode, corpus_dir, processed_dir):
     """The hidden --data-worker mode, run in a fresh process: with the same imports as a
     normal run, "baseline" does nothing and "process" builds the DataProcessor cache.
     Prints {"seconds", "peak_rss_bytes"} as JSON on stdout."""
-    import resource  # Unix only, and only needed here
     seconds = None
     if mode == "process":
         config = model_config(data_dir=corpus_dir, processed_data_dir=processed_dir,
@@ -447,8 +455,7 @@ def data_worker(mode, corpus_dir, processed_dir):
         with contextlib.redirect_stdout(sys.stderr):
             DataProcessor(config).prepare()
         seconds = time.perf_counter() - began
-    rss = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": rss}))
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def run_data_worker(mode, corpus_dir, processed_dir):

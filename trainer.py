@@ -313,6 +313,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            # In windows, so a run resumed with another rank count starts at the same data.
+            "windows_in_epoch": self.batch_in_epoch * self.config["batch_size"] * self.world_size,
             "best_val_loss": self.best_val_loss,
             "elapsed_seconds": self.elapsed_seconds(),
             "rng_states": capture_rng_states(),
@@ -351,7 +353,12 @@ class Trainer:
         if state["scaler_state"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler_state"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
+        windows_per_batch = self.config["batch_size"] * self.world_size
+        self.batch_in_epoch = state["windows_in_epoch"] // windows_per_batch
+        if state["windows_in_epoch"] % windows_per_batch:
+            self._log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into "
+                      f"the epoch, not a multiple of this run's {windows_per_batch} per "
+                      f"micro-batch; continuing from micro-batch {self.batch_in_epoch}")
         self.best_val_loss = state["best_val_loss"]
         if self.config["reset_best_val_loss_on_resume"]:
             self.best_val_loss = math.inf
@@ -383,7 +390,8 @@ class Trainer:
         """A fixed, evenly spread set of validation windows (same every time)."""
         count = len(self.val_dataset)
         cap = self.config["eval_max_batches"]
-        wanted = count if cap is None else min(count, cap * self.config["batch_size"])
+        per_batch = self.config["batch_size"] * self.world_size
+        wanted = count if cap is None else min(count, cap * per_batch)
         return np.linspace(0, count - 1, num=wanted).round().astype(np.int64).tolist()
 
     @torch.no_grad()

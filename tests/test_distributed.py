@@ -1,0 +1,82 @@
+"""Data-parallel training through torchrun: 2 CPU ranks with gloo, as CI runs it."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, write_text_corpus
+from tests.test_main import TINY_MODEL, paths
+from trainer import load_checkpoint
+
+MAIN = os.path.join(REPO_ROOT, "main.py")
+CORPUS = "".join(f"line {i}: the rain in spain stays mainly in the plain.\n" for i in range(400))
+
+
+def launch(root, *args, ranks=2, timeout=300):
+    """main.py under torchrun (ranks > 1) or as a plain process (ranks == 1)."""
+    if ranks > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={ranks}", MAIN]
+    else:
+        command = [sys.executable, MAIN]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([*command, *paths(root), *TINY_MODEL, "--DO_PREDICTION=False",
+                             "--use_amp=False", *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def latest_state(root):
+    return load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")
+
+
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
+    for name in ("ddp", "single"):
+        write_text_corpus(f"{tmp_path}/{name}/data", CORPUS)
+    steps = ["--max_steps=5", "--gradient_accumulation_steps=2", "--weight_decay=0.1"]
+    launch(f"{tmp_path}/ddp", "--batch_size=3", *steps, ranks=2)
+    launch(f"{tmp_path}/single", "--batch_size=6", *steps, ranks=1)
+    ddp, single = latest_state(f"{tmp_path}/ddp"), latest_state(f"{tmp_path}/single")
+    assert ddp["step"] == single["step"] == 5
+    assert ddp["windows_in_epoch"] == single["windows_in_epoch"] == 5 * 2 * 6
+    for key, value in single["model_state"].items():
+        torch.testing.assert_close(ddp["model_state"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=f"weights differ at {key}")
+    # Validation loss is averaged over every rank's share of the same windows.
+    assert ddp["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=1e-4)
+
+
+def test_a_two_rank_run_writes_one_set_of_checkpoints_and_resumes_either_way(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", CORPUS)
+    first = launch(root, "--max_steps=4", "--metrics_every=1", ranks=2)
+    assert first.stdout.count("training finished") == 1  # only rank 0 reports
+    files = sorted(os.listdir(f"{root}/ckpt"))
+    assert files == ["grug_v3_best.pth", "grug_v3_latest.pth", "interim_samples.txt",
+                     "metrics.csv"]
+    with open(f"{root}/ckpt/metrics.csv") as file:
+        steps = [row["step"] for row in csv.DictReader(file) if row["train_loss"]]
+    assert steps == ["1", "2", "3", "4"]  # one writer, no duplicated rows
+
+    launch(root, "--max_steps=6", "--batch_size=8", "--resume_from_checkpoint=latest",
+           ranks=1)  # 1 rank x 8 windows = 2 ranks x 4: same position in the data
+    assert latest_state(root)["step"] == 6
+    resumed = launch(root, "--max_steps=8", "--resume_from_checkpoint=latest", ranks=2)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    state = latest_state(root)
+    assert state["step"] == 8 and state["windows_in_epoch"] == 8 * 8
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
+def test_nccl_path_on_gpus(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", CORPUS)
+    ranks = min(torch.cuda.device_count(), 2)
+    result = launch(root, "--max_steps=4", "--device=auto", "--use_amp=True", ranks=ranks)
+    assert "device: cuda" in result.stdout
+    assert latest_state(root)["step"] == 4
