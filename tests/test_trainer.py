@@ -330,3 +330,26 @@ def test_profiler_writes_a_trace(tmp_path):
     make_trainer(config).train()
     traces = [f for _, _, files in os.walk(config["profiler_log_dir"]) for f in files]
     assert any(name.endswith(".json") or name.endswith(".json.gz") for name in traces)
+
+
+# -- mixed precision (real model) ----------------------------------------------------
+
+def losses_of_a_short_run(tmp_path, **overrides):
+    from model import ByteLLM_GrugV3
+    config = make_tiny_config(str(tmp_path), max_steps=8, learning_rate=3e-3,
+                              validate_and_checkpoint_best_every_batches=100, **overrides)
+    seed_everything(0)
+    trainer = make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
+    losses, original = [], trainer._train_step
+    trainer._train_step = lambda micro: losses.append(original(micro)) or losses[-1]
+    trainer.train()
+    return np.array(losses)
+
+
+def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path):
+    fp32 = losses_of_a_short_run(tmp_path / "fp32", use_amp=False)
+    bf16 = losses_of_a_short_run(tmp_path / "bf16", use_amp=True, amp_dtype="bfloat16")
+    assert fp32[-1] < fp32[0] - 0.3 and bf16[-1] < bf16[0] - 0.3  # both learn
+    difference = np.abs(fp32 - bf16)
+    assert difference.max() < 0.01, difference  # bf16 rounding (~1e-4), not a different model
+    assert difference.max() > 0  # and autocast really ran in bf16
