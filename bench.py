@@ -383,7 +383,8 @@ def bench_quality(device, scale, data_path, seconds, repeats):
         by_variant.update({name: result for name in names})
     rows.append({"runs": "nanoGPT (reference)", "model": "nanoGPT", "objective": "all_positions",
                  "params": None, "steps": NANOGPT["steps"], "train_s": NANOGPT["seconds"],
-                 "bytes_per_s": NANOGPT["steps"] * 768 / NANOGPT["seconds"],
+                 "bytes_per_s": NANOGPT["steps"] * REFERENCE_SHAPE["batch_size"]
+                 * REFERENCE_SHAPE["sequence_length"] / NANOGPT["seconds"],
                  "val_bpb": NANOGPT["val_bpb"], "last_byte_bpb": None, "vs_nanogpt": 1.0})
     comparisons = [
         comparison("best vs nanoGPT", "val_bpb", by_variant["best"]["val_bpb"], NANOGPT["val_bpb"]),

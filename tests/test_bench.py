@@ -1,0 +1,240 @@
+"""bench.py: a --quick run end to end in a subprocess, and the helpers its figures rest on."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+from conftest import REPO_ROOT, make_tiny_config, write_text_corpus
+from dataset import dummy_corpus_text
+from model import ByteLLM_GrugV3
+from utils import bits_per_byte
+
+
+# ---------------------------------------------------------------------------
+# The quick run
+
+def numbers_in(value):
+    """Every int/float inside nested dicts and lists (bools excluded)."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
+    write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
+    out = tmp_path / "bench.json"
+    # One thread: two threads on a busy 2-core machine can be ten times slower.
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench.py"), "--quick",
+                           "--threads", "1", "--data", str(tmp_path / "corpus" / "corpus.txt"),
+                           "--json", str(out)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for heading in ("== training ==", "== quality ==", "== generation ==", "== data ==",
+                    "== TARGETS =="):
+        assert heading in done.stdout
+    assert "PASS" in done.stdout or "FAIL" in done.stdout
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["threads"] == 1
+    assert report["machine"]["torch"] == torch.__version__
+    for key in ("date", "cpu", "device"):
+        assert report["machine"][key]
+    assert list(report["sections"]) == list(bench.SECTIONS)
+    assert all(math.isfinite(n) for n in numbers_in(report))
+
+    training = report["sections"]["training"]
+    ours = [row for row in training["rows"] if row["model"] != "nanoGPT (reference)"]
+    assert {(r["model"], r["precision"]) for r in ours} == {
+        (a, p) for a in bench.ARCHITECTURES for p in bench.PRECISIONS}
+    for row in ours:
+        assert row["ms_per_step"] > 0 and row["bytes_per_s"] > 0 and row["mfu_pct"] > 0
+    assert all(c["ratio"] > 0 for c in training["comparisons"])
+    assert all(m["gflop_per_s"] > 0 for m in training["matmul_peak"])
+
+    quality = report["sections"]["quality"]
+    runs = [row for row in quality["rows"] if row["model"] != "nanoGPT"]
+    assert len(runs) == 3  # best = single-stream = all_positions, parallel-stream, last_byte
+    for row in runs:
+        assert row["steps"] > 0 and 0 < row["val_bpb"] < 20 and 0 < row["last_byte_bpb"] < 20
+    assert all(c["ratio"] > 0 for c in quality["comparisons"])
+
+    generation = report["sections"]["generation"]["rows"]
+    assert {(r["model"], r["context"]) for r in generation} == {
+        (a, c) for a in bench.ARCHITECTURES for c in bench.GENERATION_CONTEXTS}
+    for row in generation:
+        assert row["cached_bytes_per_s"] > 0 and row["uncached_bytes_per_s"] > 0
+
+    data = report["sections"]["data"]["rows"][0]
+    assert data["corpus_mb"] >= 20 and data["mb_per_s"] > 0
+    assert data["peak_rss_mb"] >= data["baseline_rss_mb"] > 0
+
+    assert len(report["targets"]) == 5
+    for target in report["targets"]:
+        assert isinstance(target["passed"], bool) and target["measured"] > 0
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+def test_median_result_of_numbers_and_of_dict_fields():
+    assert bench.median_result([3, 1, 2]) == 2
+    assert bench.median_result([4.0, 1.0]) == 2.5
+    samples = [{"s": 1.0, "rss": 10, "x": None}, {"s": 3.0, "rss": 30, "x": None},
+               {"s": 2.0, "rss": 5, "x": None}]
+    assert bench.median_result(samples) == {"s": 2.0, "rss": 10, "x": None}
+
+
+def test_ratio_is_none_without_a_denominator():
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(3.0, 0) is None
+    assert bench.ratio(None, 2.0) is None and bench.ratio(2.0, None) is None
+
+
+@pytest.mark.parametrize("measured, op, threshold, passed, margin", [
+    (2.40, "<=", 2.45, True, 0.05),
+    (2.45, "<=", 2.45, True, 0.0),
+    (2.50, "<=", 2.45, False, -0.05),
+    (12.0, ">=", 10.0, True, 2.0),
+    (10.0, ">=", 10.0, True, 0.0),
+    (8.0, ">=", 10.0, False, -2.0),
+    (300.0, "<", 300.0, False, 0.0),
+    (250.0, "<", 300.0, True, 50.0),
+    (100.0, ">", 100.0, False, 0.0),
+])
+def test_check_target_pass_fail_and_margin(measured, op, threshold, passed, margin):
+    target = bench.check_target("t", measured, op, threshold, "u")
+    assert target["passed"] is passed
+    assert target["margin"] == pytest.approx(margin)
+
+
+def test_check_target_without_a_measurement_fails():
+    target = bench.check_target("t", None, ">=", 1.0)
+    assert target["passed"] is False and target["margin"] is None
+
+
+def test_format_table_aligns_text_left_and_numbers_right():
+    table = bench.format_table([{"name": "a", "value": 1.5, "n": 1234},
+                                {"name": "longer", "value": 12345.0, "n": None}])
+    lines = table.splitlines()
+    assert lines[0].split() == ["name", "value", "n"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2] == "a       1.500  1,234"
+    assert lines[3] == "longer  12,345      -"
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, "-"), (True, "PASS"), (False, "FAIL"), (1234567, "1,234,567"),
+    (17067.4, "17,067"), (123.45, "123.5"), (2.4567, "2.457"), ("fp32", "fp32"),
+])
+def test_format_cell(value, text):
+    assert bench.format_cell(value) == text
+
+
+def test_side_by_side_interleaves_blocks_after_warmup():
+    calls = []
+
+    def measure(name):
+        def run():
+            calls.append(name)
+            return len(calls)
+        return run
+
+    medians = bench.side_by_side({"a": measure("a"), "b": measure("b")}, rounds=2, block=2,
+                                 warmup=1)
+    assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
+    assert medians == {"a": np.median([3, 4, 7, 8]), "b": np.median([5, 6, 9, 10])}
+
+
+def test_section_list_accepts_known_names_only():
+    assert bench.section_list("quality, data") == ["quality", "data"]
+    with pytest.raises(Exception, match="unknown section"):
+        bench.section_list("training,speed")
+
+
+def test_data_is_not_needed_without_the_quality_section():
+    assert bench.parse_args(["--only", "training,data"]).data is None
+
+
+def test_missing_corpus_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", str(tmp_path / "nothing.txt")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_generated_corpus_has_the_reported_size_and_multibyte_text(tmp_path):
+    size = bench.write_generated_corpus(str(tmp_path), 3 * bench.MB, files=3)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3
+    assert size == sum(f.stat().st_size for f in files) >= 3 * bench.MB
+    text = files[0].read_bytes().decode("utf-8")  # whole characters only
+    assert any(ord(ch) > 127 for ch in text)
+
+
+def test_peak_rss_is_plausible():
+    assert 10 * bench.MB < bench.peak_rss_bytes() < 100_000 * bench.MB
+
+
+# ---------------------------------------------------------------------------
+# Validation bits per byte: the same measure for every model
+
+class ConstantLogits(torch.nn.Module):
+    """Logits (B, T, 256) that give every byte the same probability, or all of it to
+    the true next byte of `data` (a stand-in with a known loss)."""
+
+    def __init__(self, data=None):
+        super().__init__()
+        self.data = data
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, 256)
+        if self.data is not None:  # find each window in data to know its next bytes
+            text = bytes(self.data)
+            for b, row in enumerate(x.tolist()):
+                start = text.index(bytes(row))
+                logits[b, torch.arange(x.size(1)), torch.tensor(list(text[start + 1:start + 1 + x.size(1)]))] = 100.0
+        return logits
+
+
+def test_uniform_predictions_cost_eight_bits_per_byte():
+    data = np.arange(4000, dtype=np.int64).astype(np.uint8)
+    config = {"sequence_length": 16, "val_split_ratio": 0.5}
+    all_bpb, last_bpb = bench.validation_bits_per_byte(ConstantLogits(), data, config,
+                                                       torch.device("cpu"))
+    assert all_bpb == pytest.approx(8.0) and last_bpb == pytest.approx(8.0)
+
+
+def test_perfect_predictions_cost_nothing():
+    data = np.frombuffer(dummy_corpus_text(target_bytes=3000).encode()[:3000], dtype=np.uint8)
+    config = {"sequence_length": 32, "val_split_ratio": 0.5}
+    all_bpb, last_bpb = bench.validation_bits_per_byte(ConstantLogits(data), data, config,
+                                                       torch.device("cpu"), max_windows=5)
+    assert all_bpb == pytest.approx(0.0, abs=1e-6) and last_bpb == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["all_positions", "last_byte"])
+def test_evaluation_matches_the_models_own_loss(tmp_path, objective):
+    """All positions equals the all_positions model's loss, and the last-byte figure the
+    last_byte model's loss, on the same non-overlapping validation windows."""
+    config = make_tiny_config(str(tmp_path), training_objective=objective)
+    torch.manual_seed(0)
+    model = ByteLLM_GrugV3(config).eval()
+    data = np.random.default_rng(0).integers(0, 256, size=2000, dtype=np.uint8)
+    all_bpb, last_bpb = bench.validation_bits_per_byte(model, data, config,
+                                                       torch.device("cpu"), batch_size=7)
+    from dataset import ByteSequenceDataset
+    T = config["sequence_length"]
+    val = ByteSequenceDataset(data, T, T, "val", config["val_split_ratio"])
+    x, y = val.__getitems__(range(len(val)))
+    with torch.no_grad():
+        own = bits_per_byte(model(x, y).item())
+    assert (all_bpb if objective == "all_positions" else last_bpb) == pytest.approx(own, rel=1e-5)
