@@ -386,14 +386,16 @@ def bench_quality(device, scale, data_path, seconds, repeats):
                  "bytes_per_s": NANOGPT["steps"] * REFERENCE_SHAPE["batch_size"]
                  * REFERENCE_SHAPE["sequence_length"] / NANOGPT["seconds"],
                  "val_bpb": NANOGPT["val_bpb"], "last_byte_bpb": None, "vs_nanogpt": 1.0})
+    def versus(name, a, b, measure="val_bpb"):
+        return comparison(name, measure, by_variant[a][measure], by_variant[b][measure])
+
+    objectives = "last_byte vs all_positions objective"
     comparisons = [
         comparison("best vs nanoGPT", "val_bpb", by_variant["best"]["val_bpb"], NANOGPT["val_bpb"]),
-        comparison("parallel vs single-stream", "val_bpb",
-                   by_variant["parallel-stream"]["val_bpb"], by_variant["single-stream"]["val_bpb"]),
+        versus("parallel vs single-stream", "parallel-stream", "single-stream"),
+        versus(objectives, "last_byte", "all_positions"),
+        versus(objectives, "last_byte", "all_positions", "last_byte_bpb"),
     ]
-    comparisons += [comparison("last_byte vs all_positions objective", measure,
-                               by_variant["last_byte"][measure], by_variant["all_positions"][measure])
-                    for measure in ("val_bpb", "last_byte_bpb")]
     op, threshold = TARGETS["quality_bpb"]
     targets = [check_target(f"best config val bits/byte in {seconds:g} s",
                             by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
@@ -475,7 +477,8 @@ def bench_data(scale):
     """DataProcessor throughput on a generated corpus, and the peak RSS of the process
     that ran it beside that of a process that only imported the same modules."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_data_") as workdir:
-        corpus_dir, processed_dir = os.path.join(workdir, "corpus"), os.path.join(workdir, "processed")
+        corpus_dir = os.path.join(workdir, "corpus")
+        processed_dir = os.path.join(workdir, "processed")
         os.makedirs(corpus_dir)
         size = write_generated_corpus(corpus_dir, scale["data_bytes"])
         log(f"data: processing {size / MB:.0f} MB in a child process")

@@ -13,9 +13,12 @@ import sys
 import torch
 
 import config as config_module
+from dataset import ByteSequenceDataset, DataProcessor
+from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters
+from predictor import Predictor, interactive_loop
+from trainer import Trainer, checkpoint_path, load_checkpoint, resolve_resume_path
 from utils import (ConfigError, UserError, apply_overrides, config_help, config_problems,
-                   resolve_amp_dtype,
-                   resolve_device, seed_everything, setup_distributed)
+                   resolve_amp_dtype, resolve_device, seed_everything, setup_distributed)
 
 
 def load_run_config(argv):
@@ -35,7 +38,6 @@ def load_run_config(argv):
 
 def prepare_data(config, context):
     """Rank 0 builds (or reuses) the processed array while the other ranks wait."""
-    from dataset import ByteSequenceDataset, DataProcessor
     if context.is_main:
         data = DataProcessor(config).prepare()
     context.barrier()
@@ -49,12 +51,12 @@ def prepare_data(config, context):
 
 
 def print_header(config, device, data, train_set, val_set, model, context):
-    from model import count_parameters
     amp = resolve_amp_dtype(config, device)
     kind = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
     ranks = f", {context.world_size} ranks" if context.world_size > 1 else ""
-    print(f"device: {device}{ranks} | precision: {'fp32' if amp is None else str(amp)[6:] + ' autocast'}"
-          f" | threads: {torch.get_num_threads()}")
+    precision = "fp32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+    print(f"device: {device}{ranks} | precision: {precision} | threads: "
+          f"{torch.get_num_threads()}")
     print(f"corpus: {len(data):,} bytes | train: {train_set.num_bytes:,} bytes "
           f"({len(train_set):,} windows) | validation: {val_set.num_bytes:,} bytes "
           f"({len(val_set):,} windows)")
@@ -64,7 +66,6 @@ def print_header(config, device, data, train_set, val_set, model, context):
 
 def make_sampler(model, device, config):
     """A function prompt -> text for the interim samples during training."""
-    from predictor import Predictor
     predictor = Predictor(model, device, config)
 
     def sample(prompt):
@@ -75,8 +76,6 @@ def make_sampler(model, device, config):
 
 
 def run_training(config, device, train_set, val_set, model, context):
-    from model import ARCHITECTURE_KEYS
-    from trainer import Trainer, resolve_resume_path
     trainer = Trainer(model, train_set, val_set, config, device,
                       architecture_keys=ARCHITECTURE_KEYS,
                       sample_fn=make_sampler(model, device, config) if context.is_main else None)
@@ -88,8 +87,6 @@ def run_training(config, device, train_set, val_set, model, context):
 
 def load_model_for_prediction(config, device):
     """The best checkpoint (else latest), rebuilt with its own architecture."""
-    from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3
-    from trainer import checkpoint_path, load_checkpoint
     best, latest = checkpoint_path(config, "best"), checkpoint_path(config, "latest")
     if os.path.isfile(best):
         path = best
@@ -113,7 +110,6 @@ def load_model_for_prediction(config, device):
 
 
 def run_prediction(config, device, interactive):
-    from predictor import Predictor, interactive_loop
     model = load_model_for_prediction(config, device)
     predictor = Predictor(model, device, config)
     if interactive:
@@ -141,7 +137,6 @@ def main(argv):
         seed_everything(config["seed"])
         device = context.device or resolve_device(config["device"])
         if flags["DO_TRAINING"]:
-            from model import ByteLLM_GrugV3
             data, train_set, val_set = prepare_data(config, context)
             model = ByteLLM_GrugV3(config).to(device)
             if context.is_main:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -571,7 +572,9 @@ class Trainer:
                 steps_left = (self.batches_per_epoch - self.batch_in_epoch) // self.accumulation
                 bar = tqdm(total=self.steps_per_epoch, initial=self.steps_per_epoch - steps_left,
                            desc=f"epoch {self.epoch + 1}/{c['num_epochs']}",
-                           disable=not self.is_main, dynamic_ncols=True, leave=False)
+                           # A bar redrawn into a log file is noise: the log lines suffice.
+                           disable=not (self.is_main and sys.stderr.isatty()),
+                           dynamic_ncols=True, leave=False)
                 batches = iter(loader)
                 for _ in range(steps_left):
                     micro = [next(batches) for _ in range(self.accumulation)]
