@@ -94,10 +94,22 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.out_proj(y)
+
+
+    def _attend(self, q, k, v, mask, is_causal):
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # PyTorch's CPU attention backward in bf16 is several times slower than in fp32
+            # (torch 2.13), which cancels bf16's gain in the matmuls: attend in fp32.
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                      attn_mask=mask, is_causal=is_causal,
+                                                      dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=dropout)
 
 
 class FeedForward(nn.Module):
