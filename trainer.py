@@ -267,6 +267,7 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.best_val_loss = math.inf
         self.elapsed_before = 0.0  # seconds of training in earlier (resumed-from) runs
+        self._start_time = time.perf_counter()  # train() restarts it
         self.stop_requested = None
         self.history = []  # (step, val_loss) of every validation, for the caller
 
@@ -464,7 +465,7 @@ class Trainer:
                           generator=torch.Generator().manual_seed(self.config["seed"]),
                           pin_memory=self.device.type == "cuda")
 
-    def _train_step(self, micro_batches):
+    def train_step(self, micro_batches):
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         self._set_lr()
         total_loss = 0.0
@@ -570,7 +571,11 @@ class Trainer:
             while reason is None and self.epoch < c["num_epochs"]:
                 loader = self._data_loader(self.epoch, self.batch_in_epoch)
                 steps_left = (self.batches_per_epoch - self.batch_in_epoch) // self.accumulation
-                bar = tqdm(total=self.steps_per_epoch, initial=self.steps_per_epoch - steps_left,
+                done_in_epoch = self.steps_per_epoch - steps_left
+                # The bar ends where this epoch's training will: its end or max_steps.
+                bar_total = min(self.steps_per_epoch,
+                                done_in_epoch + max(self.total_steps - self.step, 0))
+                bar = tqdm(total=bar_total, initial=done_in_epoch,
                            desc=f"epoch {self.epoch + 1}/{c['num_epochs']}",
                            # A bar redrawn into a log file is noise: the log lines suffice.
                            disable=not (self.is_main and sys.stderr.isatty()),
@@ -579,7 +584,7 @@ class Trainer:
                 for _ in range(steps_left):
                     micro = [next(batches) for _ in range(self.accumulation)]
                     step_start = time.perf_counter()
-                    loss = self._train_step(micro)
+                    loss = self.train_step(micro)
                     self.batch_in_epoch += self.accumulation
                     rate = bytes_per_step / (time.perf_counter() - step_start)
                     window_loss, window_steps = window_loss + loss, window_steps + 1

@@ -63,8 +63,9 @@ def test_ranges_and_choices():
 
 
 def test_inconsistencies_are_all_reported_at_once():
-    problems = problems_of(attention_num_heads=3, use_parallel_stream_model=True,
-                           agg_cnn_out_dim=100, cnn_kernel_sizes=[3, 5],
+    problems = problems_of(attention_num_heads=3, attention_d_model=128,
+                           use_parallel_stream_model=True, agg_cnn_out_dim=100,
+                           cnn_kernel_sizes=[3, 5],
                            sequence_length=2, agg_cnn_stride=4)
     text = "\n".join(problems)
     assert "`attention_num_heads` (3) must divide `attention_d_model` (128)" in text
@@ -123,8 +124,8 @@ def test_main_help_lists_every_key():
 
 
 def test_main_reports_config_errors_without_traceback():
-    result = run_main("--batch_sise=3", "--attention_num_heads=5")
+    result = run_main("--batch_sise=3", "--attention_num_heads=7")
     assert result.returncode == 2
     assert "did you mean `batch_size`?" in result.stderr
-    assert "`attention_num_heads` (5) must divide `attention_d_model`" in result.stderr
+    assert "`attention_num_heads` (7) must divide `attention_d_model`" in result.stderr
     assert "Traceback" not in result.stderr

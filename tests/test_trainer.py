@@ -122,13 +122,13 @@ def test_the_trainer_applies_the_schedule(tmp_path):
     config = tiny(tmp_path, max_steps=12, lr_warmup_steps=4, lr_warmup_init_factor=0.25)
     trainer = make_trainer(config)
     seen = []
-    original = trainer._train_step
+    original = trainer.train_step
 
     def recording_step(micro):
         loss = original(micro)
         seen.append(trainer.current_lr())
         return loss
-    trainer._train_step = recording_step
+    trainer.train_step = recording_step
     trainer.train()
     assert seen[0] == pytest.approx(config["learning_rate"] * 0.25)
     assert seen[3] == pytest.approx(config["learning_rate"])
@@ -340,8 +340,8 @@ def losses_of_a_short_run(tmp_path, **overrides):
                               validate_and_checkpoint_best_every_batches=100, **overrides)
     seed_everything(0)
     trainer = make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
-    losses, original = [], trainer._train_step
-    trainer._train_step = lambda micro: losses.append(original(micro)) or losses[-1]
+    losses, original = [], trainer.train_step
+    trainer.train_step = lambda micro: losses.append(original(micro)) or losses[-1]
     trainer.train()
     return np.array(losses)
 
