@@ -78,6 +78,8 @@ CPU_BEST = {
 
 TARGETS = {  # (comparison, threshold) for each target of the issue
     "quality_bpb": ("<=", 2.45),
+    "train_bf16_vs_fp32": (">", 1.0),
+    "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
     "kv_cache_speedup_1024": (">=", 10.0),
     "data_mb_per_s": (">=", 100.0),
     "data_peak_mb": ("<", 300.0),
@@ -288,9 +290,15 @@ def bench_training(device, scale):
                     for p in PRECISIONS]
     comparisons.append(comparison("single-stream fp32 vs nanoGPT", "bytes_per_s",
                                   rate["single-stream", "fp32"], NANOGPT["bytes_per_s"]))
+    targets = [check_target("training bf16 / fp32 speed, single-stream",
+                            ratio(rate["single-stream", "bf16"], rate["single-stream", "fp32"]),
+                            *TARGETS["train_bf16_vs_fp32"], "x"),
+               check_target("training fp32 bytes/s, reference shape",
+                            rate["single-stream", "fp32"], *TARGETS["train_fp32_bytes_per_s"],
+                            "bytes/s")]
     matmul = [{"precision": p, "size": scale["matmul_size"], "gflop_per_s": f / 1e9}
               for p, f in peak.items()]
-    return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul}, []
+    return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul}, targets
 
 
 # ---------------------------------------------------------------------------
