@@ -69,10 +69,11 @@ CPU_BEST = {
     # more steps, and more steps beat a bigger model at this budget. config.py's defaults
     # are the same recipe, with non-overlapping windows.
     **REFERENCE_SHAPE,
-    "num_attention_layers": 3, "embedding_dim": 160, "attention_d_model": 160,
-    "batch_size": 24,
+    "num_attention_layers": 2, "embedding_dim": 160, "attention_d_model": 160,
+    "num_byte_stream_layers": 2, "num_agg_stream_layers": 1,
+    "batch_size": 16,
     "data_stride": 1,  # every byte offset starts a window, like nanoGPT's random crops
-    "learning_rate": 4e-3, "lr_scheduler_eta_min": 1e-4, "lr_warmup_steps": 50,
+    "learning_rate": 3e-3, "lr_scheduler_eta_min": 1e-4, "lr_warmup_steps": 50,
     "use_amp": True, "amp_dtype": "bfloat16",
 }
 

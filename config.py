@@ -4,7 +4,7 @@ Any key can also be overridden for one run from the command line, e.g.
     python3 main.py --batch_size=32 --use_parallel_stream_model=True --DO_PREDICTION=False
 `python3 main.py --help` lists every key with its default and comment.
 
-The defaults train a small model (1M parameters) on a 2-core laptop CPU in three minutes:
+The defaults train a small model (0.7M parameters) on a 2-core laptop CPU in three minutes:
 they are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance).
 
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else.
@@ -32,7 +32,7 @@ CONFIG_V3 = {
     "sequence_length": 64,  # bytes per training window (the model's context), bytes
     "data_stride": 64,  # bytes between the starts of consecutive training windows
     "val_split_ratio": 0.1,  # fraction of the byte stream (the end) held out for validation
-    "batch_size": 24,  # windows per optimizer micro-step
+    "batch_size": 16,  # windows per optimizer micro-step
     "num_workers": 0,  # DataLoader worker processes (0 = load in the main process)
     "vocab_size": 256,  # byte vocabulary; fixed at 256
 
@@ -53,22 +53,22 @@ CONFIG_V3 = {
     "transformer_dropout": 0.0,  # dropout inside attention and feed-forward, probability
     "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
     "output_dropout": 0.0,  # dropout before the output projection, probability
-    "num_attention_layers": 3,  # transformer layers of the single-stream model
+    "num_attention_layers": 2,  # transformer layers of the single-stream model
     "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"
 
     # --- parallel stream (a strided-CNN "aggregated" stream beside the byte stream) ---
     "use_parallel_stream_model": False,  # True = byte stream + aggregated stream
-    "num_byte_stream_layers": 3,  # transformer layers of the byte stream
-    "num_agg_stream_layers": 2,  # transformer layers of the aggregated (patch) stream
+    "num_byte_stream_layers": 2,  # transformer layers of the byte stream
+    "num_agg_stream_layers": 1,  # transformer layers of the aggregated (patch) stream
     "agg_cnn_kernel_size": 8,  # aggregator convolution kernel, bytes
     "agg_cnn_stride": 4,  # bytes per patch of the aggregated stream
     "agg_cnn_out_dim": 160,  # width of the aggregated stream; attention_num_heads must divide it
 
     # --- training ---
     "num_epochs": 1,  # passes over the training windows (max_steps/max_train_minutes may end sooner)
-    "max_steps": 3000,  # optimizer steps at most (None = no limit)
+    "max_steps": 4000,  # optimizer steps at most (None = no limit)
     "max_train_minutes": 3.0,  # wall-clock training budget, minutes (None = no limit)
-    "learning_rate": 4e-3,  # peak learning rate
+    "learning_rate": 3e-3,  # peak learning rate
     "optimizer_type": "AdamW",  # "AdamW" | "Adam"
     "adam_beta1": 0.9,  # Adam beta1
     "adam_beta2": 0.99,  # Adam beta2

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from conftest import REPO_ROOT, make_tiny_config, write_text_corpus
+from tests.conftest import REPO_ROOT, make_tiny_config, write_text_corpus
 from dataset import ByteSequenceDataset, dummy_corpus_text
 from model import ByteLLM_GrugV3
 from utils import bits_per_byte

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset
-from conftest import make_tiny_config
+from tests.conftest import make_tiny_config
 from dataset import ByteSequenceDataset, DataProcessor, check_enough_data, min_bytes_needed
 from utils import UserError
 

@@ -6,7 +6,7 @@ import codecs
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from tests.conftest import make_tiny_config
 from model import ByteLLM_GrugV3
 from predictor import (
     Predictor, UTF8_START, apply_repetition_penalty, interactive_loop, top_k_filter,
