@@ -55,6 +55,8 @@ REFERENCE_SHAPE = {
     "sequence_length": 64, "data_stride": 64, "batch_size": 12,
     "embedding_dim": 128, "attention_d_model": 128, "agg_cnn_out_dim": 128,
     "attention_num_heads": 4, "num_attention_layers": 4,
+    # Parallel-stream rows: the same byte stream plus one patch layer beside it.
+    "num_byte_stream_layers": 4, "num_agg_stream_layers": 1,
     "transformer_dropout": 0.0, "pe_dropout": 0.0, "output_dropout": 0.0,
     "use_cnn_frontend": False, "training_objective": "all_positions",
 }
