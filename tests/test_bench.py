@@ -78,7 +78,7 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert data["corpus_mb"] >= 20 and data["mb_per_s"] > 0
     assert data["peak_rss_mb"] >= data["baseline_rss_mb"] > 0
 
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 7  # training 2, quality 1, generation 2, data 2
     for target in report["targets"]:
         assert isinstance(target["passed"], bool) and target["measured"] > 0
 
