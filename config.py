@@ -65,8 +65,8 @@ CONFIG_V3 = {
     "agg_cnn_out_dim": 160,  # width of the aggregated stream; attention_num_heads must divide it
 
     # --- training ---
-    "num_epochs": 1,  # passes over the training windows (max_steps/max_train_minutes may end sooner)
-    "max_steps": 4000,  # optimizer steps at most (None = no limit)
+    "num_epochs": 3,  # passes over the training windows (max_steps/max_train_minutes may end sooner)
+    "max_steps": 8000,  # optimizer steps at most (None = no limit)
     "max_train_minutes": 3.0,  # wall-clock training budget, minutes (None = no limit)
     "learning_rate": 3e-3,  # peak learning rate
     "optimizer_type": "AdamW",  # "AdamW" | "Adam"
