@@ -142,6 +142,9 @@ def main(argv):
             if context.is_main:
                 print_header(config, device, data, train_set, val_set, model, context)
             summary = run_training(config, device, train_set, val_set, model, context)
+            # Every rank leaves training together: a rank that tears its process group
+            # down while rank 0 is still writing the last checkpoint makes gloo abort.
+            context.barrier()
             if summary["interrupted"]:
                 return 130
         if (flags["DO_PREDICTION"] or "interactive" in switches) and context.is_main:
