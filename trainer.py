@@ -269,7 +269,6 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds of training in earlier (resumed-from) runs
         self._start_time = time.perf_counter()  # train() restarts it
         self.stop_requested = None
-        self.history = []  # (step, val_loss) of every validation, for the caller
 
     # -- construction helpers ------------------------------------------------
 
@@ -418,7 +417,6 @@ class Trainer:
 
     def _validate_and_maybe_save_best(self, metrics):
         val_loss = self.evaluate()
-        self.history.append((self.step, val_loss))
         self.schedule.on_validation(val_loss)
         improved = val_loss < self.best_val_loss
         if improved:
