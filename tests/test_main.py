@@ -127,3 +127,16 @@ def test_corrupt_resume_checkpoint_is_reported(tmp_path):
     assert result.returncode == 1
     assert "grug_v3_latest.pth" in result.stderr and "Traceback" not in result.stderr
     assert "--resume_from_checkpoint=best" in result.stderr
+
+
+def test_interactive_mode_reads_prompts_until_end_of_input(tmp_path):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "abc abd abe. " * 400)
+    assert run_main(root, "--max_steps=2", "--DO_PREDICTION=False").returncode == 0
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "main.py"), *paths(root), *TINY_MODEL,
+         "--DO_TRAINING=False", "--interactive"],
+        cwd=root, input="/temp 0\nab\n/len 5\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "temperature = 0" in result.stdout and "max_new_bytes = 5" in result.stdout
+    assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")  # prompts, not a batch
