@@ -156,27 +156,23 @@ def encoder_stack(num_layers, d_model, config):
 
 def architecture_problems(c):
     """Every problem in the model keys of config `c` that would make a broken model."""
+    return _size_and_choice_problems(c) or structure_problems(c)
+
+
+def _size_and_choice_problems(c):
+    """Non-positive sizes and unknown names. main.py's config check reports these itself
+    (utils.RANGES and CHOICES); the model repeats them for dicts built in code."""
     problems = []
-    parallel = c["use_parallel_stream_model"]
     sizes = ["vocab_size", "sequence_length", "embedding_dim", "max_positional_encoding_len",
              "attention_d_model", "attention_num_heads", "ffn_dim_multiply"]
     sizes += (["num_byte_stream_layers", "num_agg_stream_layers", "agg_cnn_kernel_size",
-               "agg_cnn_stride", "agg_cnn_out_dim"] if parallel else ["num_attention_layers"])
+               "agg_cnn_stride", "agg_cnn_out_dim"] if c["use_parallel_stream_model"]
+              else ["num_attention_layers"])
     for key in sizes:
         if c[key] < 1:
             problems.append(f"`{key}` must be a positive integer, got {c[key]!r}")
-    if c["vocab_size"] != 256:
-        problems.append(f"`vocab_size` must be 256 (one entry per byte), got {c['vocab_size']!r}")
-    heads = c["attention_num_heads"]
-    widths = ["attention_d_model"] + (["agg_cnn_out_dim"] if parallel else [])
-    for key in widths:
-        if heads >= 1 and c[key] >= 1 and c[key] % heads:
-            problems.append(f"`attention_num_heads` ({heads}) must divide `{key}` ({c[key]})")
     if c["use_cnn_frontend"]:
         channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
-        if not channels or len(channels) != len(kernels):
-            problems.append(f"`cnn_out_channels_list` ({channels!r}) and `cnn_kernel_sizes` "
-                            f"({kernels!r}) need one entry per convolution, at least one")
         if any(v < 1 for v in list(channels) + list(kernels)):
             problems.append(f"`cnn_out_channels_list` ({channels!r}) and `cnn_kernel_sizes` "
                             f"({kernels!r}) must hold positive integers")
@@ -186,14 +182,42 @@ def architecture_problems(c):
     if c["positional_encoding_type"] not in POSITIONAL_ENCODINGS:
         problems.append(f"`positional_encoding_type` = {c['positional_encoding_type']!r} is "
                         f"not one of {', '.join(map(repr, POSITIONAL_ENCODINGS))}")
-    elif c["positional_encoding_type"] == "learnable" \
+    if c["training_objective"] not in ("all_positions", "last_byte"):
+        problems.append(f"`training_objective` = {c['training_objective']!r} is not one of "
+                        f"'all_positions', 'last_byte'")
+    return problems
+
+
+def structure_problems(c):
+    """Rules that tie model keys together, for positive sizes and known names. The one
+    place these rules live: utils.config_problems calls it too, with only the keys that
+    passed its own checks, so a rule whose keys are missing is skipped."""
+    def has(*keys):
+        return all(c.get(k) is not None for k in keys)
+
+    problems = []
+    if has("vocab_size") and c["vocab_size"] != 256:
+        problems.append(f"`vocab_size` must be 256 (one entry per byte), got {c['vocab_size']!r}")
+    widths = ["attention_d_model"] + (["agg_cnn_out_dim"] if c.get("use_parallel_stream_model")
+                                      else [])
+    for key in widths:
+        if has("attention_num_heads", key) and c[key] % c["attention_num_heads"]:
+            problems.append(f"`attention_num_heads` ({c['attention_num_heads']}) must divide "
+                            f"`{key}` ({c[key]})")
+    if has("cnn_out_channels_list", "cnn_kernel_sizes"):
+        channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
+        if len(channels) != len(kernels):
+            problems.append(f"`cnn_kernel_sizes` has {len(kernels)} entries but "
+                            f"`cnn_out_channels_list` has {len(channels)}: give one kernel "
+                            f"size per convolution")
+        if c.get("use_cnn_frontend") and not channels:
+            problems.append("`use_cnn_frontend` is True but `cnn_out_channels_list` is empty")
+    if has("positional_encoding_type", "sequence_length", "max_positional_encoding_len") \
+            and c["positional_encoding_type"] == "learnable" \
             and c["sequence_length"] > c["max_positional_encoding_len"]:
         problems.append(f"learnable positions: `sequence_length` ({c['sequence_length']}) "
                         f"exceeds `max_positional_encoding_len` "
                         f"({c['max_positional_encoding_len']})")
-    if c["training_objective"] not in ("all_positions", "last_byte"):
-        problems.append(f"`training_objective` = {c['training_objective']!r} is not one of "
-                        f"'all_positions', 'last_byte'")
     return problems
 
 

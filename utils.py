@@ -12,6 +12,8 @@ import tempfile
 import numpy as np
 import torch
 
+from model import structure_problems
+
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing data, bad checkpoint).
@@ -158,57 +160,36 @@ def config_problems(config, defaults):
             continue
         well_typed[key] = value
 
+    valid = {}  # well typed, in range and among the choices
     for key, value in well_typed.items():
-        if value is None:
-            continue
-        if key in CHOICES and value not in CHOICES[key]:
+        before = len(problems)
+        if key in CHOICES and value is not None and value not in CHOICES[key]:
             options = ", ".join(repr(c) for c in CHOICES[key])
             problems.append(f"`{key}` = {value!r} is not one of {options}")
-        if key in RANGES:
+        if key in RANGES and value is not None:
             problem = _range_problem(key, value)
             if problem:
                 problems.append(problem)
-    problems.extend(_consistency_problems(well_typed))
+        if len(problems) == before:
+            valid[key] = value
+        # Still "valid" after this: the cross-key rules only read the lists' lengths.
+        if key in ("cnn_out_channels_list", "cnn_kernel_sizes") and value and min(value) < 1:
+            problems.append(f"`{key}` must hold positive integers, got {value!r}")
+    problems.extend(_consistency_problems(valid))
     return problems
 
 
 def _consistency_problems(c):
-    """Rules that tie several keys together. Only well-typed keys reach here."""
+    """Rules that tie several keys together. Only valid keys reach here."""
     problems = []
 
     def has(*keys):
         return all(c.get(k) is not None for k in keys)
 
-    if has("vocab_size") and c["vocab_size"] != 256:
-        problems.append(f"`vocab_size` must be 256 (one entry per byte value), got {c['vocab_size']}")
-    if has("attention_d_model", "attention_num_heads") and c["attention_num_heads"] > 0 \
-            and c["attention_d_model"] % c["attention_num_heads"]:
-        problems.append(f"`attention_num_heads` ({c['attention_num_heads']}) must divide "
-                        f"`attention_d_model` ({c['attention_d_model']})")
-    if has("agg_cnn_out_dim", "attention_num_heads") and c.get("use_parallel_stream_model") \
-            and c["attention_num_heads"] > 0 and c["agg_cnn_out_dim"] % c["attention_num_heads"]:
-        problems.append(f"`attention_num_heads` ({c['attention_num_heads']}) must divide "
-                        f"`agg_cnn_out_dim` ({c['agg_cnn_out_dim']})")
-    if has("cnn_out_channels_list", "cnn_kernel_sizes"):
-        channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
-        if len(channels) != len(kernels):
-            problems.append(f"`cnn_kernel_sizes` has {len(kernels)} entries but "
-                            f"`cnn_out_channels_list` has {len(channels)}: give one kernel "
-                            f"size per convolution")
-        if c.get("use_cnn_frontend") and not channels:
-            problems.append("`use_cnn_frontend` is True but `cnn_out_channels_list` is empty")
-        if any(v <= 0 for v in channels + kernels):
-            problems.append("`cnn_out_channels_list` and `cnn_kernel_sizes` must hold "
-                            "positive integers")
+    problems.extend(structure_problems(c))  # the model's own rules, one definition
     if has("sequence_length", "agg_cnn_stride") and c["sequence_length"] < c["agg_cnn_stride"]:
         problems.append(f"`sequence_length` ({c['sequence_length']}) must be at least "
                         f"`agg_cnn_stride` ({c['agg_cnn_stride']})")
-    if has("positional_encoding_type", "sequence_length", "max_positional_encoding_len") \
-            and c["positional_encoding_type"] == "learnable" \
-            and c["sequence_length"] > c["max_positional_encoding_len"]:
-        problems.append(f"learnable positions: `sequence_length` ({c['sequence_length']}) "
-                        f"exceeds `max_positional_encoding_len` "
-                        f"({c['max_positional_encoding_len']})")
     if has("lr_scheduler_eta_min", "learning_rate") \
             and c["lr_scheduler_eta_min"] > c["learning_rate"]:
         problems.append(f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
