@@ -234,12 +234,12 @@ class Trainer:
         self.is_main = self.rank == 0
 
         self.raw_model = unwrap_model(model)
+        self.amp_dtype = resolve_amp_dtype(config, device)
         self.model = self._maybe_compile(model)
         if self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        self.amp_dtype = resolve_amp_dtype(config, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.optimizer = self._build_optimizer()
 
@@ -273,13 +273,26 @@ class Trainer:
     # -- construction helpers ------------------------------------------------
 
     def _maybe_compile(self, model):
+        """torch.compile(model), or `model` with a warning where compiling fails. It runs
+        one forward/backward now (before any resume restores the RNG), because compiling
+        happens on the first call: a platform without a working compiler falls back here
+        instead of crashing at step 1."""
         if not self.config["use_torch_compile"]:
             return model
         try:
-            return torch.compile(model)
-        except Exception as error:  # platform without a working compiler
-            self._log(f"warning: torch.compile unavailable ({error}); training uncompiled")
+            compiled = torch.compile(model)
+            x, y = self.train_dataset.__getitems__([0])
+            with self._autocast():
+                loss = compiled(x.to(self.device), y.to(self.device))
+            loss.backward()
+            return compiled
+        except Exception as error:  # no compiler, unsupported platform or Python
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self._log(f"warning: torch.compile failed ({type(error).__name__}: {reason}); "
+                      f"training uncompiled")
             return model
+        finally:
+            self.raw_model.zero_grad(set_to_none=True)
 
     def _build_optimizer(self):
         c = self.config

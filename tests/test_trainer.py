@@ -353,3 +353,21 @@ def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path):
     difference = np.abs(fp32 - bf16)
     assert difference.max() < 0.01, difference  # bf16 rounding (~1e-4), not a different model
     assert difference.max() > 0  # and autocast really ran in bf16
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, capsys):
+    class BrokenCompiled(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("no working C++ compiler found")
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda model: BrokenCompiled())
+    model = StandInModel()
+    trainer = make_trainer(tiny(tmp_path, use_torch_compile=True), model=model)
+    assert "torch.compile failed (RuntimeError: no working C++ compiler found)" in \
+        capsys.readouterr().out
+    assert trainer.model is model and trainer.train()["steps"] == 6
+
+
+def test_compiling_leaves_no_gradients_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda model: model)  # eager stand-in
+    trainer = make_trainer(tiny(tmp_path, use_torch_compile=True))
+    assert all(p.grad is None for p in trainer.raw_model.parameters())
