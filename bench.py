@@ -41,8 +41,8 @@ from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text
 from model import ByteLLM_GrugV3, count_parameters, estimate_flops_per_byte
 from predictor import measure_generation_speed
 from trainer import Trainer
-from utils import (UserError, atomic_output, bits_per_byte, resolve_device, seed_everything,
-                   validate_config)
+from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
+                   seed_everything, synchronize, validate_config)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -202,11 +202,6 @@ def side_by_side(measures, rounds, block=1, warmup=0):
     return {name: median_result(values) for name, values in samples.items()}
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_of(work, device):
     """A measure: the wall-clock seconds of one call of `work()`, device work included."""
     def measure():
@@ -216,10 +211,6 @@ def seconds_of(work, device):
         synchronize(device)
         return time.perf_counter() - began
     return measure
-
-
-def autocast(device, dtype):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def model_config(**overrides):
@@ -245,7 +236,7 @@ def matmul_peak(device, size, rounds):
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
 
     def multiply(dtype):
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             a @ b
     seconds = side_by_side({name: seconds_of(lambda d=dtype: multiply(d), device)
                             for name, dtype in PRECISIONS.items()}, rounds, warmup=2)

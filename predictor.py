@@ -19,6 +19,7 @@ import time
 import torch
 
 from config import CONFIG_V3
+from utils import synchronize
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
@@ -365,14 +366,9 @@ def measure_generation_speed(model, context_len, new_bytes, use_kv_cache, config
     predictor.generate(prompt, max_new_bytes=2, **settings)  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         predictor.generate(prompt, max_new_bytes=new_bytes, **settings)
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - began)
     return new_bytes / best
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import UserError, atomic_output, bits_per_byte, resolve_amp_dtype
+from utils import (UserError, atomic_output, autocast_context, bits_per_byte,
+                   resolve_amp_dtype)
 
 CHECKPOINT_FORMAT_VERSION = 1
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
@@ -396,9 +397,7 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     def validation_indices(self):
         """A fixed, evenly spread set of validation windows (same every time)."""
@@ -602,7 +601,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bits_per_byte(loss):.3f}",
                                     lr=f"{self.current_lr():.2e}", bytes_s=f"{rate:,.0f}")
-                    if profiler is not None and hasattr(profiler, "step"):
+                    if profiler is not None:  # None when enable_profiler is off
                         profiler.step()
                     if self.step % c["metrics_every"] == 0 or self.step % c["print_every"] == 0:
                         seconds = time.perf_counter() - window_start

@@ -334,6 +334,19 @@ def resolve_amp_dtype(config, device):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
 
 
+def autocast_context(device, dtype):
+    """Autocast to `dtype` on `device`'s type, or nothing when dtype is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so wall-clock timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Open a temporary file beside `path` for binary writing; on success flush,
