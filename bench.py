@@ -32,17 +32,19 @@ import sys
 import tempfile
 import time
 
+import random
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from config import CONFIG_V3
 from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text
+from evaluate import evenly_spread, score_windows
+from main import build_training, check_config
 from model import ByteLLM_GrugV3, count_parameters, estimate_flops_per_byte
-from predictor import measure_generation_speed
-from trainer import Trainer
+from predictor import Predictor
 from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
-                   seed_everything, synchronize, validate_config)
+                   seed_everything, synchronize)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -215,17 +217,7 @@ def seconds_of(work, device):
 
 def model_config(**overrides):
     """CONFIG_V3 with CPU_BEST and `overrides` applied, checked like main.py checks it."""
-    return validate_config({**CONFIG_V3, **CPU_BEST, **overrides}, CONFIG_V3)
-
-
-def make_trainer(config, data, device):
-    """A freshly seeded model and its Trainer over the windows of `data` (1-D uint8)."""
-    split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
-                 val_split_ratio=config["val_split_ratio"])
-    seed_everything(config["seed"])
-    model = ByteLLM_GrugV3(config).to(device)
-    return Trainer(model, ByteSequenceDataset(data, split="train", **split),
-                   ByteSequenceDataset(data, split="val", **split), config, device)
+    return check_config({**CONFIG_V3, **CPU_BEST, **overrides})
 
 
 # ---------------------------------------------------------------------------
@@ -250,11 +242,10 @@ def bench_training(device, scale):
     steps, configs = {}, {}
     for arch, parallel in ARCHITECTURES.items():
         for precision, dtype in PRECISIONS.items():
-            config = validate_config({**CONFIG_V3, **REFERENCE_SHAPE,
-                                      "use_parallel_stream_model": parallel,
-                                      "use_amp": dtype is not None, "amp_dtype": "bfloat16"},
-                                     CONFIG_V3)
-            trainer = make_trainer(config, data, device)
+            config = check_config({**CONFIG_V3, **REFERENCE_SHAPE,
+                                   "use_parallel_stream_model": parallel,
+                                   "use_amp": dtype is not None, "amp_dtype": "bfloat16"})
+            trainer = build_training(config, data, device)
             batch = trainer.train_dataset.__getitems__(range(config["batch_size"]))
             steps[arch, precision] = seconds_of(lambda t=trainer, b=batch: t.train_step([b]),
                                                 device)
@@ -316,29 +307,20 @@ def prepare_corpus(path, workdir):
         return DataProcessor(config).prepare()
 
 
-@torch.no_grad()
 def validation_bits_per_byte(model, data, config, device, max_windows=None, batch_size=64):
-    """(all-positions, last-byte) bits per byte from the model's logits, the same way for
-    every model: non-overlapping windows of sequence_length over the validation split,
+    """(all-positions, last-byte) bits per byte, the same way for every model: the
+    evaluator over non-overlapping windows of sequence_length of the validation split,
     all of them or `max_windows` evenly spread."""
     length = config["sequence_length"]
     val = ByteSequenceDataset(data, length, length, "val", config["val_split_ratio"])
-    count = len(val) if max_windows is None else min(len(val), max_windows)
-    indices = np.linspace(0, len(val) - 1, num=count).round().astype(np.int64)
-    model.eval()
-    all_nats = last_nats = 0.0
-    for start in range(0, count, batch_size):
-        x, y = val.__getitems__(indices[start:start + batch_size])
-        logits = model(x.to(device)).float()  # (B, T, 256)
-        nats = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none")  # (B, T)
-        all_nats += nats.sum().item()
-        last_nats += nats[:, -1].sum().item()
-    return bits_per_byte(all_nats / (count * length)), bits_per_byte(last_nats / count)
+    starts = val.window_starts(evenly_spread(len(val), max_windows))
+    totals = score_windows(model, data, starts, length, device, batch_size=batch_size)
+    return totals.bits_per_byte, bits_per_byte(totals.last_byte_nats)
 
 
 def quality_run(config, data, device, eval_windows):
     """Train `config` with the Trainer until its time budget ends, then evaluate."""
-    trainer = make_trainer(config, data, device)
+    trainer = build_training(config, data, device)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log is progress, not report
         summary = trainer.train()
     val_bpb, last_byte_bpb = validation_bits_per_byte(trainer.raw_model, data, config, device,
@@ -409,6 +391,29 @@ def bench_quality(device, scale, data_path, seconds, repeats):
 
 # ---------------------------------------------------------------------------
 # 3. Generation speed
+
+def measure_generation_speed(model, context_len, new_bytes, use_kv_cache, config, repeats=1):
+    """Bytes per second of generate() (random sampling, temperature 1) from a prompt of
+    context_len - new_bytes bytes, so the context grows to context_len. The prompt pass
+    is counted, as a user waits for it too. Best of `repeats` runs, after a warm-up."""
+    if not 0 < new_bytes < context_len <= model.context_length:
+        raise ValueError(f"need 0 < new_bytes ({new_bytes}) < context_len ({context_len}) "
+                         f"<= model.context_length ({model.context_length})")
+    device = next(model.parameters()).device
+    predictor = Predictor(model, device, config, use_kv_cache=use_kv_cache)
+    rng = random.Random(0)  # local: the global RNG is not touched
+    prompt = bytes(rng.randrange(32, 127) for _ in range(context_len - new_bytes))  # printable
+    settings = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
+    predictor.generate(prompt, max_new_bytes=2, **settings)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        predictor.generate(prompt, max_new_bytes=new_bytes, **settings)
+        synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return new_bytes / best
+
 
 def bench_generation(device, scale):
     """Bytes/s of Predictor.generate with and without the KV cache, the context growing to

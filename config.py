@@ -13,7 +13,15 @@ Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else.
     learning_rate=6e-4, max_steps=5000, max_train_minutes=None,
     eval_max_batches=50, amp_dtype="auto", use_torch_compile=True.
 Several GPUs or machines: see "Scaling out" in README.md (torchrun, no edit needed).
+
+Below CONFIG_V3, RULES declares what each key accepts (type, range, choices, None or
+not): the config check, the command-line parser and --help all read it.
 """
+
+import os
+
+from model_components import ACTIVATIONS, POSITIONAL_ENCODINGS
+from utils import device_problem, flag, integer, list_of, one_of, real, text
 
 DO_TRAINING = True  # run the training stage
 DO_PREDICTION = True  # run the generation stage after training (loads the best checkpoint)
@@ -130,4 +138,135 @@ CONFIG_V3 = {
     "device": "auto",  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "cuda:N" | "mps"
     "use_torch_compile": False,  # torch.compile the model (falls back with a warning if unavailable)
     "distributed_timeout_minutes": 10,  # torchrun: a rank waiting longer than this aborts the run
+}
+
+
+# ---------------------------------------------------------------------------
+# What each key accepts. You do not need to edit this to change a setting.
+
+def _folder_or_missing(key):
+    def check(path):
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"`{key}` = {path!r} is a file, not a folder"
+        return None
+    return check
+
+
+def _file_name(key):
+    def check(name):
+        if not name or "/" in name or "\\" in name:
+            return f"`{key}` = {name!r} must be a file name, without / or \\"
+        return None
+    return check
+
+
+POSITIVE = integer(1)
+COUNT = integer(0)  # 0 allowed
+FRACTION = real(0, 1, high_open=True)  # dropouts, betas: [0, 1)
+SEED = integer(0, 2**63 - 1)
+
+RULES = {
+    # paths and data
+    "data_dir": text(),
+    "processed_data_dir": text(check=_folder_or_missing("processed_data_dir")),
+    "checkpoint_dir": text(check=_folder_or_missing("checkpoint_dir")),
+    "model_name": text(check=_file_name("model_name")),
+    "resume_from_checkpoint": text(nullable=True),
+    "generate_dummy_data_if_empty": flag(),
+    "force_reprocess_data": flag(),
+    "file_separator": text(),
+    "utf8_error_policy": one_of("replace", "skip", "error", "keep"),
+    "sequence_length": POSITIVE,
+    "data_stride": POSITIVE,
+    "val_split_ratio": real(0, 1, low_open=True, high_open=True),
+    "batch_size": POSITIVE,
+    "num_workers": COUNT,
+    "vocab_size": POSITIVE,
+    # model
+    "embedding_dim": POSITIVE,
+    "use_cnn_frontend": flag(),
+    "cnn_out_channels_list": list_of(int, low=1),
+    "cnn_kernel_sizes": list_of(int, low=1),
+    "cnn_activation": one_of(*ACTIVATIONS),
+    "cnn_dropout": FRACTION,
+    "cnn_use_layernorm": flag(),
+    "positional_encoding_type": one_of(*POSITIONAL_ENCODINGS),
+    "max_positional_encoding_len": POSITIVE,
+    "pe_dropout": FRACTION,
+    "attention_d_model": POSITIVE,
+    "attention_num_heads": POSITIVE,
+    "ffn_dim_multiply": POSITIVE,
+    "transformer_dropout": FRACTION,
+    "transformer_norm_first": flag(),
+    "output_dropout": FRACTION,
+    "num_attention_layers": POSITIVE,
+    "training_objective": one_of("all_positions", "last_byte"),
+    # parallel stream
+    "use_parallel_stream_model": flag(),
+    "num_byte_stream_layers": POSITIVE,
+    "num_agg_stream_layers": POSITIVE,
+    "agg_cnn_kernel_size": POSITIVE,
+    "agg_cnn_stride": POSITIVE,
+    "agg_cnn_out_dim": POSITIVE,
+    # training
+    "num_epochs": POSITIVE,
+    "max_steps": integer(1, nullable=True),
+    "max_train_minutes": real(0, low_open=True, nullable=True),
+    "learning_rate": real(0, low_open=True),
+    "optimizer_type": one_of("AdamW", "Adam"),
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_eps": real(0, low_open=True),
+    "weight_decay": real(0),
+    "gradient_accumulation_steps": POSITIVE,
+    "clip_grad_norm_value": real(0, low_open=True, nullable=True),
+    "print_every": POSITIVE,
+    "metrics_every": POSITIVE,
+    "test_every_batches": COUNT,
+    "interim_test_prompt": text(),
+    "interim_test_max_new_bytes": POSITIVE,
+    "validate_and_checkpoint_best_every_batches": POSITIVE,
+    "eval_max_batches": integer(1, nullable=True),
+    "reset_best_val_loss_on_resume": flag(),
+    # schedule and AMP
+    "scheduler_type": one_of("CosineAnnealingLR", "ReduceLROnPlateau", "constant"),
+    "lr_scheduler_T_max": integer(1, nullable=True),
+    "lr_scheduler_eta_min": real(0),
+    "lr_scheduler_patience": COUNT,
+    "lr_scheduler_factor": real(0, 1, low_open=True, high_open=True),
+    "use_lr_warmup": flag(),
+    "lr_warmup_steps": COUNT,
+    "lr_warmup_init_factor": real(0, 1, low_open=True),
+    "use_amp": flag(),
+    "amp_dtype": one_of("auto", "bfloat16", "float16"),
+    # checkpoints
+    "checkpoint_every_batches": POSITIVE,
+    "save_epoch_snapshots": flag(),
+    "keep_last_checkpoints": POSITIVE,
+    # generation
+    "generation_prompts": list_of(str),
+    "generation_max_new_bytes": COUNT,
+    "generation_temperature": real(0),
+    "generation_top_k": COUNT,
+    "generation_top_p": real(0, 1, low_open=True),
+    "generation_repetition_penalty": real(0, low_open=True),
+    "generation_repetition_window": POSITIVE,
+    "generation_seed": integer(0, 2**63 - 1, nullable=True),
+    "generation_valid_utf8_only": flag(),
+    "use_kv_cache": flag(),
+    "generation_output_file": text(check=_file_name("generation_output_file")),
+    "interim_test_temperature": real(0),
+    "interim_test_top_k": COUNT,
+    # profiler
+    "enable_profiler": flag(),
+    "profiler_log_dir": text(),
+    "profiler_schedule_wait": COUNT,
+    "profiler_schedule_warmup": COUNT,
+    "profiler_schedule_active": POSITIVE,
+    "profiler_schedule_repeat": POSITIVE,
+    # runtime
+    "seed": SEED,
+    "device": text(check=device_problem),
+    "use_torch_compile": flag(),
+    "distributed_timeout_minutes": real(0, low_open=True),
 }

@@ -24,13 +24,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import CHOICES, UserError, atomic_output
+from config import RULES
+from utils import ConfigError, UserError, atomic_output, config_problems
 
 PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
 FORMAT_VERSION = 1  # bump when the processing itself changes, so old caches get rebuilt
 BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x faster than 8 MB ones
+# The config keys DataProcessor reads.
+DATA_KEYS = ("data_dir", "processed_data_dir", "generate_dummy_data_if_empty",
+             "force_reprocess_data", "file_separator", "utf8_error_policy", "sequence_length",
+             "val_split_ratio")
 
 
 def _warn(message):
@@ -182,14 +187,14 @@ class DataProcessor:
     """Builds (or reuses) the cached byte array of every .txt file under data_dir."""
 
     def __init__(self, config):
+        problems = config_problems(config, RULES, DATA_KEYS)
+        if problems:
+            raise ConfigError(problems)
         self.config = config
         self.data_dir = Path(config["data_dir"])
         self.array_path = Path(config["processed_data_dir"]) / PROCESSED_FILENAME
         self.manifest_path = Path(config["processed_data_dir"]) / MANIFEST_FILENAME
         self.policy = config["utf8_error_policy"]
-        if self.policy not in CHOICES["utf8_error_policy"]:
-            raise UserError(f"`utf8_error_policy` = {self.policy!r} is not one of "
-                            f"{CHOICES['utf8_error_policy']}")
 
     def prepare(self):
         """Build the cache if needed; return the bytes as a read-only 1-D uint8 memmap."""
@@ -413,9 +418,11 @@ class ByteSequenceDataset(Dataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if data.ndim != 1 or data.dtype != np.uint8:
             raise ValueError(f"data must be a 1-D uint8 array, got {data.ndim}-D {data.dtype}")
-        if sequence_length < 1 or stride < 1:
-            raise ValueError(f"sequence_length ({sequence_length}) and stride ({stride}) "
-                             f"must be positive")
+        problems = config_problems({"sequence_length": sequence_length, "data_stride": stride,
+                                    "val_split_ratio": val_split_ratio}, RULES,
+                                   ("sequence_length", "data_stride", "val_split_ratio"))
+        if problems:
+            raise ValueError("; ".join(problems))
         boundary = split_point(len(data), val_split_ratio)
         self.data = data
         train = split == "train"
@@ -432,9 +439,9 @@ class ByteSequenceDataset(Dataset):
         spare = self.num_bytes - (self.sequence_length + 1)
         return spare // self.stride + 1 if spare >= 0 else 0
 
-    def window_start(self, i):
-        """Index in `data` (not in the span) of window i's first byte."""
-        return int(self._starts(i))
+    def window_starts(self, indices):
+        """Index in `data` (not in the span) of the first byte of each window in `indices`."""
+        return self._starts(indices)
 
     def __getitem__(self, i):
         x, y = self.__getitems__([i])

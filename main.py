@@ -13,28 +13,73 @@ import sys
 import torch
 
 import config as config_module
+from checkpoint import (KEYS_TO_GENERATE, load_checkpoint, path_to_generate_from,
+                        resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
-from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters
+from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters, structure_problems
 from predictor import Predictor, interactive_loop
-from trainer import Trainer, checkpoint_path, load_checkpoint, resolve_resume_path
-from utils import (ConfigError, UserError, apply_overrides, config_help, config_problems,
-                   resolve_amp_dtype, resolve_device, seed_everything, setup_distributed)
+from trainer import Trainer, schedule_problems
+from utils import (ConfigError, UserError, apply_overrides, config_comments, config_problems,
+                   resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
+                   suggestion)
+
+CROSS_KEY_RULES = (structure_problems, schedule_problems)
+# The program's own options (not config keys): None = a bare switch.
+SWITCHES = {"help": None, "interactive": None}
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+def check_config(config):
+    """Every problem in a full config: unknown keys, then each key's rule (config.RULES),
+    then the rules that tie keys together. Raises ConfigError, or returns `config`."""
+    problems = [f"unknown key `{key}`{suggestion(key, config_module.RULES)}"
+                for key in config if key not in config_module.RULES]
+    problems += config_problems(config, config_module.RULES, cross_checks=CROSS_KEY_RULES)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def help_text():
+    """--help: every key with its default, what it accepts and its comment in config.py."""
+    defaults, flags = config_module.CONFIG_V3, stage_flags()
+    comments = config_comments(config_module.__file__, list(defaults) + list(flags))
+    lines = ["usage: python3 main.py [--KEY=VALUE ...] [--interactive] [--help]", "",
+             "Every key of CONFIG_V3 in config.py can be overridden for one run.",
+             "  --interactive  after training (if any), open a prompt loop for generation", ""]
+    for name, value in list(flags.items()) + list(defaults.items()):
+        rule = config_module.RULES[name].describe() if name in config_module.RULES else "bool"
+        lines.append(f"  --{name}={value!r}   ({rule})")
+        if comments.get(name):
+            lines.append(f"        {comments[name]}")
+    return "\n".join(lines)
+
+
+def stage_flags():
+    return {"DO_TRAINING": config_module.DO_TRAINING,
+            "DO_PREDICTION": config_module.DO_PREDICTION}
 
 
 def load_run_config(argv):
     """CONFIG_V3 and the stage flags with command-line overrides applied and checked."""
-    flags = {"DO_TRAINING": config_module.DO_TRAINING,
-             "DO_PREDICTION": config_module.DO_PREDICTION}
-    defaults = config_module.CONFIG_V3
     if "--help" in argv or "-h" in argv:
-        print(config_help(config_module.__file__, defaults, flags))
+        print(help_text())
         sys.exit(0)
-    config, flags, switches, problems = apply_overrides(argv, defaults, flags)
-    problems += config_problems(config, defaults)
+    config, flags, switches, problems = apply_overrides(
+        argv, config_module.CONFIG_V3, stage_flags(), config_module.RULES, SWITCHES)
+    try:
+        check_config(config)
+    except ConfigError as error:
+        problems += error.problems
     if problems:
         raise ConfigError(problems)
     return config, flags, switches
 
+
+# ---------------------------------------------------------------------------
+# Building and training
 
 def prepare_data(config, context):
     """Rank 0 builds (or reuses) the processed array while the other ranks wait."""
@@ -44,24 +89,7 @@ def prepare_data(config, context):
     if not context.is_main:
         # Rank 0 just built the cache: open it, never rebuild it a second time.
         data = DataProcessor({**config, "force_reprocess_data": False}).prepare()
-    split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
-                 val_split_ratio=config["val_split_ratio"])
-    return (data, ByteSequenceDataset(data, split="train", **split),
-            ByteSequenceDataset(data, split="val", **split))
-
-
-def print_header(config, device, data, train_set, val_set, model, context):
-    amp = resolve_amp_dtype(config, device)
-    kind = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
-    ranks = f", {context.world_size} ranks" if context.world_size > 1 else ""
-    precision = "fp32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
-    print(f"device: {device}{ranks} | precision: {precision} | threads: "
-          f"{torch.get_num_threads()}")
-    print(f"corpus: {len(data):,} bytes | train: {train_set.num_bytes:,} bytes "
-          f"({len(train_set):,} windows) | validation: {val_set.num_bytes:,} bytes "
-          f"({len(val_set):,} windows)")
-    print(f"model: {kind}, {count_parameters(model):,} parameters, window "
-          f"{config['sequence_length']} bytes")
+    return data
 
 
 def make_sampler(model, device, config):
@@ -75,29 +103,53 @@ def make_sampler(model, device, config):
     return sample
 
 
-def run_training(config, device, train_set, val_set, model, context):
-    trainer = Trainer(model, train_set, val_set, config, device,
-                      architecture_keys=ARCHITECTURE_KEYS,
-                      sample_fn=make_sampler(model, device, config) if context.is_main else None)
+def build_training(config, data, device, with_samples=False):
+    """The Trainer of a freshly seeded model over the train/validation windows of `data`
+    (1-D uint8): what main.py and bench.py both train."""
+    split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
+                 val_split_ratio=config["val_split_ratio"])
+    train_set = ByteSequenceDataset(data, split="train", **split)
+    val_set = ByteSequenceDataset(data, split="val", **split)
+    seed_everything(config["seed"])
+    model = ByteLLM_GrugV3(config).to(device)
+    sample_fn = make_sampler(model, device, config) if with_samples else None
+    return Trainer(model, train_set, val_set, config, device,
+                   architecture_keys=ARCHITECTURE_KEYS, sample_fn=sample_fn)
+
+
+def print_header(config, device, data, trainer, context):
+    amp = resolve_amp_dtype(config, device)
+    kind = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
+    ranks = f", {context.world_size} ranks" if context.world_size > 1 else ""
+    precision = "fp32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+    train_set, val_set = trainer.train_dataset, trainer.val_dataset
+    print(f"device: {device}{ranks} | precision: {precision} | threads: "
+          f"{torch.get_num_threads()}")
+    print(f"corpus: {len(data):,} bytes | train: {train_set.num_bytes:,} bytes "
+          f"({len(train_set):,} windows) | validation: {val_set.num_bytes:,} bytes "
+          f"({len(val_set):,} windows)")
+    print(f"model: {kind}, {count_parameters(trainer.raw_model):,} parameters, window "
+          f"{config['sequence_length']} bytes")
+
+
+def run_training(config, device, context):
+    data = prepare_data(config, context)
+    trainer = build_training(config, data, device, with_samples=context.is_main)
+    if context.is_main:
+        print_header(config, device, data, trainer, context)
     resume_path = resolve_resume_path(config)
     if resume_path:
         trainer.resume(resume_path)
     return trainer.train()
 
 
+# ---------------------------------------------------------------------------
+# Generation
+
 def load_model_for_prediction(config, device):
     """The best checkpoint (else latest), rebuilt with its own architecture."""
-    best, latest = checkpoint_path(config, "best"), checkpoint_path(config, "latest")
-    if os.path.isfile(best):
-        path = best
-    elif os.path.isfile(latest):
-        print(f"no best checkpoint at {best}; using {latest}")
-        path = latest
-    else:
-        raise UserError(f"no checkpoint to generate from: neither {best} nor {latest} exists. "
-                        f"Train first (DO_TRAINING=True) or point checkpoint_dir/model_name "
-                        f"at a trained model.")
-    state = load_checkpoint(path)
+    path = path_to_generate_from(config)
+    state = load_checkpoint(path, required=KEYS_TO_GENERATE)
     architecture = {k: state["config"][k] for k in ARCHITECTURE_KEYS if k in state["config"]}
     model = ByteLLM_GrugV3({**config, **architecture}).to(device)
     try:
@@ -130,6 +182,8 @@ def run_prediction(config, device, interactive):
     print(f"\nsamples appended to {output_path}")
 
 
+# ---------------------------------------------------------------------------
+
 def main(argv):
     config, flags, switches = load_run_config(argv)
     context = setup_distributed(config)
@@ -137,19 +191,16 @@ def main(argv):
         seed_everything(config["seed"])
         device = context.device or resolve_device(config["device"])
         if flags["DO_TRAINING"]:
-            data, train_set, val_set = prepare_data(config, context)
-            model = ByteLLM_GrugV3(config).to(device)
-            if context.is_main:
-                print_header(config, device, data, train_set, val_set, model, context)
-            summary = run_training(config, device, train_set, val_set, model, context)
+            summary = run_training(config, device, context)
             # Every rank leaves training together: a rank that tears its process group
             # down while rank 0 is still writing the last checkpoint makes gloo abort.
             context.barrier()
             if summary["interrupted"]:
                 return 130
-        if (flags["DO_PREDICTION"] or "interactive" in switches) and context.is_main:
-            run_prediction(config, device, "interactive" in switches)
-        if not (flags["DO_TRAINING"] or flags["DO_PREDICTION"] or "interactive" in switches):
+        interactive = "interactive" in switches
+        if (flags["DO_PREDICTION"] or interactive) and context.is_main:
+            run_prediction(config, device, interactive)
+        if not (flags["DO_TRAINING"] or flags["DO_PREDICTION"] or interactive):
             print("DO_TRAINING and DO_PREDICTION are both False: nothing to do.")
         return 0
     finally:

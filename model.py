@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_components import ACTIVATIONS, CNNFrontend, POSITIONAL_ENCODINGS
+from config import RULES
+from model_components import CNNFrontend, POSITIONAL_ENCODINGS
+from utils import config_problems
 
 # Config keys that change the parameters' shapes or the math of forward. Checkpoints
 # only fit a model built with the same values.
@@ -31,6 +33,9 @@ ARCHITECTURE_KEYS = (
     "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
     "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
 )
+# Every config key the model reads.
+MODEL_KEYS = ARCHITECTURE_KEYS + (
+    "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective")
 
 
 # ---------------------------------------------------------------------------
@@ -154,44 +159,14 @@ def encoder_stack(num_layers, d_model, config):
 # ---------------------------------------------------------------------------
 # Config checks
 
-def architecture_problems(c):
+def model_config_problems(c):
     """Every problem in the model keys of config `c` that would make a broken model."""
-    return _size_and_choice_problems(c) or structure_problems(c)
-
-
-def _size_and_choice_problems(c):
-    """Non-positive sizes and unknown names. main.py's config check reports these itself
-    (utils.RANGES and CHOICES); the model repeats them for dicts built in code."""
-    problems = []
-    sizes = ["vocab_size", "sequence_length", "embedding_dim", "max_positional_encoding_len",
-             "attention_d_model", "attention_num_heads", "ffn_dim_multiply"]
-    sizes += (["num_byte_stream_layers", "num_agg_stream_layers", "agg_cnn_kernel_size",
-               "agg_cnn_stride", "agg_cnn_out_dim"] if c["use_parallel_stream_model"]
-              else ["num_attention_layers"])
-    for key in sizes:
-        if c[key] < 1:
-            problems.append(f"`{key}` must be a positive integer, got {c[key]!r}")
-    if c["use_cnn_frontend"]:
-        channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
-        if any(v < 1 for v in list(channels) + list(kernels)):
-            problems.append(f"`cnn_out_channels_list` ({channels!r}) and `cnn_kernel_sizes` "
-                            f"({kernels!r}) must hold positive integers")
-        if c["cnn_activation"] not in ACTIVATIONS:
-            problems.append(f"`cnn_activation` = {c['cnn_activation']!r} is not one of "
-                            f"{', '.join(map(repr, ACTIVATIONS))}")
-    if c["positional_encoding_type"] not in POSITIONAL_ENCODINGS:
-        problems.append(f"`positional_encoding_type` = {c['positional_encoding_type']!r} is "
-                        f"not one of {', '.join(map(repr, POSITIONAL_ENCODINGS))}")
-    if c["training_objective"] not in ("all_positions", "last_byte"):
-        problems.append(f"`training_objective` = {c['training_objective']!r} is not one of "
-                        f"'all_positions', 'last_byte'")
-    return problems
+    return config_problems(c, RULES, MODEL_KEYS, cross_checks=(structure_problems,))
 
 
 def structure_problems(c):
-    """Rules that tie model keys together, for positive sizes and known names. The one
-    place these rules live: utils.config_problems calls it too, with only the keys that
-    passed its own checks, so a rule whose keys are missing is skipped."""
+    """Rules that tie model keys together. `c` holds only keys whose own values are valid,
+    so a rule whose keys are missing is skipped."""
     def has(*keys):
         return all(c.get(k) is not None for k in keys)
 
@@ -218,6 +193,10 @@ def structure_problems(c):
         problems.append(f"learnable positions: `sequence_length` ({c['sequence_length']}) "
                         f"exceeds `max_positional_encoding_len` "
                         f"({c['max_positional_encoding_len']})")
+    if has("sequence_length", "agg_cnn_stride") and c.get("use_parallel_stream_model") \
+            and c["sequence_length"] < c["agg_cnn_stride"]:
+        problems.append(f"`sequence_length` ({c['sequence_length']}) must be at least "
+                        f"`agg_cnn_stride` ({c['agg_cnn_stride']})")
     return problems
 
 
@@ -228,7 +207,7 @@ class ByteLLM_GrugV3(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        problems = architecture_problems(config)
+        problems = model_config_problems(config)
         if problems:
             raise ValueError("bad model configuration:\n" + "\n".join(f"  - {p}" for p in problems))
         c = config

@@ -106,17 +106,12 @@ class CNNFrontend(nn.Module):
     def __init__(self, in_channels, out_channels_list, kernel_sizes, activation="gelu",
                  dropout=0.0, use_layernorm=True):
         super().__init__()
-        if len(out_channels_list) != len(kernel_sizes) or not kernel_sizes:
-            raise ValueError(f"CNNFrontend needs one kernel size per convolution, got "
-                             f"out_channels_list={out_channels_list!r}, "
-                             f"kernel_sizes={kernel_sizes!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use one of "
-                             f"{', '.join(map(repr, ACTIVATIONS))}")
         widths = [in_channels] + list(out_channels_list)
+        # The model checks its config first (model.structure_problems); strict=True keeps a
+        # mismatched pair of lists built in code from being silently truncated.
         self.blocks = nn.ModuleList(
             ConvBlock(c_in, c_out, k, activation, dropout, use_layernorm)
-            for c_in, c_out, k in zip(widths[:-1], widths[1:], kernel_sizes))
+            for c_in, c_out, k in zip(widths[:-1], widths[1:], kernel_sizes, strict=True))
         self.out_channels = widths[-1]
 
     def forward(self, x, pasts=None):

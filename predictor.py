@@ -12,14 +12,11 @@ at every step (`window_start`), so with the same seed they produce the same outp
 
 import codecs
 import functools
-import random
 import sys
-import time
 
 import torch
 
-from config import CONFIG_V3
-from utils import synchronize
+from config import RULES
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
@@ -160,20 +157,11 @@ def window_start(start, length, window):
 
 def generation_settings(config, **overrides):
     """The settings of one generate() call: an override that is None takes the config's
-    generation_* value. Raises ValueError on a value out of range."""
+    generation_* value. Raises ValueError on a value its config key would not accept."""
     settings = {name: config[key] if overrides.get(name) is None else overrides[name]
                 for name, key in SETTING_KEYS.items()}
-    problems = []
-    if settings["max_new_bytes"] < 0:
-        problems.append("max_new_bytes must be >= 0")
-    if settings["temperature"] < 0:
-        problems.append("temperature must be >= 0 (0 = greedy)")
-    if settings["top_k"] < 0:
-        problems.append("top_k must be >= 0 (0 = off)")
-    if not 0 < settings["top_p"] <= 1:
-        problems.append("top_p must be in (0, 1] (1 = off)")
-    if settings["repetition_penalty"] <= 0:
-        problems.append("repetition_penalty must be > 0 (1 = off)")
+    problems = [RULES[key].problem(name, settings[name]) for name, key in SETTING_KEYS.items()]
+    problems = [problem for problem in problems if problem]
     if problems:
         raise ValueError("; ".join(problems))
     return settings
@@ -345,30 +333,3 @@ def interactive_loop(predictor, config, input_fn=input, write=_write_stdout):
                 write("\n")
     except (EOFError, KeyboardInterrupt):
         write("\n")
-
-
-# ---------------------------------------------------------------------------
-# Speed
-
-def measure_generation_speed(model, context_len, new_bytes, use_kv_cache, config=CONFIG_V3,
-                             repeats=1):
-    """Bytes per second of generate() (random sampling, temperature 1) from a prompt of
-    context_len - new_bytes bytes, so the context grows to context_len. The prompt pass
-    is counted, as a user waits for it too. Best of `repeats` runs, after a warm-up."""
-    if not 0 < new_bytes < context_len <= model.context_length:
-        raise ValueError(f"need 0 < new_bytes ({new_bytes}) < context_len ({context_len}) "
-                         f"<= model.context_length ({model.context_length})")
-    device = next(model.parameters()).device
-    predictor = Predictor(model, device, config, use_kv_cache=use_kv_cache)
-    rng = random.Random(0)  # local: the global RNG is not touched
-    prompt = bytes(rng.randrange(32, 127) for _ in range(context_len - new_bytes))  # printable
-    settings = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
-    predictor.generate(prompt, max_new_bytes=2, **settings)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        began = time.perf_counter()
-        predictor.generate(prompt, max_new_bytes=new_bytes, **settings)
-        synchronize(device)
-        best = min(best, time.perf_counter() - began)
-    return new_bytes / best

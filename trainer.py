@@ -1,16 +1,15 @@
-"""Training loop for any model whose forward(x, targets) returns the mean loss in nats.
+"""Training loop for any model with `model(x, targets) -> mean loss in nats` and
+`model(x) -> logits (B, T, 256)` (the second for validation).
 
-The Trainer knows nothing about the model's insides: it needs `model(x, y) -> loss`,
-the train/validation datasets (indexable windows with a batched `__getitems__`) and the
-config. It owns the optimizer, the learning-rate schedule, mixed precision, validation,
-metrics, checkpoints with exact resume, signals and the profiler.
+The Trainer owns the optimizer, the learning-rate schedule, mixed precision, validation,
+metrics, checkpoints with exact resume, signals and the profiler. Its loop reads like
+nanoGPT's: set the rate and step, then decide what else this step calls for.
 """
 
 import contextlib
 import csv
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -21,10 +20,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import (UserError, atomic_output, autocast_context, bits_per_byte,
-                   resolve_amp_dtype)
+from checkpoint import (FORMAT_VERSION, capture_rng_states, checkpoint_path, load_for_resume,
+                        prune_epoch_snapshots, restore_rng_states, save_checkpoint,
+                        unwrap_model)
+from evaluate import evenly_spread, score_windows
+from utils import UserError, autocast_context, bits_per_byte, resolve_amp_dtype
 
-CHECKPOINT_FORMAT_VERSION = 1
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds")
 
@@ -33,93 +34,13 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-# ---------------------------------------------------------------------------
-# Checkpoint files
-
-def checkpoint_path(config, kind):
-    """Path of the "best" or "latest" checkpoint (or an epoch snapshot name)."""
-    return os.path.join(config["checkpoint_dir"], f"{config['model_name']}_{kind}.pth")
-
-
-def save_checkpoint(state, path):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    with atomic_output(path) as file:
-        torch.save(state, file)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only) or raise a UserError naming the file."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated/corrupt files
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                        f"not a PyTorch file ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    if not isinstance(state, dict) or "format_version" not in state or "model_state" not in state:
-        raise UserError(f"{path} is a PyTorch file but not a GrugV3 checkpoint")
-    if state["format_version"] > CHECKPOINT_FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer GrugV3 (checkpoint format "
-                        f"{state['format_version']}, this version reads up to "
-                        f"{CHECKPOINT_FORMAT_VERSION}); update the code")
-    return state
-
-
-def resolve_resume_path(config):
-    """The checkpoint file `resume_from_checkpoint` asks for, or None for a fresh start."""
-    choice = config["resume_from_checkpoint"]
-    if not choice:
-        return None
-    if choice in ("latest", "best"):
-        path = checkpoint_path(config, choice)
-        if not os.path.isfile(path):
-            other = "best" if choice == "latest" else "latest"
-            hint = (f" A {other} checkpoint exists: --resume_from_checkpoint={other}"
-                    if os.path.isfile(checkpoint_path(config, other)) else
-                    " Set resume_from_checkpoint=None to start fresh.")
-            raise UserError(f"resume_from_checkpoint={choice!r} but {path} does not exist."
-                            + hint)
-        return path
-    return choice
-
-
-def architecture_differences(saved_config, config, keys):
-    """`key: saved -> current` for every architecture key that differs."""
-    return [f"{k}: checkpoint {saved_config.get(k)!r} vs config {config.get(k)!r}"
-            for k in keys if saved_config.get(k) != config.get(k)]
-
-
-def unwrap_model(model):
-    """The plain module under DDP and torch.compile wrappers (clean state_dict keys)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def capture_rng_states():
-    numpy_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        # weights_only loading refuses numpy arrays, so the key is stored as a tensor.
-        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
-                  numpy_state[2], numpy_state[3], numpy_state[4]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_states(states):
-    random.setstate(states["python"])
-    name, key, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def schedule_problems(c):
+    """Cross-key rules of the schedule (only keys whose own values are valid are in `c`)."""
+    if "lr_scheduler_eta_min" in c and "learning_rate" in c \
+            and c["lr_scheduler_eta_min"] > c["learning_rate"]:
+        return [f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
+                f"`learning_rate` ({c['learning_rate']})"]
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -183,34 +104,94 @@ class LearningRateSchedule:
 
 
 # ---------------------------------------------------------------------------
-# Data order: a permutation per epoch from the seed, so the position within an epoch
-# is enough to resume, and every rank agrees on it without talking.
+# Data order
 
-class EpochBatchSampler:
-    """Yields lists of window indices for one epoch, from micro-batch `start_batch` on.
+class SeededPermutation:
+    """A pseudo-random bijection of 0 .. n-1, computed for any positions on demand (a
+    4-round Feistel network over the next even power of two, cycle-walking back into
+    range), so its memory does not grow with n: a 10 GB corpus costs what a 1 KB one does."""
 
-    Global micro-batch k holds permutation[k*B*W : (k+1)*B*W]; rank r takes its r-th
-    slice of B. With W ranks of batch B this is the same data as 1 rank of batch B*W."""
+    MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9))
 
-    def __init__(self, num_windows, batch_size, seed, epoch, rank=0, world_size=1,
-                 start_batch=0):
-        self.num_windows, self.batch_size = num_windows, batch_size
-        self.seed, self.epoch = seed, epoch
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+    def __init__(self, n, seed):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = [np.uint64(k) for k in
+                     np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64)]
 
-    def batches_per_epoch(self):
-        return self.num_windows // (self.batch_size * self.world_size)
+    def _round(self, right, key):
+        z = (right + key) * self.MULTIPLIERS[0]  # uint64 arithmetic wraps around
+        z ^= z >> np.uint64(29)
+        z *= self.MULTIPLIERS[1]
+        return (z ^ (z >> np.uint64(32))) & self.mask
 
-    def __len__(self):
-        return max(self.batches_per_epoch() - self.start_batch, 0)
+    def _encrypt(self, x):
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << half) | right
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_windows, generator=generator)
+    def __call__(self, positions):
+        x = np.asarray(positions, dtype=np.uint64).copy()
+        outside = np.ones(x.shape, dtype=bool)
+        while outside.any():  # each pass lands at least 1/4 of the rest in range
+            x[outside] = self._encrypt(x[outside])
+            outside = x >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+
+class BatchOrder:
+    """Which windows every micro-batch holds, and where training stands in them.
+
+    Each epoch is a fresh permutation of the training windows (from the seed), cut into
+    global micro-batches of batch_size x world_size windows; rank r takes the r-th share
+    of each, so 2 ranks of batch B see the same windows as 1 rank of batch 2B. A step
+    takes `accumulation` micro-batches and the epoch ends when fewer are left. The
+    position (epoch, micro_batch) is all a resume needs."""
+
+    def __init__(self, num_windows, batch_size, accumulation, seed, rank=0, world_size=1):
+        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
+        self.accumulation, self.rank, self.world_size = accumulation, rank, world_size
+        self.steps_per_epoch = num_windows // (batch_size * world_size) // accumulation
+        self.micro_batches_per_epoch = self.steps_per_epoch * accumulation
+        self.epoch, self.micro_batch = 0, 0  # the next micro-batch to train on
+        self.epoch_of_last_step = 1  # 1-based, for the logs
+
+    def micro_batches(self, epoch, first):
+        """Window indices of this rank's micro-batches from (epoch, first) on, forever."""
         global_batch = self.batch_size * self.world_size
-        for k in range(self.start_batch, self.batches_per_epoch()):
-            start = k * global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size].tolist()
+        while True:
+            permutation = SeededPermutation(self.num_windows, self.seed * 1_000_003 + epoch)
+            for k in range(first, self.micro_batches_per_epoch):
+                start = k * global_batch + self.rank * self.batch_size
+                yield permutation(np.arange(start, start + self.batch_size)).tolist()
+            epoch, first = epoch + 1, 0
+
+    def advance(self):
+        """Count one optimizer step's micro-batches; True when that ended an epoch."""
+        self.epoch_of_last_step = self.epoch + 1
+        self.micro_batch += self.accumulation
+        if self.micro_batch < self.micro_batches_per_epoch:
+            return False
+        self.epoch, self.micro_batch = self.epoch + 1, 0
+        return True
+
+    def state_dict(self):
+        # In windows, so a run resumed with another rank count starts at the same data.
+        return {"epoch": self.epoch, "batch_in_epoch": self.micro_batch,
+                "windows_in_epoch": self.micro_batch * self.batch_size * self.world_size}
+
+    def load_state_dict(self, state, log):
+        windows_per_batch = self.batch_size * self.world_size
+        self.epoch = state["epoch"]
+        self.micro_batch = state["windows_in_epoch"] // windows_per_batch
+        if state["windows_in_epoch"] % windows_per_batch:
+            log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into the "
+                f"epoch, not a multiple of this run's {windows_per_batch} per micro-batch; "
+                f"continuing from micro-batch {self.micro_batch}")
 
 
 def _identity(batch):
@@ -218,118 +199,236 @@ def _identity(batch):
 
 
 # ---------------------------------------------------------------------------
+# Building blocks of the Trainer
+
+def build_optimizer(model, config):
+    """AdamW (or Adam) with weight decay on matrices only, fused where the device has it."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            # Matrices (linear, embedding, conv kernels) decay; biases and norms don't.
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer_class = torch.optim.AdamW if config["optimizer_type"] == "AdamW" else torch.optim.Adam
+    options = dict(lr=config["learning_rate"], betas=(config["adam_beta1"], config["adam_beta2"]),
+                   eps=config["adam_eps"])
+    try:
+        return optimizer_class(groups, fused=True, **options)
+    except (RuntimeError, TypeError):  # fused kernels missing for this device
+        return optimizer_class(groups, foreach=True, **options)
+
+
+def compile_or_fall_back(model, probe, log):
+    """torch.compile(model), or `model` with a warning where compiling fails. Compiling
+    happens at the first call, so `probe(compiled)` runs one forward/backward now: a
+    platform without a working compiler falls back here instead of crashing at step 1."""
+    try:
+        compiled = torch.compile(model)
+        probe(compiled)
+        return compiled
+    except Exception as error:  # no compiler, unsupported platform or Python
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log(f"warning: torch.compile failed ({type(error).__name__}: {reason}); "
+            f"training uncompiled")
+        return model
+
+
+class StopRequests:
+    """SIGINT and SIGTERM. The first asks training to stop after the current step (latest
+    is then saved). Schedulers send SIGTERM to every process, often more than once: more
+    SIGTERMs change nothing. A second SIGINT, typed by a person, aborts at once, except
+    during a checkpoint write, which it lets finish first."""
+
+    def __init__(self, log):
+        self.log, self.reason = log, None
+        self.writing, self.abort_pending = False, False
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = name
+            self.log(f"\n{name} received: finishing the current step, then saving the "
+                     f"latest checkpoint" + (" (press Ctrl-C again to abort at once)"
+                                              if signum == signal.SIGINT else ""))
+        elif signum == signal.SIGINT:
+            if not self.writing:
+                raise KeyboardInterrupt
+            self.abort_pending = True
+            self.log("\nSIGINT received again: aborting once the checkpoint is written")
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {}
+        with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def protecting_a_write(self):
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.abort_pending:
+            raise KeyboardInterrupt
+
+
+def profiler_context(config, device):
+    """torch.profiler over a window of steps, or a null context yielding None."""
+    if not config["enable_profiler"]:
+        return contextlib.nullcontext()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    os.makedirs(config["profiler_log_dir"], exist_ok=True)
+    return torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(
+            wait=config["profiler_schedule_wait"], warmup=config["profiler_schedule_warmup"],
+            active=config["profiler_schedule_active"], repeat=config["profiler_schedule_repeat"]),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(config["profiler_log_dir"]),
+        record_shapes=True)
+
+
+class TrainingLog:
+    """What a run shows and records, on the main rank only: a progress bar (on a
+    terminal), a line every print_every steps, a metrics.csv row every metrics_every
+    steps and at each validation. Training losses are averaged since the last row."""
+
+    def __init__(self, config, bytes_per_step, total_steps, first_step, enabled):
+        self.config, self.bytes_per_step, self.enabled = config, bytes_per_step, enabled
+        self.path = os.path.join(config["checkpoint_dir"], "metrics.csv")
+        if enabled and not os.path.exists(self.path):
+            self._append(METRICS_COLUMNS)
+        self.bar = tqdm(total=total_steps, initial=first_step, dynamic_ncols=True, leave=False,
+                        # A bar redrawn into a log file is noise: the log lines suffice.
+                        disable=not (enabled and sys.stderr.isatty()))
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum, self.steps, self.started = 0.0, 0, time.perf_counter()
+
+    def _append(self, values):
+        with open(self.path, "a", newline="") as file:
+            csv.writer(file).writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float)
+                                                              else v) for v in values])
+
+    def message(self, text):
+        if self.enabled:
+            tqdm.write(text)
+
+    def step(self, step, epoch, loss, learning_rate, elapsed):
+        c = self.config
+        self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+        self.bar.update(1)
+        self.bar.set_description(f"epoch {epoch}/{c['num_epochs']}")
+        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bits_per_byte(loss):.3f}",
+                             lr=f"{learning_rate:.2e}")
+        if step % c["metrics_every"] and step % c["print_every"]:
+            return
+        mean = self.loss_sum / self.steps
+        rate = self.bytes_per_step * self.steps / (time.perf_counter() - self.started)
+        self._reset()
+        if self.enabled:
+            self._append((step, epoch, mean, None, None, learning_rate, rate, elapsed))
+        if step % c["print_every"] == 0:
+            self.message(f"step {step}/{self.bar.total} | loss {mean:.4f} "
+                         f"({bits_per_byte(mean):.3f} bpb) | lr {learning_rate:.2e} | "
+                         f"{rate:,.0f} bytes/s")
+
+    def validation(self, step, epoch, val_loss, learning_rate, elapsed, improved):
+        self.message(f"step {step}: validation loss {val_loss:.4f} nats = "
+                     f"{bits_per_byte(val_loss):.3f} bits/byte"
+                     + (" (best so far, saved)" if improved else ""))
+        if self.enabled:
+            self._append((step, epoch, None, val_loss, bits_per_byte(val_loss), learning_rate,
+                          None, elapsed))
+
+    def close(self):
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------
 
 class Trainer:
     def __init__(self, model, train_dataset, val_dataset, config, device,
                  architecture_keys=(), sample_fn=None):
-        """`model(x, y)` must return the mean loss in nats per byte. `architecture_keys`
-        are the config keys a checkpoint must share to be resumed. `sample_fn(prompt)`
-        returns text for the interim samples (None = no samples)."""
-        self.config = config
-        self.device = device
+        """`architecture_keys` are the config keys a checkpoint must share to be resumed.
+        `sample_fn(prompt)` returns text for the interim samples (None = no samples)."""
+        self.config, self.device = config, device
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
-        self.architecture_keys = tuple(architecture_keys)
-        self.sample_fn = sample_fn
+        self.architecture_keys, self.sample_fn = tuple(architecture_keys), sample_fn
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
 
         self.raw_model = unwrap_model(model)
         self.amp_dtype = resolve_amp_dtype(config, device)
-        self.model = self._maybe_compile(model)
+        self.model = model
+        if config["use_torch_compile"]:
+            self.model = compile_or_fall_back(model, self._probe_step, self._log)
         if self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.raw_model, config)
 
-        self.accumulation = config["gradient_accumulation_steps"]
-        self.batches_per_epoch = EpochBatchSampler(
-            len(train_dataset), config["batch_size"], config["seed"], 0,
-            world_size=self.world_size).batches_per_epoch()
-        self.steps_per_epoch = self.batches_per_epoch // self.accumulation
-        if self.steps_per_epoch == 0:
-            needed = config["batch_size"] * self.world_size * self.accumulation
+        self.order = BatchOrder(len(train_dataset), config["batch_size"],
+                                config["gradient_accumulation_steps"], config["seed"],
+                                self.rank, self.world_size)
+        if self.order.steps_per_epoch == 0:
             raise UserError(f"the training split has {len(train_dataset)} windows but one "
-                            f"optimizer step needs {needed} (batch_size x ranks x "
-                            f"gradient_accumulation_steps): add data or lower batch_size")
-        total = self.steps_per_epoch * config["num_epochs"]
-        if config["max_steps"]:
-            total = min(total, config["max_steps"])
-        self.total_steps = total
-        budget = config["max_train_minutes"] * 60 if config["max_train_minutes"] else None
-        self.time_budget = budget
-        self.schedule = LearningRateSchedule(config, total, budget)
+                            f"optimizer step needs {self.windows_per_step()} (batch_size x "
+                            f"ranks x gradient_accumulation_steps): add data or lower "
+                            f"batch_size")
+        total = self.order.steps_per_epoch * config["num_epochs"]
+        self.total_steps = min(total, config["max_steps"] or total)
+        minutes = config["max_train_minutes"]
+        self.time_budget = minutes * 60 if minutes else None
+        self.schedule = LearningRateSchedule(config, self.total_steps, self.time_budget)
 
-        # Progress, restored on resume.
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
-        self.best_val_loss = math.inf
+        # Progress, restored on resume (the data position lives in self.order).
+        self.step, self.best_val_loss = 0, math.inf
         self.elapsed_before = 0.0  # seconds of training in earlier (resumed-from) runs
         self._start_time = time.perf_counter()  # train() restarts it
-        self.stop_requested = None
+        self.stop = StopRequests(self._log)
 
-    # -- construction helpers ------------------------------------------------
+    def windows_per_step(self):
+        c = self.config
+        return c["batch_size"] * self.world_size * c["gradient_accumulation_steps"]
 
-    def _maybe_compile(self, model):
-        """torch.compile(model), or `model` with a warning where compiling fails. It runs
-        one forward/backward now (before any resume restores the RNG), because compiling
-        happens on the first call: a platform without a working compiler falls back here
-        instead of crashing at step 1."""
-        if not self.config["use_torch_compile"]:
-            return model
+    def _probe_step(self, compiled):
+        x, y = self.train_dataset.__getitems__([0])
         try:
-            compiled = torch.compile(model)
-            x, y = self.train_dataset.__getitems__([0])
             with self._autocast():
-                loss = compiled(x.to(self.device), y.to(self.device))
-            loss.backward()
-            return compiled
-        except Exception as error:  # no compiler, unsupported platform or Python
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            self._log(f"warning: torch.compile failed ({type(error).__name__}: {reason}); "
-                      f"training uncompiled")
-            return model
+                compiled(x.to(self.device), y.to(self.device)).backward()
         finally:
             self.raw_model.zero_grad(set_to_none=True)
-
-    def _build_optimizer(self):
-        c = self.config
-        decay, no_decay = [], []
-        for parameter in self.raw_model.parameters():
-            if parameter.requires_grad:
-                # Matrices (linear, embedding, conv kernels) decay; biases and norms don't.
-                (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": c["weight_decay"]},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer_class = torch.optim.AdamW if c["optimizer_type"] == "AdamW" else torch.optim.Adam
-        options = dict(lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
-                       eps=c["adam_eps"])
-        try:
-            return optimizer_class(groups, fused=True, **options)
-        except (RuntimeError, TypeError):  # fused kernels missing for this device
-            return optimizer_class(groups, foreach=True, **options)
 
     def _log(self, message):
         if self.is_main:
             tqdm.write(message)
 
+    def _autocast(self):
+        return autocast_context(self.device, self.amp_dtype)
+
     # -- checkpoints -----------------------------------------------------------
 
     def state_dict(self):
         return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "model_state": self.raw_model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.schedule.state_dict(),
             "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            # In windows, so a run resumed with another rank count starts at the same data.
-            "windows_in_epoch": self.batch_in_epoch * self.config["batch_size"] * self.world_size,
+            "step": self.step, **self.order.state_dict(),
             "best_val_loss": self.best_val_loss,
             "elapsed_seconds": self.elapsed_seconds(),
             "rng_states": capture_rng_states(),
@@ -337,28 +436,15 @@ class Trainer:
         }
 
     def save(self, kind):
-        if self.is_main:
-            path = checkpoint_path(self.config, kind)
+        if not self.is_main:
+            return None
+        path = checkpoint_path(self.config, kind)
+        with self.stop.protecting_a_write():
             save_checkpoint(self.state_dict(), path)
-            return path
-        return None
+        return path
 
     def resume(self, path):
-        try:
-            state = load_checkpoint(path)
-        except UserError as error:
-            best = checkpoint_path(self.config, "best")
-            if os.path.abspath(path) != os.path.abspath(best) and os.path.isfile(best):
-                raise UserError(f"{error}\nThe best checkpoint may still be good: resume "
-                                f"from it with --resume_from_checkpoint=best") from None
-            raise
-        differences = architecture_differences(state["config"], self.config,
-                                               self.architecture_keys)
-        if differences:
-            raise UserError(f"cannot resume from {path}: its architecture differs from the "
-                            "config:\n  " + "\n  ".join(differences) +
-                            "\nUse the checkpoint's values or start fresh "
-                            "(resume_from_checkpoint=None).")
+        state = load_for_resume(path, self.config, self.architecture_keys)
         try:
             self.raw_model.load_state_dict(state["model_state"])
             self.optimizer.load_state_dict(state["optimizer_state"])
@@ -367,89 +453,34 @@ class Trainer:
         self.schedule.load_state_dict(state["scheduler_state"])
         if state["scaler_state"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler_state"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        windows_per_batch = self.config["batch_size"] * self.world_size
-        self.batch_in_epoch = state["windows_in_epoch"] // windows_per_batch
-        if state["windows_in_epoch"] % windows_per_batch:
-            self._log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into "
-                      f"the epoch, not a multiple of this run's {windows_per_batch} per "
-                      f"micro-batch; continuing from micro-batch {self.batch_in_epoch}")
+        self.step = state["step"]
+        self.order.load_state_dict(state, self._log)
         self.best_val_loss = state["best_val_loss"]
         if self.config["reset_best_val_loss_on_resume"]:
             self.best_val_loss = math.inf
         self.elapsed_before = state["elapsed_seconds"]
         restore_rng_states(state["rng_states"])
-        self._log(f"resumed from {path}: step {self.step}, epoch {self.epoch + 1}, "
+        self._log(f"resumed from {path}: step {self.step}, epoch {self.order.epoch + 1}, "
                   f"best validation loss {self.best_val_loss:.4f}")
-
-    def _save_epoch_snapshot(self):
-        if not (self.config["save_epoch_snapshots"] and self.is_main):
-            return
-        self.save(f"epoch{self.epoch + 1}")
-        prefix = f"{self.config['model_name']}_epoch"
-        folder = self.config["checkpoint_dir"]
-        snapshots = sorted(
-            (f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".pth")),
-            key=lambda name: int(name[len(prefix):-len(".pth")]))
-        for old in snapshots[:-self.config["keep_last_checkpoints"]]:
-            os.remove(os.path.join(folder, old))
 
     # -- evaluation ------------------------------------------------------------
 
-    def _autocast(self):
-        return autocast_context(self.device, self.amp_dtype)
-
     def validation_indices(self):
         """A fixed, evenly spread set of validation windows (same every time)."""
-        count = len(self.val_dataset)
         cap = self.config["eval_max_batches"]
-        per_batch = self.config["batch_size"] * self.world_size
-        wanted = count if cap is None else min(count, cap * per_batch)
-        return np.linspace(0, count - 1, num=wanted).round().astype(np.int64).tolist()
+        per_eval = None if cap is None else cap * self.config["batch_size"] * self.world_size
+        return evenly_spread(len(self.val_dataset), per_eval).tolist()
 
-    @torch.no_grad()
     def evaluate(self):
-        """Mean validation loss in nats per byte, averaged over every rank's share."""
-        was_training = self.model.training
-        self.model.eval()
+        """Validation loss of the training objective in nats per byte, over every rank's
+        share of the validation windows."""
         indices = self.validation_indices()[self.rank::self.world_size]
-        batch_size = self.config["batch_size"]
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, windows
-        for start in range(0, len(indices), batch_size):
-            x, y = self.val_dataset.__getitems__(indices[start:start + batch_size])
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                loss = self.raw_model(x, y)
-            total[0] += loss.double() * len(x)
-            total[1] += len(x)
-        if self.world_size > 1:
-            dist.all_reduce(total)
-        self.model.train(was_training)
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    def _validate_and_maybe_save_best(self, metrics):
-        val_loss = self.evaluate()
-        self.schedule.on_validation(val_loss)
-        improved = val_loss < self.best_val_loss
-        if improved:
-            self.best_val_loss = val_loss
-            self.save("best")
-        self._log(f"step {self.step}: validation loss {val_loss:.4f} nats = "
-                  f"{bits_per_byte(val_loss):.3f} bits/byte"
-                  + (" (best so far, saved)" if improved else ""))
-        metrics.write(self.step, self.epoch + 1, None, val_loss,
-                      self.current_lr(), None, self.elapsed_seconds())
-        return val_loss
-
-    def _interim_sample(self):
-        if not (self.sample_fn and self.is_main):
-            return
-        prompt = self.config["interim_test_prompt"]
-        text = self.sample_fn(prompt)
-        self._log(f"--- sample at step {self.step} ---\n{prompt}{text}\n---")
-        path = os.path.join(self.config["checkpoint_dir"], "interim_samples.txt")
-        with open(path, "a", encoding="utf-8") as file:
-            file.write(f"=== step {self.step} ===\n{prompt}{text}\n\n")
+        totals = score_windows(self.raw_model, self.val_dataset.data,
+                               self.val_dataset.window_starts(indices),
+                               self.val_dataset.sequence_length, self.device, self.amp_dtype,
+                               self.config["batch_size"]).summed_over_ranks(self.device)
+        last_byte = self.config.get("training_objective") == "last_byte"
+        return totals.last_byte_nats if last_byte else totals.nats_per_byte
 
     # -- the loop --------------------------------------------------------------
 
@@ -459,35 +490,20 @@ class Trainer:
     def current_lr(self):
         return self.optimizer.param_groups[0]["lr"]
 
-    def _set_lr(self):
+    def train_step(self, micro_batches):
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         rate = self.schedule.learning_rate(self.step, self.elapsed_seconds())
         for group in self.optimizer.param_groups:
             group["lr"] = rate
-
-    def _data_loader(self, epoch, start_batch):
-        sampler = EpochBatchSampler(len(self.train_dataset), self.config["batch_size"],
-                                    self.config["seed"], epoch, self.rank, self.world_size,
-                                    start_batch)
-        # A private generator: the loader must not draw from the global RNG, or a resumed
-        # run would see different dropout masks than an uninterrupted one.
-        return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=_identity,
-                          num_workers=self.config["num_workers"],
-                          generator=torch.Generator().manual_seed(self.config["seed"]),
-                          pin_memory=self.device.type == "cuda")
-
-    def train_step(self, micro_batches):
-        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
-        self._set_lr()
         total_loss = 0.0
         for index, (x, y) in enumerate(micro_batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
             last = index == len(micro_batches) - 1
             # DDP: synchronise gradients on the last micro-step only.
-            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
-            with sync:
+            no_sync = self.world_size > 1 and not last
+            with self.model.no_sync() if no_sync else contextlib.nullcontext():
                 with self._autocast():
-                    loss = self.model(x, y)
+                    loss = self.model(x.to(self.device, non_blocking=True),
+                                      y.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total_loss += loss.item()
         mean_loss = total_loss / len(micro_batches)
@@ -507,10 +523,23 @@ class Trainer:
         self.step += 1
         return mean_loss
 
-    def _should_stop(self):
-        """Reason to end training now, agreed by every rank, or None."""
-        reason = self.stop_requested
-        if reason is None and self.config["max_steps"] and self.step >= self.config["max_steps"]:
+    def _batches(self):
+        """This rank's micro-batches from the current position on, across epochs."""
+        order = self.order.micro_batches(self.order.epoch, self.order.micro_batch)
+        # A private generator: the loader must not draw from the global RNG, or a resumed
+        # run would see different dropout masks than an uninterrupted one.
+        return iter(DataLoader(self.train_dataset, batch_sampler=order, collate_fn=_identity,
+                               num_workers=self.config["num_workers"],
+                               generator=torch.Generator().manual_seed(self.config["seed"]),
+                               pin_memory=self.device.type == "cuda"))
+
+    def _stop_reason(self):
+        """Why training ends now, agreed by every rank, or None."""
+        c = self.config
+        reason = self.stop.reason
+        if reason is None and self.order.epoch >= c["num_epochs"]:
+            reason = "num_epochs"
+        if reason is None and c["max_steps"] and self.step >= c["max_steps"]:
             reason = "max_steps"
         if reason is None and self.time_budget and self.elapsed_seconds() >= self.time_budget:
             reason = "max_train_minutes"
@@ -521,128 +550,79 @@ class Trainer:
                 reason = "another rank stopped"
         return reason
 
-    def _on_signal(self, signum, frame):
-        if self.stop_requested is None:
-            self.stop_requested = signal.Signals(signum).name
-            self._log(f"\n{self.stop_requested} received: finishing the current step, "
-                      f"then saving the latest checkpoint (press again to abort at once)")
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def _signal_handlers(self):
-        previous = {}
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, self._on_signal)
-        except ValueError:  # not in the main thread: leave signals alone
-            pass
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _profiler(self):
-        c = self.config
-        if not c["enable_profiler"]:
-            return contextlib.nullcontext()
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        os.makedirs(c["profiler_log_dir"], exist_ok=True)
-        return torch.profiler.profile(
-            activities=activities,
-            schedule=torch.profiler.schedule(
-                wait=c["profiler_schedule_wait"], warmup=c["profiler_schedule_warmup"],
-                active=c["profiler_schedule_active"], repeat=c["profiler_schedule_repeat"]),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(c["profiler_log_dir"]),
-            record_shapes=True)
-
     def train(self):
         """Train until the epochs, max_steps or the time budget run out, or a signal.
         Returns a summary dict."""
         c = self.config
         os.makedirs(c["checkpoint_dir"], exist_ok=True)
-        metrics = MetricsFile(os.path.join(c["checkpoint_dir"], "metrics.csv"), self.is_main)
+        self.log = TrainingLog(c, self.windows_per_step() * self.train_dataset.sequence_length,
+                               self.total_steps, self.step, self.is_main)
+        self.log.message(f"training {self.total_steps} steps at most "
+                         f"({self.order.steps_per_epoch} per epoch, {self.windows_per_step()} "
+                         f"windows per step)" + (f", {c['max_train_minutes']} minutes at most"
+                                                 if self.time_budget else ""))
         self._start_time = time.perf_counter()
         self.model.train()
-        bytes_per_step = (c["batch_size"] * self.train_dataset.sequence_length
-                          * self.accumulation * self.world_size)
-        reason, last_validated_step = None, None
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        self._log(f"training {self.total_steps} steps at most ({self.steps_per_epoch} per "
-                  f"epoch, {bytes_per_step} bytes per step"
-                  + (f", {c['max_train_minutes']} minutes at most" if self.time_budget else "")
-                  + ")")
+        batches = self._batches()
+        with self.stop.installed(), profiler_context(c, self.device) as profiler:
+            reason, steps_run = self._stop_reason(), 0
+            while reason is None:
+                loss = self.train_step([next(batches) for _ in range(self.order.accumulation)])
+                epoch_ended = self.order.advance()
+                if profiler is not None:  # None when enable_profiler is off
+                    profiler.step()
+                reason, steps_run = self._stop_reason(), steps_run + 1
+                self._after_step(loss, epoch_ended, reason)
+            if steps_run == 0:  # a resumed run with nothing left to train
+                self._after_step(None, False, reason)
+        self.log.close()
+        self._report_end(reason, profiler)
+        return {"steps": self.step, "reason": reason, "best_val_loss": self.best_val_loss,
+                "elapsed_seconds": self.elapsed_seconds(),
+                "interrupted": bool(self.stop.reason)}
 
-        with self._signal_handlers(), self._profiler() as profiler:
-            reason = self._should_stop()
-            while reason is None and self.epoch < c["num_epochs"]:
-                loader = self._data_loader(self.epoch, self.batch_in_epoch)
-                steps_left = (self.batches_per_epoch - self.batch_in_epoch) // self.accumulation
-                done_in_epoch = self.steps_per_epoch - steps_left
-                # The bar ends where this epoch's training will: its end or max_steps.
-                bar_total = min(self.steps_per_epoch,
-                                done_in_epoch + max(self.total_steps - self.step, 0))
-                bar = tqdm(total=bar_total, initial=done_in_epoch,
-                           desc=f"epoch {self.epoch + 1}/{c['num_epochs']}",
-                           # A bar redrawn into a log file is noise: the log lines suffice.
-                           disable=not (self.is_main and sys.stderr.isatty()),
-                           dynamic_ncols=True, leave=False)
-                batches = iter(loader)
-                for _ in range(steps_left):
-                    micro = [next(batches) for _ in range(self.accumulation)]
-                    step_start = time.perf_counter()
-                    loss = self.train_step(micro)
-                    self.batch_in_epoch += self.accumulation
-                    rate = bytes_per_step / (time.perf_counter() - step_start)
-                    window_loss, window_steps = window_loss + loss, window_steps + 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bits_per_byte(loss):.3f}",
-                                    lr=f"{self.current_lr():.2e}", bytes_s=f"{rate:,.0f}")
-                    if profiler is not None:  # None when enable_profiler is off
-                        profiler.step()
-                    if self.step % c["metrics_every"] == 0 or self.step % c["print_every"] == 0:
-                        seconds = time.perf_counter() - window_start
-                        mean = window_loss / window_steps
-                        metrics.write(self.step, self.epoch + 1, mean, None, self.current_lr(),
-                                      bytes_per_step * window_steps / seconds,
-                                      self.elapsed_seconds())
-                        if self.step % c["print_every"] == 0:
-                            self._log(f"step {self.step}/{self.total_steps} | loss {mean:.4f} "
-                                      f"({bits_per_byte(mean):.3f} bpb) | lr "
-                                      f"{self.current_lr():.2e} | "
-                                      f"{bytes_per_step * window_steps / seconds:,.0f} bytes/s")
-                        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                    if self.step % c["validate_and_checkpoint_best_every_batches"] == 0:
-                        self._validate_and_maybe_save_best(metrics)
-                        last_validated_step = self.step
-                    if c["test_every_batches"] and self.step % c["test_every_batches"] == 0:
-                        self._interim_sample()
-                    if self.step % c["checkpoint_every_batches"] == 0:
-                        self.save("latest")
-                    reason = self._should_stop()
-                    if reason:
-                        break
-                bar.close()
-                if reason is None:  # the epoch ran to its end
-                    if last_validated_step != self.step:
-                        self._validate_and_maybe_save_best(metrics)
-                        last_validated_step = self.step
-                    self._save_epoch_snapshot()
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    reason = self._should_stop()
-            reason = reason or "num_epochs"
-            if last_validated_step != self.step and not self.stop_requested:
-                self._validate_and_maybe_save_best(metrics)
+    def _after_step(self, loss, epoch_ended, reason):
+        """Everything a finished step calls for, in one place: log, validate (and save
+        best), sample, save latest and epoch snapshots. `reason` is set on the last step."""
+        c, step, epoch = self.config, self.step, self.order.epoch_of_last_step
+        if loss is not None:
+            self.log.step(step, epoch, loss, self.current_lr(), self.elapsed_seconds())
+        interrupted = self.stop.reason is not None
+        if step % c["validate_and_checkpoint_best_every_batches"] == 0 or epoch_ended or \
+                (reason and not interrupted):
+            val_loss = self.evaluate()
+            self.schedule.on_validation(val_loss)
+            improved = val_loss < self.best_val_loss
+            if improved:
+                self.best_val_loss = val_loss
+                self.save("best")
+            self.log.validation(step, epoch, val_loss, self.current_lr(),
+                                self.elapsed_seconds(), improved)
+        if c["test_every_batches"] and step % c["test_every_batches"] == 0:
+            self._interim_sample()
+        if epoch_ended and c["save_epoch_snapshots"] and self.is_main:
+            self.save(f"epoch{self.order.epoch}")
+            prune_epoch_snapshots(c)
+        if step % c["checkpoint_every_batches"] == 0 or reason:
             self.save("latest")
+
+    def _interim_sample(self):
+        if not (self.sample_fn and self.is_main):
+            return
+        prompt = self.config["interim_test_prompt"]
+        text = self.sample_fn(prompt)
+        self._log(f"--- sample at step {self.step} ---\n{prompt}{text}\n---")
+        path = os.path.join(self.config["checkpoint_dir"], "interim_samples.txt")
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(f"=== step {self.step} ===\n{prompt}{text}\n\n")
+
+    def _report_end(self, reason, profiler):
+        c = self.config
         if c["enable_profiler"] and self.is_main and profiler is not None:
             self._log(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             self._log(f"profiler trace written to {c['profiler_log_dir']}")
-        if self.stop_requested:
-            self._log(f"stopped by {self.stop_requested} after step {self.step}; saved "
+        if self.stop.reason:
+            self._log(f"stopped by {self.stop.reason} after step {self.step}; saved "
                       f"{checkpoint_path(c, 'latest')}.\nResume with: python3 main.py "
                       f"--resume_from_checkpoint=latest")
         else:
@@ -650,24 +630,3 @@ class Trainer:
                       f"{self.elapsed_seconds():.0f} s; best validation loss "
                       f"{self.best_val_loss:.4f} nats = {bits_per_byte(self.best_val_loss):.3f} "
                       f"bits/byte")
-        return {"steps": self.step, "reason": reason, "best_val_loss": self.best_val_loss,
-                "elapsed_seconds": self.elapsed_seconds(), "interrupted": bool(self.stop_requested)}
-
-
-class MetricsFile:
-    """Appends rows to metrics.csv (header written once), only on the main rank."""
-
-    def __init__(self, path, enabled):
-        self.path, self.enabled = path, enabled
-        if enabled and not os.path.exists(path):
-            with open(path, "w", newline="") as file:
-                csv.writer(file).writerow(METRICS_COLUMNS)
-
-    def write(self, step, epoch, train_loss, val_loss, learning_rate, bytes_per_second, elapsed):
-        if not self.enabled:
-            return
-        val_bpb = None if val_loss is None else bits_per_byte(val_loss)
-        row = (step, epoch, train_loss, val_loss, val_bpb, learning_rate, bytes_per_second, elapsed)
-        with open(self.path, "a", newline="") as file:
-            csv.writer(file).writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float)
-                                                              else v) for v in row])

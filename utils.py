@@ -1,18 +1,24 @@
-"""Small helpers shared by every stage: config checking, command-line overrides,
-seeding, device choice, atomic file writes and unit conversion."""
+"""The ground floor every module stands on; it imports nothing from the project.
+
+- errors a user can fix (UserError, ConfigError),
+- Rule: what one config key accepts; config.py declares one per key, and every check,
+  the command-line parser and --help read those declarations,
+- runtime helpers: seeding, device and autocast choice, atomic file writes, units,
+- the distributed (torchrun) context.
+"""
 
 import ast
 import contextlib
+import datetime
 import difflib
 import math
 import os
 import random
+import socket
 import tempfile
 
 import numpy as np
 import torch
-
-from model import structure_problems
 
 
 class UserError(Exception):
@@ -30,239 +36,188 @@ class ConfigError(UserError):
 
 
 # ---------------------------------------------------------------------------
-# Config schema: the type of each key comes from its default in config.py;
-# these tables add what a default cannot say.
+# Rules: the type, range, choices and nullability of one config key
 
-NULLABLE_KEYS = {
-    "resume_from_checkpoint", "max_steps", "max_train_minutes", "lr_scheduler_T_max",
-    "clip_grad_norm_value", "eval_max_batches", "generation_seed",
-}
+class Rule:
+    """What one key accepts. `kind` is bool, int, float, str or list (of `item`);
+    low/high bound numbers and list items (open = the bound itself is excluded);
+    `choices` lists the allowed strings; `check(value)` returns a problem or None."""
 
-CHOICES = {
-    "utf8_error_policy": ("replace", "skip", "error", "keep"),
-    "cnn_activation": ("gelu", "relu"),
-    "positional_encoding_type": ("sinusoidal", "learnable"),
-    "training_objective": ("all_positions", "last_byte"),
-    "optimizer_type": ("AdamW", "Adam"),
-    "scheduler_type": ("CosineAnnealingLR", "ReduceLROnPlateau", "constant"),
-    "amp_dtype": ("auto", "bfloat16", "float16"),
-}
+    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False,
+                 choices=None, nullable=False, item=None, check=None):
+        self.kind, self.item = kind, item
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+        self.choices = tuple(choices) if choices is not None else None
+        self.nullable, self.check = nullable, check
 
-# (lowest, highest, lowest included, highest included); None = unbounded.
-RANGES = {
-    **{k: (1, None, True, True) for k in (
-        "sequence_length", "data_stride", "batch_size", "embedding_dim", "attention_d_model",
-        "attention_num_heads", "ffn_dim_multiply", "num_attention_layers",
-        "num_byte_stream_layers", "num_agg_stream_layers", "agg_cnn_kernel_size",
-        "agg_cnn_stride", "agg_cnn_out_dim", "max_positional_encoding_len", "num_epochs",
-        "max_steps", "gradient_accumulation_steps", "print_every", "metrics_every",
-        "validate_and_checkpoint_best_every_batches", "checkpoint_every_batches",
-        "keep_last_checkpoints", "eval_max_batches", "interim_test_max_new_bytes",
-        "generation_repetition_window", "profiler_schedule_active", "profiler_schedule_repeat",
-        "lr_scheduler_T_max")},
-    **{k: (0, None, True, True) for k in (
-        "num_workers", "test_every_batches", "lr_warmup_steps", "generation_top_k",
-        "interim_test_top_k", "profiler_schedule_wait", "profiler_schedule_warmup",
-        "generation_max_new_bytes", "lr_scheduler_patience", "weight_decay",
-        "lr_scheduler_eta_min", "generation_temperature", "interim_test_temperature",
-        "generation_seed", "seed")},
-    **{k: (0, 1, True, False) for k in (
-        "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout",
-        "adam_beta1", "adam_beta2")},
-    "val_split_ratio": (0, 1, False, False),
-    "lr_scheduler_factor": (0, 1, False, False),
-    "lr_warmup_init_factor": (0, 1, False, True),
-    "generation_top_p": (0, 1, False, True),
-    "learning_rate": (0, None, False, True),
-    "adam_eps": (0, None, False, True),
-    "clip_grad_norm_value": (0, None, False, True),
-    "max_train_minutes": (0, None, False, True),
-    "generation_repetition_penalty": (0, None, False, True),
-    "distributed_timeout_minutes": (0, None, False, True),
-}
+    def problem(self, key, value):
+        """Why `value` is not acceptable for `key`, or None."""
+        if value is None:
+            return None if self.nullable else f"`{key}` must not be None"
+        if not _has_kind(value, self.kind):
+            return f"`{key}` must be {self.kind.__name__}, got {type(value).__name__} ({value!r})"
+        if self.kind is list:
+            if not all(_has_kind(v, self.item) for v in value):
+                return f"`{key}` must be a list of {self.item.__name__}, got {value!r}"
+            if self.low is not None and any(self._out_of_range(v) for v in value):
+                return f"`{key}` must hold positive integers, got {value!r}"
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"`{key}` = {value!r} is not one of {', '.join(map(repr, self.choices))}"
+        if self.kind in (int, float) and self._out_of_range(value):
+            return f"`{key}` = {value!r} is out of range: must be in {self._bounds()}"
+        if self.kind is float and not math.isfinite(value):
+            return f"`{key}` = {value!r} must be a finite number"
+        return self.check(value) if self.check else None
 
-LIST_ITEM_TYPES = {
-    "cnn_out_channels_list": int, "cnn_kernel_sizes": int, "generation_prompts": str,
-}
+    def _out_of_range(self, value):
+        too_low = self.low is not None and (value <= self.low if self.low_open
+                                            else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open
+                                              else value > self.high)
+        return too_low or too_high
+
+    def _bounds(self):
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        low = "-inf" if self.low is None else self.low
+        high = "inf" if self.high is None else self.high
+        return f"{left}{low}, {high}{right}"
+
+    def describe(self):
+        """A short human description for --help, e.g. "int >= 1" or "None or float"."""
+        if self.choices is not None:
+            text = "one of " + ", ".join(map(repr, self.choices))
+        elif self.kind is list:
+            text = f"list of {self.item.__name__}"
+        elif self.kind in (int, float) and (self.low is not None or self.high is not None):
+            text = f"{self.kind.__name__} in {self._bounds()}"
+        else:
+            text = self.kind.__name__
+        return f"None or {text}" if self.nullable else text
+
+    def parse(self, key, text):
+        """The value of `--key=text`; ConfigError if it cannot be read as this kind."""
+        if text in ("None", "none", "null"):
+            return None
+        if self.kind is str:
+            return text
+        if self.kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ConfigError([f"`--{key}` expects True or False, got {text!r}"])
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            article = "an" if self.kind is int else "a"
+            raise ConfigError([f"`--{key}` expects {article} {self.kind.__name__}, "
+                               f"got {text!r}"]) from None
 
 
-def _type_name(value):
-    return type(value).__name__
-
-
-def _has_type(value, default):
-    """True if `value` fits the type of `default` (ints are accepted for floats)."""
-    if isinstance(default, bool):
+def _has_kind(value, kind):
+    """isinstance, except that bools are not ints and ints are accepted as floats."""
+    if kind is bool:
         return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, type(default))
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
-def _expected_type(key, defaults):
-    """The default of `key`, or a stand-in of the right type for nullable keys."""
-    default = defaults[key]
-    if default is None:
-        return {"resume_from_checkpoint": "", "max_steps": 0, "max_train_minutes": 0.0,
-                "lr_scheduler_T_max": 0, "clip_grad_norm_value": 0.0,
-                "eval_max_batches": 0, "generation_seed": 0}[key]
-    return default
+def integer(low=None, high=None, nullable=False):
+    return Rule(int, low, high, nullable=nullable)
 
 
-def _range_problem(key, value):
-    low, high, low_inclusive, high_inclusive = RANGES[key]
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if not (too_low or too_high):
-        return None
-    left = "[" if low_inclusive else "("
-    right = "]" if high_inclusive else ")"
-    bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-    return f"`{key}` = {value!r} is out of range: must be in {bounds}"
+def real(low=None, high=None, low_open=False, high_open=False, nullable=False):
+    return Rule(float, low, high, low_open, high_open, nullable=nullable)
 
 
-def _suggestion(key, known):
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+def flag():
+    return Rule(bool)
+
+
+def text(nullable=False, check=None):
+    return Rule(str, nullable=nullable, check=check)
+
+
+def one_of(*choices):
+    return Rule(str, choices=choices)
+
+
+def list_of(item, low=None):
+    return Rule(list, low=low, item=item)
+
+
+def config_problems(config, rules, keys=None, cross_checks=()):
+    """Every problem in `config`'s values of `keys` (default: every key of `rules`),
+    then the cross-key rules, which see only the keys whose own values are valid."""
+    problems, valid = [], {}
+    for key in rules if keys is None else keys:
+        if key not in config:
+            problems.append(f"missing key `{key}`")
+            continue
+        problem = rules[key].problem(key, config[key])
+        if problem:
+            problems.append(problem)
+        else:
+            valid[key] = config[key]
+    for cross_check in cross_checks:
+        problems.extend(cross_check(valid))
+    return problems
+
+
+def suggestion(key, known):
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def config_problems(config, defaults):
-    """Every problem in `config`, checked against the keys and types of `defaults`."""
-    problems = []
-    for key in config:
-        if key not in defaults:
-            problems.append(f"unknown key `{key}`{_suggestion(key, list(defaults))}")
-    for key in defaults:
-        if key not in config:
-            problems.append(f"missing key `{key}` (default: {defaults[key]!r})")
-
-    well_typed = {}
-    for key, value in config.items():
-        if key not in defaults:
-            continue
-        if value is None:
-            if key in NULLABLE_KEYS:
-                well_typed[key] = value
-            else:
-                problems.append(f"`{key}` must not be None")
-            continue
-        expected = _expected_type(key, defaults)
-        if not _has_type(value, expected):
-            problems.append(f"`{key}` must be {_type_name(expected)}, got "
-                            f"{_type_name(value)} ({value!r})")
-            continue
-        item_type = LIST_ITEM_TYPES.get(key)
-        if item_type and not all(isinstance(v, item_type) and not isinstance(v, bool)
-                                 for v in value):
-            problems.append(f"`{key}` must be a list of {item_type.__name__}, got {value!r}")
-            continue
-        well_typed[key] = value
-
-    valid = {}  # well typed, in range and among the choices
-    for key, value in well_typed.items():
-        before = len(problems)
-        if key in CHOICES and value is not None and value not in CHOICES[key]:
-            options = ", ".join(repr(c) for c in CHOICES[key])
-            problems.append(f"`{key}` = {value!r} is not one of {options}")
-        if key in RANGES and value is not None:
-            problem = _range_problem(key, value)
-            if problem:
-                problems.append(problem)
-        if len(problems) == before:
-            valid[key] = value
-        # Still "valid" after this: the cross-key rules only read the lists' lengths.
-        if key in ("cnn_out_channels_list", "cnn_kernel_sizes") and value and min(value) < 1:
-            problems.append(f"`{key}` must hold positive integers, got {value!r}")
-    problems.extend(_consistency_problems(valid))
-    return problems
-
-
-def _consistency_problems(c):
-    """Rules that tie several keys together. Only valid keys reach here."""
-    problems = []
-
-    def has(*keys):
-        return all(c.get(k) is not None for k in keys)
-
-    problems.extend(structure_problems(c))  # the model's own rules, one definition
-    if has("sequence_length", "agg_cnn_stride") and c["sequence_length"] < c["agg_cnn_stride"]:
-        problems.append(f"`sequence_length` ({c['sequence_length']}) must be at least "
-                        f"`agg_cnn_stride` ({c['agg_cnn_stride']})")
-    if has("lr_scheduler_eta_min", "learning_rate") \
-            and c["lr_scheduler_eta_min"] > c["learning_rate"]:
-        problems.append(f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
-                        f"`learning_rate` ({c['learning_rate']})")
-    if has("amp_dtype", "device") and c["amp_dtype"] == "float16" and c["device"] == "cpu" \
-            and c.get("use_amp"):
-        problems.append("`amp_dtype` float16 is not supported on the CPU: use \"bfloat16\" "
-                        "or \"auto\"")
-    return problems
-
-
-def validate_config(config, defaults):
-    """Raise ConfigError listing every problem in `config`, or return it unchanged."""
-    problems = config_problems(config, defaults)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
 # ---------------------------------------------------------------------------
-# Command line: --key=value overrides, type-checked against the defaults.
+# Command line: --key=value overrides and --help
 
-def parse_value(key, text, default):
-    """Turn the text of `--key=text` into a value of the default's type."""
-    if text in ("None", "none", "null"):
-        return None
-    if isinstance(default, str):
-        return text
-    if isinstance(default, bool):
-        lowered = text.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ConfigError([f"`--{key}` expects True or False, got {text!r}"])
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if default is None:  # nullable string keys such as resume_from_checkpoint
-            return text
-        raise ConfigError([f"`--{key}` expects a {_type_name(default)}, got {text!r}"])
-
-
-def apply_overrides(argv, config, flags):
+def apply_overrides(argv, config, flags, rules, switches_known):
     """Apply `--key=value` (or `--key value`) arguments to copies of `config` and `flags`.
 
-    Returns (config, flags, switches, problems): switches are the bare options this
-    program knows (such as --interactive); problems lists every argument that could not be
-    applied, so the caller can report them together with the config's own problems."""
+    `switches_known` maps the program's own options (not config keys) to None for a bare
+    switch such as --interactive, or to a placeholder such as "PATH" for one that takes
+    a value. Returns (config, flags, switches, problems): `switches` maps each given
+    option to True or its value; problems lists every argument that could not be
+    applied, so the caller reports them with the config's own problems."""
     config, flags = dict(config), dict(flags)
-    switches, problems = set(), []
+    switches, problems = {}, []
     args = list(argv)
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
             problems.append(f"unexpected argument {arg!r}: options look like --key=value")
             continue
-        key, has_value, text = arg[2:].partition("=")
-        if key in BARE_SWITCHES and not has_value:
-            switches.add(key)
+        key, has_value, value_text = arg[2:].partition("=")
+        bare_switch = key in switches_known and switches_known[key] is None
+        if bare_switch and not has_value:
+            switches[key] = True
             continue
         if not has_value:
             if not args or args[0].startswith("--"):
-                problems.append(f"`--{key}` needs a value: --{key}=VALUE")
+                placeholder = switches_known.get(key) or "VALUE"
+                problems.append(f"`--{key}` needs a value: --{key}={placeholder}")
                 continue
-            text = args.pop(0)
+            value_text = args.pop(0)
+        if key in switches_known:
+            if bare_switch:
+                problems.append(f"`--{key}` takes no value")
+            else:
+                switches[key] = value_text
+            continue
         target = flags if key in flags else config
         if key not in target:
-            known = list(config) + list(flags) + sorted(BARE_SWITCHES)
-            problems.append(f"unknown option `--{key}`{_suggestion(key, known)}")
+            known = list(config) + list(flags) + sorted(switches_known)
+            problems.append(f"unknown option `--{key}`{suggestion(key, known)}")
             continue
+        rule = rules.get(key) or flag()  # the stage flags are booleans
         try:
-            target[key] = parse_value(key, text, target[key])
+            target[key] = rule.parse(key, value_text)
         except ConfigError as error:
             problems.extend(error.problems)
     for name, value in flags.items():
@@ -271,29 +226,16 @@ def apply_overrides(argv, config, flags):
     return config, flags, switches, problems
 
 
-BARE_SWITCHES = {"help", "interactive"}
-
-
-def config_help(config_module_path, defaults, flags):
-    """The --help text: every key with its default and the comment from config.py."""
+def config_comments(config_module_path, names):
+    """{key: its one-line comment} read from config.py's source."""
     comments = {}
     with open(config_module_path, encoding="utf-8") as source:
         for line in source:
-            stripped = line.strip()
-            if "#" not in stripped:
-                continue
-            code, _, comment = stripped.partition("#")
+            code, hash_sign, comment = line.strip().partition("#")
             name = code.split(":")[0].split("=")[0].strip().strip('"')
-            if name in defaults or name in flags:
+            if hash_sign and name in names and name not in comments:
                 comments[name] = comment.strip()
-    lines = ["usage: python3 main.py [--KEY=VALUE ...] [--interactive] [--help]", "",
-             "Every key of CONFIG_V3 in config.py can be overridden for one run.",
-             "  --interactive  after training (if any), open a prompt loop for generation", ""]
-    for name, value in list(flags.items()) + list(defaults.items()):
-        lines.append(f"  --{name}={value!r}")
-        if comments.get(name):
-            lines.append(f"        {comments[name]}")
-    return "\n".join(lines)
+    return comments
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +247,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def device_problem(name):
+    """Why `name` is not a device this program understands, or None."""
+    kind, _, index = name.partition(":")
+    if name in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return None
+    return (f"`device` = {name!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N = a GPU "
+            f"number such as 0) or 'mps'")
+
+
 def resolve_device(name):
     """"auto" picks cuda, then mps, then cpu; an explicit name must be available."""
     if name == "auto":
@@ -313,10 +264,17 @@ def resolve_device(name):
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    problem = device_problem(name)
+    if problem:
+        raise UserError(problem)
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"`device` is {name!r} but CUDA is not available here; "
-                        f"use \"auto\" or \"cpu\"")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"`device` is {name!r} but CUDA is not available here; "
+                            f"use \"auto\" or \"cpu\"")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"`device` is {name!r} but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s), numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"`device` is {name!r} but MPS is not available here; use \"auto\"")
     return device
@@ -347,13 +305,29 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def bits_per_byte(nats):
+    """Cross-entropy in nats per byte -> bits per byte."""
+    return nats / math.log(2)
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+TEMPORARY_PREFIX = ".tmp_"
+
+
+def _temporary_prefix():
+    """Temporaries carry host and pid, so a later run can tell which writer is gone."""
+    return f"{TEMPORARY_PREFIX}{socket.gethostname()}_{os.getpid()}_"
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Open a temporary file beside `path` for binary writing; on success flush,
     fsync and rename it over `path`. On any error the old `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_",
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(),
                                          suffix="_" + os.path.basename(path))
     os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file
     try:
@@ -367,6 +341,41 @@ def atomic_output(path):
             os.remove(temp_path)
         raise
     _fsync_folder(folder)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries of atomic_output in `folder` whose writer is no longer
+    running on this host (a killed write leaves one behind). Returns the bytes freed."""
+    freed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for name in os.listdir(folder):
+            if name.startswith(TEMPORARY_PREFIX) and _writer_is_gone(name):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    size = os.path.getsize(path)
+                    os.remove(path)
+                    freed += size
+    return freed
+
+
+def _writer_is_gone(name):
+    host, _, rest = name[len(TEMPORARY_PREFIX):].partition("_")
+    pid = rest.partition("_")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's, or not ours: leave it
+    return not process_is_running(int(pid))
+
+
+def process_is_running(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _current_umask():
@@ -385,9 +394,16 @@ def _fsync_folder(folder):
             os.close(fd)
 
 
-def bits_per_byte(nats):
-    """Cross-entropy in nats per byte -> bits per byte."""
-    return nats / math.log(2)
+def available_memory_bytes(device):
+    """Free memory of `device` (GPU: free device memory; CPU: MemAvailable), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -416,7 +432,6 @@ def setup_distributed(config):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext()
-    import datetime
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and config["device"] in ("auto", "cuda")
     if use_cuda:

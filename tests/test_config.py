@@ -1,4 +1,4 @@
-"""Config checking and command-line overrides (utils.py)."""
+"""Config checking (config.RULES, main.check_config) and command-line overrides."""
 
 import os
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import config as config_module
-from utils import ConfigError, apply_overrides, config_help, validate_config
+from main import SWITCHES, check_config, help_text
+from utils import ConfigError, apply_overrides
 
 DEFAULTS = config_module.CONFIG_V3
 FLAGS = {"DO_TRAINING": True, "DO_PREDICTION": True}
@@ -17,16 +18,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def problems_of(**changes):
     config = {**DEFAULTS, **changes}
     with pytest.raises(ConfigError) as caught:
-        validate_config(config, DEFAULTS)
+        check_config(config)
     return caught.value.problems
 
 
 def test_defaults_are_valid():
-    assert validate_config(dict(DEFAULTS), DEFAULTS) == DEFAULTS
+    assert check_config(dict(DEFAULTS)) == DEFAULTS
 
 
 def test_every_key_has_a_comment_in_config_py():
-    text = config_help(config_module.__file__, DEFAULTS, FLAGS)
+    text = help_text()
     for key in DEFAULTS:
         line_after = text.split(f"--{key}=", 1)[1].splitlines()[1]
         assert not line_after.strip().startswith("--"), f"`{key}` has no comment"
@@ -36,7 +37,7 @@ def test_unknown_key_suggests_the_nearest_name():
     config = dict(DEFAULTS)
     config["batch_sise"] = config.pop("batch_size")
     with pytest.raises(ConfigError) as caught:
-        validate_config(config, DEFAULTS)
+        check_config(config)
     text = str(caught.value)
     assert "unknown key `batch_sise`; did you mean `batch_size`?" in text
     assert "missing key `batch_size`" in text
@@ -50,7 +51,7 @@ def test_wrong_types_are_named():
 
 
 def test_int_is_accepted_where_a_float_is_expected():
-    validate_config({**DEFAULTS, "learning_rate": 1}, DEFAULTS)
+    check_config({**DEFAULTS, "learning_rate": 1})
 
 
 def test_ranges_and_choices():
@@ -76,7 +77,7 @@ def test_inconsistencies_are_all_reported_at_once():
 
 
 def test_none_only_where_allowed():
-    validate_config({**DEFAULTS, "max_steps": None, "resume_from_checkpoint": None}, DEFAULTS)
+    check_config({**DEFAULTS, "max_steps": None, "resume_from_checkpoint": None})
     assert any("`batch_size` must not be None" in p for p in problems_of(batch_size=None))
 
 
@@ -85,30 +86,32 @@ def test_overrides_are_parsed_with_the_default_type():
         ["--batch_size=32", "--use_parallel_stream_model=True", "--DO_PREDICTION=False",
          "--learning_rate", "3e-4", "--cnn_kernel_sizes=[3,4]", "--model_name=run 2",
          "--max_steps=None", "--resume_from_checkpoint=latest", "--interactive"],
-        DEFAULTS, FLAGS)
+        DEFAULTS, FLAGS, config_module.RULES, SWITCHES)
     assert config["batch_size"] == 32 and config["use_parallel_stream_model"] is True
     assert config["learning_rate"] == 3e-4 and config["cnn_kernel_sizes"] == [3, 4]
     assert config["model_name"] == "run 2" and config["max_steps"] is None
     assert config["resume_from_checkpoint"] == "latest"
     assert flags == {"DO_TRAINING": True, "DO_PREDICTION": False}
-    assert switches == {"interactive"} and problems == []
+    assert set(switches) == {"interactive"} and problems == []
     assert DEFAULTS["batch_size"] != 32  # the defaults themselves are untouched
 
 
 def test_bad_overrides_are_reported_together():
     _, _, _, problems = apply_overrides(
-        ["--batch_sizee=3", "--use_amp=maybe", "--batch_size=abc", "stray"], DEFAULTS, FLAGS)
+        ["--batch_sizee=3", "--use_amp=maybe", "--batch_size=abc", "stray"], DEFAULTS, FLAGS,
+        config_module.RULES, SWITCHES)
     text = "\n".join(problems)
     assert "unknown option `--batch_sizee`; did you mean `batch_size`?" in text
     assert "`--use_amp` expects True or False, got 'maybe'" in text
-    assert "`--batch_size` expects a int, got 'abc'" in text
+    assert "`--batch_size` expects an int, got 'abc'" in text
     assert "unexpected argument 'stray'" in text
 
 
 def test_override_of_wrong_type_is_caught_by_validation():
-    config, _, _, _ = apply_overrides(["--batch_size=2.5"], DEFAULTS, FLAGS)
+    config, _, _, _ = apply_overrides(["--batch_size=2.5"], DEFAULTS, FLAGS, config_module.RULES,
+                                      SWITCHES)
     with pytest.raises(ConfigError, match="`batch_size` must be int, got float"):
-        validate_config(config, DEFAULTS)
+        check_config(config)
 
 
 def run_main(*args):

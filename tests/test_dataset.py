@@ -315,7 +315,7 @@ def test_windows_are_the_shifted_slices_of_their_span(split, length, stride):
     assert len(ds) == len(starts) > 0 and ds.num_bytes == end - begin
     for i, s in enumerate(starts):
         x, y = ds[i]
-        assert x.dtype == y.dtype == torch.int64 and ds.window_start(i) == s
+        assert x.dtype == y.dtype == torch.int64 and int(ds.window_starts(i)) == s
         assert x.tolist() == data[s:s + length].tolist()
         assert y.tolist() == data[s + 1:s + length + 1].tolist()
 
@@ -332,7 +332,7 @@ def test_window_count_at_the_span_boundary(split, windows_before, extra):
     assert ds.num_bytes == span and len(ds) == expected
     if len(ds):  # where the last window's targets end, relative to the span's end
         begin = 0 if split == "train" else span
-        last_end = ds.window_start(len(ds) - 1) + length + 1
+        last_end = int(ds.window_starts(len(ds) - 1)) + length + 1
         assert last_end == begin + span - (extra if extra >= 0 else stride - 1)
     with pytest.raises(IndexError):
         ds[len(ds)]
@@ -343,8 +343,8 @@ def test_no_training_window_touches_validation_bytes():
     train_end = int(1037 * 0.9)
     train = ByteSequenceDataset(data, 16, 5, "train", 0.1)
     val = ByteSequenceDataset(data, 16, 5, "val", 0.1)
-    assert max(train.window_start(i) + 16 for i in range(len(train))) <= train_end - 1
-    assert min(val.window_start(i) for i in range(len(val))) == train_end
+    assert max(int(train.window_starts(i)) + 16 for i in range(len(train))) <= train_end - 1
+    assert min(int(val.window_starts(i)) for i in range(len(val))) == train_end
     assert len(train) > 0 and len(val) > 0
 
 

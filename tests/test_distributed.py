@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import REPO_ROOT, write_text_corpus
 from tests.test_main import TINY_MODEL, paths
-from trainer import load_checkpoint
+from checkpoint import load_checkpoint
 
 MAIN = os.path.join(REPO_ROOT, "main.py")
 CORPUS = "".join(f"line {i}: the rain in spain stays mainly in the plain.\n" for i in range(400))

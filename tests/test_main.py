@@ -9,7 +9,7 @@ import time
 import torch
 
 from tests.conftest import REPO_ROOT, write_text_corpus
-from trainer import load_checkpoint
+from checkpoint import load_checkpoint
 
 TINY_MODEL = ["--sequence_length=16", "--data_stride=16", "--batch_size=4",
               "--embedding_dim=32", "--attention_d_model=32", "--attention_num_heads=2",

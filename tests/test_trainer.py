@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint as checkpoint_module
 import trainer as trainer_module
+from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dataset import ByteSequenceDataset
 from tests.conftest import make_tiny_config
-from trainer import (EpochBatchSampler, LearningRateSchedule, Trainer, TrainingDiverged,
-                     checkpoint_path, load_checkpoint, save_checkpoint)
+from trainer import BatchOrder, LearningRateSchedule, Trainer, TrainingDiverged
 from utils import UserError, seed_everything
 
 ARCH_KEYS = ("width",)
@@ -32,7 +33,7 @@ class StandInModel(torch.nn.Module):
         self.dropout = torch.nn.Dropout(0.2)
         self.norm = torch.nn.LayerNorm(width)
         self.out = torch.nn.Linear(width, 256)
-        self.poison_at_call = None  # return NaN from this call on (NaN guard test)
+        self.poison_at_call = None  # return NaN from this training call on (NaN guard test)
         self.calls = 0
 
     def forward(self, x, targets=None):
@@ -137,19 +138,25 @@ def test_the_trainer_applies_the_schedule(tmp_path):
 
 # -- data order ---------------------------------------------------------------
 
+def one_epoch(order, epoch, first=0):
+    """The micro-batches of `epoch` from micro-batch `first` on."""
+    batches = order.micro_batches(epoch, first)
+    return [next(batches) for _ in range(order.micro_batches_per_epoch - first)]
+
+
 def test_two_ranks_see_the_same_windows_as_one_rank_with_twice_the_batch():
-    single = list(EpochBatchSampler(103, 8, seed=1, epoch=2))
-    rank0 = list(EpochBatchSampler(103, 4, seed=1, epoch=2, rank=0, world_size=2))
-    rank1 = list(EpochBatchSampler(103, 4, seed=1, epoch=2, rank=1, world_size=2))
+    single = one_epoch(BatchOrder(103, 8, 1, seed=1), epoch=2)
+    rank0 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=0, world_size=2), epoch=2)
+    rank1 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=1, world_size=2), epoch=2)
     assert len(single) == len(rank0) == len(rank1) == 12
     for big, a, b in zip(single, rank0, rank1):
         assert big == a + b and not set(a) & set(b)
-    assert list(EpochBatchSampler(103, 8, 1, 3)) != single  # reshuffled every epoch
+    assert one_epoch(BatchOrder(103, 8, 1, 1), epoch=3) != single  # reshuffled every epoch
 
 
 def test_sampler_resumes_mid_epoch():
-    full = list(EpochBatchSampler(50, 5, seed=0, epoch=0))
-    assert list(EpochBatchSampler(50, 5, seed=0, epoch=0, start_batch=4)) == full[4:]
+    full = one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0)
+    assert one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0, first=4) == full[4:]
 
 
 # -- checkpoints and resume ---------------------------------------------------------
@@ -196,7 +203,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, mon
     def crashing_save(obj, file):
         file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
-    monkeypatch.setattr(trainer_module.torch, "save", crashing_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"format_version": 1, "model_state": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
@@ -243,7 +250,7 @@ def test_missing_latest_points_at_best(tmp_path):
     make_trainer(config).train()
     os.remove(checkpoint_path(config, "latest"))
     with pytest.raises(UserError, match="--resume_from_checkpoint=best"):
-        trainer_module.resolve_resume_path(dict(config, resume_from_checkpoint="latest"))
+        checkpoint_module.resolve_resume_path(dict(config, resume_from_checkpoint="latest"))
 
 
 def test_reset_best_val_loss_on_resume(tmp_path):
@@ -270,7 +277,7 @@ def test_nan_loss_stops_training_and_keeps_the_best_checkpoint(tmp_path):
     config = tiny(tmp_path, max_steps=10)
     model = StandInModel()
     trainer = make_trainer(config, model=model)
-    model.poison_at_call = 8  # after the step-3 validation saved a best checkpoint
+    model.poison_at_call = 5  # step 5: after the step-3 validation saved a best checkpoint
     best = checkpoint_path(config, "best")
     with pytest.raises(TrainingDiverged, match="loss became nan"):
         trainer.train()

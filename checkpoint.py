@@ -1,0 +1,157 @@
+"""Checkpoint files: where they live, how they are written (atomically) and read (safely),
+the random state they carry, and which file a resume or a prediction should use.
+
+A checkpoint is a dict saved with torch.save; it holds only tensors, numbers, strings,
+lists and dicts, so torch.load(weights_only=True) can read it without running code.
+"""
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_output
+
+FORMAT_VERSION = 1
+# What a checkpoint must hold to be generated from, and to be resumed.
+KEYS_TO_GENERATE = ("format_version", "model_state", "config", "step")
+KEYS_TO_RESUME = KEYS_TO_GENERATE + (
+    "optimizer_state", "scheduler_state", "scaler_state", "epoch", "windows_in_epoch",
+    "best_val_loss", "elapsed_seconds", "rng_states")
+
+
+def checkpoint_path(config, kind):
+    """Path of the "best" or "latest" checkpoint (or an epoch snapshot name)."""
+    return os.path.join(config["checkpoint_dir"], f"{config['model_name']}_{kind}.pth")
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    with atomic_output(path) as file:
+        torch.save(state, file)
+
+
+def load_checkpoint(path, required=("format_version", "model_state")):
+    """Load a checkpoint safely (weights_only) or raise a UserError naming the file and,
+    for a checkpoint that lacks some of `required`, the missing keys."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated/corrupt files
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
+                        f"not a PyTorch file ({type(error).__name__}: {first_line})") from None
+    if not isinstance(state, dict) or "format_version" not in state or "model_state" not in state:
+        raise UserError(f"{path} is a PyTorch file but not a GrugV3 checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer GrugV3 (checkpoint format "
+                        f"{state['format_version']}, this version reads up to "
+                        f"{FORMAT_VERSION}); update the code")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise UserError(f"{path} is an incomplete GrugV3 checkpoint: it lacks "
+                        f"{', '.join(missing)}")
+    return state
+
+
+def resolve_resume_path(config):
+    """The checkpoint file `resume_from_checkpoint` asks for, or None for a fresh start."""
+    choice = config["resume_from_checkpoint"]
+    if not choice:
+        return None
+    if choice in ("latest", "best"):
+        path = checkpoint_path(config, choice)
+        if not os.path.isfile(path):
+            other = "best" if choice == "latest" else "latest"
+            hint = (f" A {other} checkpoint exists: --resume_from_checkpoint={other}"
+                    if os.path.isfile(checkpoint_path(config, other)) else
+                    " Set resume_from_checkpoint=None to start fresh.")
+            raise UserError(f"resume_from_checkpoint={choice!r} but {path} does not exist."
+                            + hint)
+        return path
+    return choice
+
+
+def load_for_resume(path, config, architecture_keys):
+    """The checkpoint at `path`, complete enough to resume and with the architecture of
+    `config`, or a UserError that says what to do instead."""
+    try:
+        state = load_checkpoint(path, required=KEYS_TO_RESUME)
+    except UserError as error:
+        best = checkpoint_path(config, "best")
+        if os.path.abspath(path) != os.path.abspath(best) and os.path.isfile(best):
+            raise UserError(f"{error}\nThe best checkpoint may still be good: resume "
+                            f"from it with --resume_from_checkpoint=best") from None
+        raise
+    differences = architecture_differences(state["config"], config, architecture_keys)
+    if differences:
+        raise UserError(f"cannot resume from {path}: its architecture differs from the "
+                        "config:\n  " + "\n  ".join(differences) +
+                        "\nUse the checkpoint's values or start fresh "
+                        "(resume_from_checkpoint=None).")
+    return state
+
+
+def prune_epoch_snapshots(config):
+    """Delete all but the newest `keep_last_checkpoints` epoch snapshots (only files named
+    exactly like one: a copy such as "grug_v3_epoch2 (copy).pth" is left alone)."""
+    folder = config["checkpoint_dir"]
+    pattern = re.compile(re.escape(config["model_name"]) + r"_epoch(\d+)\.pth")
+    numbered = sorted((int(match.group(1)), name) for name in os.listdir(folder)
+                      if (match := pattern.fullmatch(name)))
+    for _, old in numbered[:-config["keep_last_checkpoints"]]:
+        os.remove(os.path.join(folder, old))
+
+
+def path_to_generate_from(config, log=print):
+    """The best checkpoint, else latest (saying so), else a UserError."""
+    best, latest = checkpoint_path(config, "best"), checkpoint_path(config, "latest")
+    if os.path.isfile(best):
+        return best
+    if os.path.isfile(latest):
+        log(f"no best checkpoint at {best}; using {latest}")
+        return latest
+    raise UserError(f"no checkpoint to generate from: neither {best} nor {latest} exists. "
+                    f"Train first (DO_TRAINING=True) or point checkpoint_dir/model_name "
+                    f"at a trained model.")
+
+
+def architecture_differences(saved_config, config, keys):
+    """`key: saved -> current` for every architecture key that differs."""
+    return [f"{k}: checkpoint {saved_config.get(k)!r} vs config {config.get(k)!r}"
+            for k in keys if saved_config.get(k) != config.get(k)]
+
+
+def unwrap_model(model):
+    """The plain module under DDP and torch.compile wrappers (clean state_dict keys)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def capture_rng_states():
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # weights_only loading refuses numpy arrays, so the key is stored as a tensor.
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  numpy_state[2], numpy_state[3], numpy_state[4]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states):
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
