@@ -5,14 +5,25 @@ A checkpoint is a dict saved with torch.save; it holds only tensors, numbers, st
 lists and dicts, so torch.load(weights_only=True) can read it without running code.
 """
 
+import contextlib
+import datetime
+import errno
 import os
 import random
 import re
+import shutil
+import socket
+import sys
 
 import numpy as np
 import torch
 
-from utils import UserError, atomic_output
+from utils import UserError, atomic_output, process_is_running
+
+try:
+    import fcntl  # POSIX: the lock dies with its process, whatever kills it
+except ImportError:  # Windows: fall back to checking the recorded process id
+    fcntl = None
 
 FORMAT_VERSION = 1
 # What a checkpoint must hold to be generated from, and to be resumed.
@@ -27,10 +38,41 @@ def checkpoint_path(config, kind):
     return os.path.join(config["checkpoint_dir"], f"{config['model_name']}_{kind}.pth")
 
 
+class DiskFull(UserError):
+    """A checkpoint could not be written for lack of space; the previous file is intact."""
+
+
 def save_checkpoint(state, path):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    with atomic_output(path) as file:
-        torch.save(state, file)
+    """Write atomically: a crash mid-write leaves the previous file intact. A full disk
+    raises DiskFull saying which file, how much was needed and how much is free."""
+    try:
+        with atomic_output(path) as file:
+            torch.save(state, file)
+    except (OSError, RuntimeError) as error:
+        # torch reports a failed write as "RuntimeError: unexpected pos"; the OSError
+        # that caused it is in the exception's context.
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        raise DiskFull(f"cannot save {path}: the disk is full (about {_megabytes(state)} MB "
+                       f"needed, {shutil.disk_usage(folder).free / 1e6:.0f} MB free). The "
+                       f"previous file, if any, is intact. Free some space.") from None
+
+
+def _megabytes(state):
+    """Size of the tensors in a (nested) checkpoint dict, in MB."""
+    def size(value):
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+    return f"{size(state) / 1e6:.1f}"
 
 
 def load_checkpoint(path, required=("format_version", "model_state")):
@@ -155,3 +197,77 @@ def restore_rng_states(states):
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------------
+# One training run per checkpoint folder
+
+class CheckpointFolderLock:
+    """Held by a training run for its whole life, so that a second run started in the
+    same checkpoint_dir stops with an error naming the first, instead of overwriting its
+    checkpoints and metrics. The lock is an flock on FILENAME, which the operating system
+    releases when its process dies however it dies; the file names its holder, so a file
+    left by a killed run is taken over, with a message. Taking the lock also proves the
+    folder writable before any work starts."""
+
+    FILENAME = ".grug_v3.lock"
+
+    def __init__(self, folder, log=print):
+        self.folder, self.log = folder, log
+        self.path = os.path.join(folder, self.FILENAME)
+        self.handle = None
+
+    def __enter__(self):
+        while True:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                self.handle = open(self.path, "a+", encoding="utf-8")
+            except OSError as error:
+                raise UserError(f"checkpoint_dir {self.folder} is not writable "
+                                f"({error.strerror}): choose another --checkpoint_dir or fix "
+                                f"its permissions") from None
+            self.handle.seek(0)
+            holder = self.handle.read().strip()
+            if not self._lock(holder):
+                self.handle.close()
+                raise UserError(f"another training run is using checkpoint_dir {self.folder}: "
+                                f"{holder or 'a process that has not yet said who it is'}. "
+                                f"Wait for it to finish, stop it, or choose another "
+                                f"--checkpoint_dir.")
+            if self._still_the_file():
+                break
+            self.handle.close()  # a run that was ending deleted it meanwhile: lock anew
+        if holder:
+            self.log(f"note: taking over the lock of an earlier run that ended without "
+                     f"releasing it ({holder})")
+        self.handle.seek(0)
+        self.handle.truncate()
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+                          f"{' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")
+        self.handle.flush()
+        return self
+
+    def _lock(self, holder):
+        """Take the lock; False when another live process holds it."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+        match = re.match(r"pid (\d+) on (\S+),", holder)
+        return not (match and match.group(2) == socket.gethostname()
+                    and process_is_running(int(match.group(1))))
+
+    def _still_the_file(self):
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def __exit__(self, *exc_info):
+        # Removed while still locked: a run that opened the old file sees it is gone.
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        self.handle.close()

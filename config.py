@@ -35,6 +35,7 @@ CONFIG_V3 = {
     "resume_from_checkpoint": None,  # None = fresh start; "latest", "best", or a .pth path
     "generate_dummy_data_if_empty": True,  # write a generated demo corpus when data_dir has no .txt
     "force_reprocess_data": False,  # rebuild the processed array even if the cache is current
+    "data_change_detection": "size_and_mtime",  # notice edits by "size_and_mtime" | "content" (hash)
     "file_separator": "\n\n",  # text inserted between consecutive files (UTF-8)
     "utf8_error_policy": "replace",  # invalid UTF-8 in a file: "replace" | "skip" | "error" | "keep"
     "sequence_length": 64,  # bytes per training window (the model's context), bytes
@@ -174,6 +175,7 @@ RULES = {
     "resume_from_checkpoint": text(nullable=True),
     "generate_dummy_data_if_empty": flag(),
     "force_reprocess_data": flag(),
+    "data_change_detection": one_of("size_and_mtime", "content"),
     "file_separator": text(),
     "utf8_error_policy": one_of("replace", "skip", "error", "keep"),
     "sequence_length": POSITIVE,

@@ -2,7 +2,8 @@
 
 DataProcessor turns a folder of .txt files into one cached uint8 array (a .npy file,
 read back memory-mapped); ByteSequenceDataset cuts that array into (input, target)
-windows of the train or validation split.
+windows of the train or validation split; BatchOrder says which windows each
+micro-batch of training holds.
 
 Cache layout in `processed_data_dir`:
     all_bytes_grug_v3.npy            the byte stream, 1-D uint8
@@ -11,6 +12,7 @@ Cache layout in `processed_data_dir`:
 """
 
 import codecs
+import hashlib
 import io
 import json
 import math
@@ -19,23 +21,25 @@ import random
 import sys
 import time
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from config import RULES
-from utils import ConfigError, UserError, atomic_output, config_problems
+from utils import (TEMPORARY_PREFIX, ConfigError, UserError, atomic_output, config_problems,
+                   remove_stale_temporaries)
 
 PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
-FORMAT_VERSION = 1  # bump when the processing itself changes, so old caches get rebuilt
+FORMAT_VERSION = 2  # bump when the processing itself changes, so old caches get rebuilt
 BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x faster than 8 MB ones
 # The config keys DataProcessor reads.
 DATA_KEYS = ("data_dir", "processed_data_dir", "generate_dummy_data_if_empty",
-             "force_reprocess_data", "file_separator", "utf8_error_policy", "sequence_length",
-             "val_split_ratio")
+             "force_reprocess_data", "file_separator", "utf8_error_policy",
+             "data_change_detection", "sequence_length", "val_split_ratio")
 
 
 def _warn(message):
@@ -118,9 +122,9 @@ def _append_source(path, out, policy):
     decoder = codecs.getincrementaldecoder("utf-8")("strict" if strict else _COUNTING_HANDLER)
     seen_before = _invalid_sequences_seen
     read = 0
-    with open(path, "rb") as source:
+    with _readable(path) as source:
         while True:
-            block = source.read(BLOCK_BYTES)
+            block = _read_block(source, path)
             # The decoder holds back a character split by the block edge until the next block.
             held = len(decoder.getstate()[0])
             try:
@@ -133,6 +137,26 @@ def _append_source(path, out, policy):
                 return _invalid_sequences_seen - seen_before
 
 
+class UnreadableSource(UserError):
+    def __init__(self, path, error):
+        super().__init__(f"{path}: cannot read this data file ({error.strerror or error}); "
+                         f"it vanished or is not readable. Fix or remove it, then run again.")
+
+
+def _readable(path):
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise UnreadableSource(path, error) from None
+
+
+def _read_block(source, path):
+    try:
+        return source.read(BLOCK_BYTES)
+    except OSError as error:
+        raise UnreadableSource(path, error) from None
+
+
 def _npy_header(num_bytes):
     """The .npy header of a 1-D uint8 array. numpy pads it so the shape can grow to 21
     digits, so its length does not depend on num_bytes: the placeholder written first
@@ -143,15 +167,46 @@ def _npy_header(num_bytes):
     return buffer.getvalue()
 
 
-def _scan_sources(data_dir):
-    """{relative path: [size, mtime_ns]} of every .txt file under data_dir, recursively,
-    sorted by relative path (POSIX separators) so the order is the same everywhere."""
+def _scan_sources(data_dir, hash_contents=False):
+    """{relative path: [size, mtime_ns(, content hash)]} of every .txt file under
+    data_dir, recursively and through symlinked folders (a folder met twice, as in a
+    symlink loop, is read once), sorted by relative path (POSIX separators) so the order
+    is the same everywhere. A data_dir that is a .txt file is a corpus of one file."""
+    if data_dir.is_file():
+        names = [data_dir.name]
+        data_dir = data_dir.parent
+    else:
+        names, seen = [], set()
+        for folder, subfolders, files in os.walk(data_dir, followlinks=True):
+            stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in seen:
+                _warn(f"{folder}: a folder already read (a symlink loop?), skipped")
+                subfolders.clear()
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            relative = Path(folder).relative_to(data_dir)
+            names += [(relative / name).as_posix() for name in files
+                      if name.lower().endswith(".txt") and not name.startswith(TEMPORARY_PREFIX)]
     found = {}
-    for path in data_dir.rglob("*"):
-        if path.suffix.lower() == ".txt" and path.is_file():
-            stat = path.stat()
-            found[path.relative_to(data_dir).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    for name in names:
+        try:
+            stat = (data_dir / name).stat()
+        except OSError:  # vanished since the listing, or a dangling link: not a source
+            continue
+        if not S_ISREG(stat.st_mode):
+            continue
+        found[name] = [stat.st_size, stat.st_mtime_ns]
+        if hash_contents:
+            found[name].append(_content_hash(data_dir / name))
     return dict(sorted(found.items()))
+
+
+def _content_hash(path):
+    with _readable(path) as file:
+        try:
+            return hashlib.file_digest(file, "blake2b").hexdigest()
+        except OSError as error:
+            raise UnreadableSource(path, error) from None
 
 
 def _read_manifest(path):
@@ -184,44 +239,79 @@ def _changed_files(old, new):
 
 
 class DataProcessor:
-    """Builds (or reuses) the cached byte array of every .txt file under data_dir."""
+    """Builds (or reuses) the cached byte array of every .txt file under data_dir.
+    `create_missing_data_dir`: a missing data_dir is created (the default folder on a
+    first run) rather than an error (a mistyped path)."""
 
-    def __init__(self, config):
+    def __init__(self, config, create_missing_data_dir=False):
         problems = config_problems(config, RULES, DATA_KEYS)
         if problems:
             raise ConfigError(problems)
-        self.config = config
+        self.config, self.create_missing = config, create_missing_data_dir
         self.data_dir = Path(config["data_dir"])
-        self.array_path = Path(config["processed_data_dir"]) / PROCESSED_FILENAME
-        self.manifest_path = Path(config["processed_data_dir"]) / MANIFEST_FILENAME
+        self.root = self.data_dir.parent if self.data_dir.is_file() else self.data_dir
+        self.processed_dir = Path(config["processed_data_dir"])
+        self.array_path = self.processed_dir / PROCESSED_FILENAME
+        self.manifest_path = self.processed_dir / MANIFEST_FILENAME
         self.policy = config["utf8_error_policy"]
 
     def prepare(self):
         """Build the cache if needed; return the bytes as a read-only 1-D uint8 memmap."""
+        for folder in (self.processed_dir, self.root):
+            freed = remove_stale_temporaries(folder)
+            if freed:
+                print(f"data: removed {freed / 1e6:.1f} MB of temporary files left in "
+                      f"{folder} by an interrupted run")
         wanted = {"format_version": FORMAT_VERSION, "options": self._options(),
                   "files": self._sources()}
         cached = _read_manifest(self.manifest_path)
         reason = self._stale_reason(wanted, cached)
         if reason is None:
-            print(f"data: reusing cache {self.array_path} ({cached['num_bytes']:,} bytes from "
-                  f"{len(cached['files'])} file(s); sources and options unchanged"
-                  f"{self._invalid_remark(cached)})")
-        else:
-            print(f"data: rebuilding cache {self.array_path} ({reason})")
-            self._rebuild(wanted)
-        data = np.load(self.array_path, mmap_mode="r")
+            data = self._open(cached["num_bytes"])
+            if data is not None:
+                print(f"data: reusing cache {self.array_path} ({cached['num_bytes']:,} bytes "
+                      f"from {len(cached['files'])} file(s); sources and options unchanged"
+                      f"{self._invalid_remark(cached)})")
+                return self._checked(data)
+            _warn(f"{self.array_path} is unreadable (a damaged header?); rebuilding it")
+            reason = "cached array is damaged"
+        print(f"data: rebuilding cache {self.array_path} ({reason})")
+        num_bytes = self._rebuild(wanted)
+        return self._checked(self._open(num_bytes))
+
+    def _open(self, num_bytes):
+        """The cached array memory-mapped, or None when it is not the array it should be."""
+        try:
+            data = np.load(self.array_path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return None
+        if data.ndim != 1 or data.dtype != np.uint8 or len(data) != num_bytes:
+            return None
+        return data
+
+    def _checked(self, data):
         check_enough_data(len(data), self.config)
         return data
 
     def _options(self):
         return {"data_dir": str(self.data_dir.resolve()),
                 "file_separator": self.config["file_separator"],
-                "utf8_error_policy": self.policy}
+                "utf8_error_policy": self.policy,
+                "data_change_detection": self.config["data_change_detection"]}
 
     def _sources(self):
-        """The .txt files to read, after writing the demo corpus if there are none."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        sources = _scan_sources(self.data_dir)
+        """The .txt files to read, after writing the demo corpus into an existing but
+        empty folder."""
+        if not self.data_dir.exists():
+            if not self.create_missing:
+                raise UserError(f"data_dir {self.data_dir} does not exist: check the path (a "
+                                f".txt file or a folder of them), or create the folder")
+            self.data_dir.mkdir(parents=True)
+        elif self.data_dir.is_file() and self.data_dir.suffix.lower() != ".txt":
+            raise UserError(f"data_dir {self.data_dir} is a file but not a .txt file: give a "
+                            f".txt file or a folder of them")
+        by_content = self.config["data_change_detection"] == "content"
+        sources = _scan_sources(self.data_dir, by_content)
         if not sources:
             if not self.config["generate_dummy_data_if_empty"]:
                 raise UserError(
@@ -231,10 +321,10 @@ class DataProcessor:
             with atomic_output(self.data_dir / DUMMY_FILENAME) as file:
                 file.write(dummy_corpus_text().encode("utf-8"))
             print(f"data: no .txt files in {self.data_dir}; wrote a generated demo corpus")
-            sources = _scan_sources(self.data_dir)
+            sources = _scan_sources(self.data_dir, by_content)
         if DUMMY_FILENAME in sources:
-            print(f"data: USING DUMMY DATA: {self.data_dir / DUMMY_FILENAME} is a generated "
-                  f"demo corpus. To train on real text, put .txt files in {self.data_dir} "
+            print(f"data: USING DUMMY DATA: {self.root / DUMMY_FILENAME} is a generated "
+                  f"demo corpus. To train on real text, put .txt files in {self.root} "
                   f"and delete {DUMMY_FILENAME}.")
         return sources
 
@@ -261,47 +351,41 @@ class DataProcessor:
         # Without a manifest nothing is trusted, whatever happens until the new one lands.
         self.manifest_path.unlink(missing_ok=True)
         started = time.perf_counter()
-        num_bytes, invalid, skipped = self._write_array(wanted["files"])
-        _write_manifest(self.manifest_path, {**wanted, "num_bytes": num_bytes,
+        num_bytes, spans, invalid, skipped = self._write_array(wanted["files"])
+        _write_manifest(self.manifest_path, {**wanted, "num_bytes": num_bytes, "spans": spans,
                                              "invalid_utf8": invalid, "skipped": skipped})
         seconds = time.perf_counter() - started
         print(f"data: wrote {num_bytes:,} bytes in {seconds:.1f} s")
+        return num_bytes
 
     def _write_array(self, sources):
-        """Stream every source into the .npy file. Returns (num_bytes, {file: invalid
-        sequences}, [skipped files])."""
+        """Stream every source into the .npy file. Returns (num_bytes, {file: [start, end)
+        of its bytes in the array}, {file: invalid sequences}, [skipped files])."""
         separator = self.config["file_separator"].encode("utf-8")
         header = _npy_header(0)
-        invalid, skipped, wrote_a_file = {}, [], False
+        spans, invalid, skipped = {}, {}, []
         with atomic_output(self.array_path) as out:
             out.write(header)
             for name in sources:
-                path = self.data_dir / name
+                path = self.root / name
                 if sources[name][0] == 0:
                     _warn(f"{path}: empty file, skipped")
                     continue
                 start = out.tell()
-                if wrote_a_file:
+                if spans:
                     out.write(separator)
-                try:
-                    count = _append_source(path, out, self.policy)
-                except _InvalidUtf8 as error:
-                    if self.policy == "error":
-                        raise UserError(
-                            f"{path}: invalid UTF-8 at byte offset {error.offset} "
-                            f"(utf8_error_policy='error'). Fix the file, or set "
-                            f"utf8_error_policy to 'replace', 'skip' or 'keep'.") from None
+                count = self._append(path, out)
+                if count is None:  # skipped for invalid UTF-8
                     out.seek(start)
                     out.truncate()
                     skipped.append(name)
-                    _warn(f"{path}: skipped (utf8_error_policy='skip'), invalid UTF-8 at "
-                          f"byte offset {error.offset}")
                     continue
+                spans[name] = [start + (len(separator) if spans else 0) - len(header),
+                               out.tell() - len(header)]
                 if count:
                     invalid[name] = count
                     done = {"replace": "replaced with U+FFFD", "keep": "kept as raw bytes"}
                     _warn(f"{path}: {count} invalid UTF-8 sequence(s) {done[self.policy]}")
-                wrote_a_file = True
             num_bytes = out.tell() - len(header)
             if num_bytes == 0:
                 raise UserError(f"the .txt files in {self.data_dir} hold no bytes (all empty "
@@ -310,7 +394,20 @@ class DataProcessor:
             final_header = _npy_header(num_bytes)
             assert len(final_header) == len(header), "the .npy header changed length"
             out.write(final_header)
-        return num_bytes, invalid, skipped
+        return num_bytes, spans, invalid, skipped
+
+    def _append(self, path, out):
+        """Append one source; its count of invalid UTF-8 sequences, or None if skipped."""
+        try:
+            return _append_source(path, out, self.policy)
+        except _InvalidUtf8 as error:
+            if self.policy == "error":
+                raise UserError(f"{path}: invalid UTF-8 at byte offset {error.offset} "
+                                f"(utf8_error_policy='error'). Fix the file, or set "
+                                f"utf8_error_policy to 'replace', 'skip' or 'keep'.") from None
+            _warn(f"{path}: skipped (utf8_error_policy='skip'), invalid UTF-8 at byte offset "
+                  f"{error.offset}")
+            return None
 
     def _invalid_remark(self, cached):
         bad = len(cached.get("invalid_utf8", {})) + len(cached.get("skipped", []))
@@ -489,3 +586,94 @@ def _maps_whole_file(data):
         return data.offset + data.nbytes == os.path.getsize(data.filename)
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------
+# Data order: which windows each micro-batch of training holds
+
+class SeededPermutation:
+    """A pseudo-random bijection of 0 .. n-1, computed for any positions on demand (a
+    4-round Feistel network over the next even power of two, cycle-walking back into
+    range), so its memory does not grow with n: a 10 GB corpus costs what a 1 KB one does."""
+
+    MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9))
+
+    def __init__(self, n, seed):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = [np.uint64(k) for k in
+                     np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64)]
+
+    def _round(self, right, key):
+        z = (right + key) * self.MULTIPLIERS[0]  # uint64 arithmetic wraps around
+        z ^= z >> np.uint64(29)
+        z *= self.MULTIPLIERS[1]
+        return (z ^ (z >> np.uint64(32))) & self.mask
+
+    def _encrypt(self, x):
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << half) | right
+
+    def __call__(self, positions):
+        x = np.asarray(positions, dtype=np.uint64).copy()
+        outside = np.ones(x.shape, dtype=bool)
+        while outside.any():  # each pass lands at least 1/4 of the rest in range
+            x[outside] = self._encrypt(x[outside])
+            outside = x >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+
+class BatchOrder:
+    """Which windows every micro-batch holds, and where training stands in them.
+
+    Each epoch is a fresh permutation of the training windows (from the seed), cut into
+    global micro-batches of batch_size x world_size windows; rank r takes the r-th share
+    of each, so 2 ranks of batch B see the same windows as 1 rank of batch 2B. A step
+    takes `accumulation` micro-batches and the epoch ends when fewer are left. The
+    position (epoch, micro_batch) is all a resume needs."""
+
+    def __init__(self, num_windows, batch_size, accumulation, seed, rank=0, world_size=1):
+        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
+        self.accumulation, self.rank, self.world_size = accumulation, rank, world_size
+        self.steps_per_epoch = num_windows // (batch_size * world_size) // accumulation
+        self.micro_batches_per_epoch = self.steps_per_epoch * accumulation
+        self.epoch, self.micro_batch = 0, 0  # the next micro-batch to train on
+        self.epoch_of_last_step = 1  # 1-based, for the logs
+
+    def micro_batches(self, epoch, first):
+        """Window indices of this rank's micro-batches from (epoch, first) on, forever."""
+        global_batch = self.batch_size * self.world_size
+        while True:
+            permutation = SeededPermutation(self.num_windows, self.seed * 1_000_003 + epoch)
+            for k in range(first, self.micro_batches_per_epoch):
+                start = k * global_batch + self.rank * self.batch_size
+                yield permutation(np.arange(start, start + self.batch_size)).tolist()
+            epoch, first = epoch + 1, 0
+
+    def advance(self):
+        """Count one optimizer step's micro-batches; True when that ended an epoch."""
+        self.epoch_of_last_step = self.epoch + 1
+        self.micro_batch += self.accumulation
+        if self.micro_batch < self.micro_batches_per_epoch:
+            return False
+        self.epoch, self.micro_batch = self.epoch + 1, 0
+        return True
+
+    def state_dict(self):
+        # In windows, so a run resumed with another rank count starts at the same data.
+        return {"epoch": self.epoch, "batch_in_epoch": self.micro_batch,
+                "windows_in_epoch": self.micro_batch * self.batch_size * self.world_size}
+
+    def load_state_dict(self, state, log):
+        windows_per_batch = self.batch_size * self.world_size
+        self.epoch = state["epoch"]
+        self.micro_batch = state["windows_in_epoch"] // windows_per_batch
+        if state["windows_in_epoch"] % windows_per_batch:
+            log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into the "
+                f"epoch, not a multiple of this run's {windows_per_batch} per micro-batch; "
+                f"continuing from micro-batch {self.micro_batch}")

@@ -7,19 +7,22 @@
     torchrun --nproc_per_node=N main.py    # data-parallel training (README: Scaling out)
 """
 
+import contextlib
 import os
 import sys
 
 import torch
 
 import config as config_module
-from checkpoint import (KEYS_TO_GENERATE, load_checkpoint, path_to_generate_from,
-                        resolve_resume_path)
+from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, load_checkpoint,
+                        path_to_generate_from, resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
-from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters, structure_problems
+from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters, parameters_of,
+                   structure_problems)
 from predictor import Predictor, interactive_loop
 from trainer import Trainer, schedule_problems
-from utils import (ConfigError, UserError, apply_overrides, config_comments, config_problems,
+from utils import (ConfigError, UserError, apply_overrides, available_memory_bytes,
+                   config_comments, config_problems, remove_stale_temporaries,
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
                    suggestion)
 
@@ -78,13 +81,28 @@ def load_run_config(argv):
     return config, flags, switches
 
 
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and two Adam moments
+
+
+def check_model_fits(config, device):
+    """A ConfigError, before any data is processed, for a model too big to train here."""
+    parameters = parameters_of(config)
+    needed, free = parameters * TRAINING_BYTES_PER_PARAMETER, available_memory_bytes(device)
+    if free is not None and needed > free:
+        raise ConfigError([f"the model would have {parameters:,} parameters, about "
+                           f"{needed / 1e9:.1f} GB for its weights, gradients and optimizer "
+                           f"state, but {device} has {free / 1e9:.1f} GB free: lower "
+                           f"embedding_dim, attention_d_model or the number of layers"])
+
+
 # ---------------------------------------------------------------------------
 # Building and training
 
 def prepare_data(config, context):
     """Rank 0 builds (or reuses) the processed array while the other ranks wait."""
+    first_run = config["data_dir"] == config_module.CONFIG_V3["data_dir"]
     if context.is_main:
-        data = DataProcessor(config).prepare()
+        data = DataProcessor(config, create_missing_data_dir=first_run).prepare()
     context.barrier()
     if not context.is_main:
         # Rank 0 just built the cache: open it, never rebuild it a second time.
@@ -133,14 +151,26 @@ def print_header(config, device, data, trainer, context):
 
 
 def run_training(config, device, context):
-    data = prepare_data(config, context)
-    trainer = build_training(config, data, device, with_samples=context.is_main)
-    if context.is_main:
-        print_header(config, device, data, trainer, context)
-    resume_path = resolve_resume_path(config)
-    if resume_path:
-        trainer.resume(resume_path)
-    return trainer.train()
+    """Train under a lock on checkpoint_dir (rank 0 holds it for the whole job)."""
+    check_model_fits(config, device)
+    folder = config["checkpoint_dir"]
+    with CheckpointFolderLock(folder) if context.is_main else contextlib.nullcontext():
+        freed = remove_stale_temporaries(folder) if context.is_main else 0
+        if freed:
+            print(f"removed {freed / 1e6:.1f} MB of temporary files left in {folder} by an "
+                  f"interrupted checkpoint write")
+        data = prepare_data(config, context)
+        trainer = build_training(config, data, device, with_samples=context.is_main)
+        if context.is_main:
+            print_header(config, device, data, trainer, context)
+        resume_path = resolve_resume_path(config)
+        if resume_path:
+            trainer.resume(resume_path)
+        summary = trainer.train()
+        # Every rank leaves training together: a rank that tears its process group
+        # down while rank 0 is still writing the last checkpoint makes gloo abort.
+        context.barrier()
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -192,9 +222,6 @@ def main(argv):
         device = context.device or resolve_device(config["device"])
         if flags["DO_TRAINING"]:
             summary = run_training(config, device, context)
-            # Every rank leaves training together: a rank that tears its process group
-            # down while rank 0 is still writing the last checkpoint makes gloo abort.
-            context.barrier()
             if summary["interrupted"]:
                 return 130
         interactive = "interactive" in switches

@@ -366,6 +366,12 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def parameters_of(config):
+    """How many parameters the model of `config` would have, without allocating them."""
+    with torch.device("meta"):
+        return count_parameters(ByteLLM_GrugV3(config))
+
+
 def estimate_flops_per_byte(config):
     """Training FLOPs (forward + backward) per byte at the full window T = sequence_length:
 

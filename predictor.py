@@ -64,18 +64,21 @@ def top_p_filter(logits, p):
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # 0 for the top byte, so it stays
-    drop = torch.zeros_like(mass_before, dtype=torch.bool)
-    drop[order] = mass_before >= p
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False  # the top byte always stays (p may round to 0 in float32)
+    drop = torch.zeros_like(drop_sorted)
+    drop[order] = drop_sorted
     return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_byte(logits, temperature, top_k, top_p, generator):
-    """One byte from (256,) logits; temperature 0 = greedy (top-k/top-p do not matter)."""
-    if temperature == 0:
+    """One byte from (256,) logits; temperature 0 = greedy (top-k/top-p do not matter),
+    and so is a temperature too small to divide by in float32 (say 1e-300)."""
+    scaled = logits / temperature if temperature > 0 else None
+    if scaled is None or torch.isnan(scaled).any() or torch.isposinf(scaled).any():
         return int(torch.argmax(logits))
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(top_p_filter(top_k_filter(scaled, top_k), top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -310,6 +313,8 @@ def _changed_settings(config, settings, command, argument):
 def interactive_loop(predictor, config, input_fn=input, write=_write_stdout):
     """Read prompts and /commands with `input_fn` until /quit, Ctrl-D or Ctrl-C,
     streaming each continuation through `write(text)` (which adds no newline)."""
+    if input_fn is input and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in: U+FFFD
     settings = generation_settings(config)
     write(HELP)
     try:

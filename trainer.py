@@ -8,6 +8,7 @@ nanoGPT's: set the rate and step, then decide what else this step calls for.
 
 import contextlib
 import csv
+import io
 import math
 import os
 import signal
@@ -20,14 +21,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import (FORMAT_VERSION, capture_rng_states, checkpoint_path, load_for_resume,
-                        prune_epoch_snapshots, restore_rng_states, save_checkpoint,
-                        unwrap_model)
+from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint_path,
+                        load_for_resume, prune_epoch_snapshots, restore_rng_states,
+                        save_checkpoint, unwrap_model)
+from dataset import BatchOrder
 from evaluate import evenly_spread, score_windows
-from utils import UserError, autocast_context, bits_per_byte, resolve_amp_dtype
+from utils import UserError, atomic_output, autocast_context, bits_per_byte, resolve_amp_dtype
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
-                   "learning_rate", "bytes_per_second", "elapsed_seconds")
+                   "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
 
 
 class TrainingDiverged(UserError):
@@ -43,20 +45,44 @@ def schedule_problems(c):
     return []
 
 
+def agree_across_ranks(values, op="max", device=None):
+    """`values` (numbers) combined over every rank of a torchrun job: "max", or "first"
+    (rank 0's). Without a process group, the values themselves."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if op == "max":
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    else:
+        dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
 # ---------------------------------------------------------------------------
-# Learning-rate schedule: a pure function of progress, so a resumed run follows
-# exactly the curve of an uninterrupted one.
+# Learning-rate schedule
 
 class LearningRateSchedule:
-    def __init__(self, config, total_steps, time_budget_seconds=None):
+    """The learning rate as a pure function of the step (and, for ReduceLROnPlateau, of
+    the validations so far), so a resumed run follows exactly the curve of an
+    uninterrupted one.
+
+    The curve ends at the horizon, the step at which the run will end. With a time
+    budget that step is not known in advance: it is estimated once, from the measured
+    time of PROBE_STEPS steps, recorded in the checkpoint (state_dict), and from then on
+    the clock is never read for the rate. Until then the step limit stands in for it."""
+
+    PROBE_STEPS = (3, 23)  # this run's steps timed: after 3 (warm-up), until 23
+
+    def __init__(self, config, step_limit, time_budget_seconds=None):
         self.peak = config["learning_rate"]
         self.kind = config["scheduler_type"]
         self.warmup_steps = config["lr_warmup_steps"] if config["use_lr_warmup"] else 0
         self.init_factor = config["lr_warmup_init_factor"]
         self.eta_min = config["lr_scheduler_eta_min"]
-        self.total_steps = total_steps
-        self.cosine_steps = config["lr_scheduler_T_max"] or max(total_steps - self.warmup_steps, 1)
-        self.time_budget = time_budget_seconds
+        self.cosine_length = config["lr_scheduler_T_max"]
+        self.step_limit, self.time_budget = step_limit, time_budget_seconds
+        self.measured = None  # {"at_step", "elapsed", "seconds_per_step"} once probed
+        self._probe_start = None
         # ReduceLROnPlateau state: a multiplier cut after `patience` bad validations.
         self.factor = config["lr_scheduler_factor"]
         self.patience = config["lr_scheduler_patience"]
@@ -64,7 +90,31 @@ class LearningRateSchedule:
         self.plateau_best = math.inf
         self.plateau_bad_checks = 0
 
-    def learning_rate(self, step, elapsed_seconds=0.0):
+    def horizon(self):
+        """The step the run is expected to end at: the step limit, or sooner where the
+        time budget, at the recorded speed, ends the run first."""
+        if not (self.time_budget and self.measured):
+            return self.step_limit
+        m = self.measured
+        by_time = m["at_step"] + int((self.time_budget - m["elapsed"]) / m["seconds_per_step"])
+        return max(m["at_step"] + 1, min(self.step_limit, by_time))
+
+    def observe(self, steps_run, step, elapsed_seconds, device=None):
+        """Called after each step of this run; fixes the horizon once, from the training
+        time of this run's steps PROBE_STEPS. Every rank takes rank 0's measurement."""
+        if not self.time_budget or self.measured is not None:
+            return
+        first, last = self.PROBE_STEPS
+        if steps_run == first:
+            self._probe_start = elapsed_seconds
+        elif steps_run == last:
+            seconds_per_step = (elapsed_seconds - self._probe_start) / (last - first)
+            seconds_per_step, elapsed = agree_across_ranks([seconds_per_step, elapsed_seconds],
+                                                           "first", device)
+            self.measured = {"at_step": step, "elapsed": elapsed,
+                             "seconds_per_step": max(seconds_per_step, 1e-9)}
+
+    def learning_rate(self, step):
         """Rate for optimizer step `step` (0-based)."""
         if step < self.warmup_steps:
             if self.warmup_steps == 1:
@@ -75,11 +125,8 @@ class LearningRateSchedule:
             return self.peak
         if self.kind == "ReduceLROnPlateau":
             return self.peak * self.plateau_scale
-        # Cosine: progress by steps, or by the time budget when that ends the run first.
-        progress = (step - self.warmup_steps) / max(self.cosine_steps - 1, 1)
-        if self.time_budget:
-            progress = max(progress, elapsed_seconds / self.time_budget)
-        progress = min(progress, 1.0)
+        length = self.cosine_length or max(self.horizon() - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / max(length - 1, 1), 1.0)
         return self.eta_min + (self.peak - self.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_validation(self, val_loss):
@@ -95,103 +142,13 @@ class LearningRateSchedule:
 
     def state_dict(self):
         return {"plateau_scale": self.plateau_scale, "plateau_best": self.plateau_best,
-                "plateau_bad_checks": self.plateau_bad_checks}
+                "plateau_bad_checks": self.plateau_bad_checks, "horizon_probe": self.measured}
 
     def load_state_dict(self, state):
         self.plateau_scale = state["plateau_scale"]
         self.plateau_best = state["plateau_best"]
         self.plateau_bad_checks = state["plateau_bad_checks"]
-
-
-# ---------------------------------------------------------------------------
-# Data order
-
-class SeededPermutation:
-    """A pseudo-random bijection of 0 .. n-1, computed for any positions on demand (a
-    4-round Feistel network over the next even power of two, cycle-walking back into
-    range), so its memory does not grow with n: a 10 GB corpus costs what a 1 KB one does."""
-
-    MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9))
-
-    def __init__(self, n, seed):
-        self.n = n
-        bits = max(2, (n - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = np.uint64((1 << self.half) - 1)
-        self.keys = [np.uint64(k) for k in
-                     np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64)]
-
-    def _round(self, right, key):
-        z = (right + key) * self.MULTIPLIERS[0]  # uint64 arithmetic wraps around
-        z ^= z >> np.uint64(29)
-        z *= self.MULTIPLIERS[1]
-        return (z ^ (z >> np.uint64(32))) & self.mask
-
-    def _encrypt(self, x):
-        half = np.uint64(self.half)
-        left, right = x >> half, x & self.mask
-        for key in self.keys:
-            left, right = right, left ^ self._round(right, key)
-        return (left << half) | right
-
-    def __call__(self, positions):
-        x = np.asarray(positions, dtype=np.uint64).copy()
-        outside = np.ones(x.shape, dtype=bool)
-        while outside.any():  # each pass lands at least 1/4 of the rest in range
-            x[outside] = self._encrypt(x[outside])
-            outside = x >= np.uint64(self.n)
-        return x.astype(np.int64)
-
-
-class BatchOrder:
-    """Which windows every micro-batch holds, and where training stands in them.
-
-    Each epoch is a fresh permutation of the training windows (from the seed), cut into
-    global micro-batches of batch_size x world_size windows; rank r takes the r-th share
-    of each, so 2 ranks of batch B see the same windows as 1 rank of batch 2B. A step
-    takes `accumulation` micro-batches and the epoch ends when fewer are left. The
-    position (epoch, micro_batch) is all a resume needs."""
-
-    def __init__(self, num_windows, batch_size, accumulation, seed, rank=0, world_size=1):
-        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
-        self.accumulation, self.rank, self.world_size = accumulation, rank, world_size
-        self.steps_per_epoch = num_windows // (batch_size * world_size) // accumulation
-        self.micro_batches_per_epoch = self.steps_per_epoch * accumulation
-        self.epoch, self.micro_batch = 0, 0  # the next micro-batch to train on
-        self.epoch_of_last_step = 1  # 1-based, for the logs
-
-    def micro_batches(self, epoch, first):
-        """Window indices of this rank's micro-batches from (epoch, first) on, forever."""
-        global_batch = self.batch_size * self.world_size
-        while True:
-            permutation = SeededPermutation(self.num_windows, self.seed * 1_000_003 + epoch)
-            for k in range(first, self.micro_batches_per_epoch):
-                start = k * global_batch + self.rank * self.batch_size
-                yield permutation(np.arange(start, start + self.batch_size)).tolist()
-            epoch, first = epoch + 1, 0
-
-    def advance(self):
-        """Count one optimizer step's micro-batches; True when that ended an epoch."""
-        self.epoch_of_last_step = self.epoch + 1
-        self.micro_batch += self.accumulation
-        if self.micro_batch < self.micro_batches_per_epoch:
-            return False
-        self.epoch, self.micro_batch = self.epoch + 1, 0
-        return True
-
-    def state_dict(self):
-        # In windows, so a run resumed with another rank count starts at the same data.
-        return {"epoch": self.epoch, "batch_in_epoch": self.micro_batch,
-                "windows_in_epoch": self.micro_batch * self.batch_size * self.world_size}
-
-    def load_state_dict(self, state, log):
-        windows_per_batch = self.batch_size * self.world_size
-        self.epoch = state["epoch"]
-        self.micro_batch = state["windows_in_epoch"] // windows_per_batch
-        if state["windows_in_epoch"] % windows_per_batch:
-            log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into the "
-                f"epoch, not a multiple of this run's {windows_per_batch} per micro-batch; "
-                f"continuing from micro-batch {self.micro_batch}")
+        self.measured = state.get("horizon_probe")  # absent in checkpoints before it existed
 
 
 def _identity(batch):
@@ -300,33 +257,62 @@ def profiler_context(config, device):
 class TrainingLog:
     """What a run shows and records, on the main rank only: a progress bar (on a
     terminal), a line every print_every steps, a metrics.csv row every metrics_every
-    steps and at each validation. Training losses are averaged since the last row."""
+    steps and at each validation. Training losses are averaged since the last row.
 
-    def __init__(self, config, bytes_per_step, total_steps, first_step, enabled):
+    metrics.csv is the run's history: a resumed run drops the rows past the step it
+    resumed from (a killed run may have logged steps its checkpoint does not hold) and
+    marks the resume with an event row; a fresh run moves an earlier file aside."""
+
+    def __init__(self, config, bytes_per_step, first_step, resumed, enabled):
         self.config, self.bytes_per_step, self.enabled = config, bytes_per_step, enabled
         self.path = os.path.join(config["checkpoint_dir"], "metrics.csv")
-        if enabled and not os.path.exists(self.path):
-            self._append(METRICS_COLUMNS)
-        self.bar = tqdm(total=total_steps, initial=first_step, dynamic_ncols=True, leave=False,
+        if enabled:
+            self._start_file(first_step if resumed else None)
+        self.bar = tqdm(initial=first_step, dynamic_ncols=True, leave=False,
                         # A bar redrawn into a log file is noise: the log lines suffice.
                         disable=not (enabled and sys.stderr.isatty()))
         self._reset()
 
+    def _start_file(self, resumed_at):
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as file:
+                rows = list(csv.DictReader(file))
+            if resumed_at is None and rows:
+                aside = self.path[:-len(".csv")] + time.strftime("_before_%Y%m%d_%H%M%S.csv")
+                os.replace(self.path, aside)
+                self.message(f"note: a fresh run; the earlier {self.path} is now {aside}")
+                rows = []
+        kept = [row for row in rows if resumed_at is not None and row.get("step", "").isdigit()
+                and int(row["step"]) <= resumed_at]
+        with atomic_output(self.path) as file:
+            text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+            writer = csv.DictWriter(text, METRICS_COLUMNS, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(kept)
+            text.flush()
+            text.detach()
+        if resumed_at is not None:
+            self._append(resumed_at, event="resume")
+
     def _reset(self):
         self.loss_sum, self.steps, self.started = 0.0, 0, time.perf_counter()
 
-    def _append(self, values):
+    def _append(self, step, **values):
+        row = [values.get(column) for column in METRICS_COLUMNS]
+        row[0] = step
         with open(self.path, "a", newline="") as file:
             csv.writer(file).writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float)
-                                                              else v) for v in values])
+                                                              else v) for v in row])
 
     def message(self, text):
         if self.enabled:
             tqdm.write(text)
 
-    def step(self, step, epoch, loss, learning_rate, elapsed):
+    def step(self, step, epoch, loss, learning_rate, elapsed, horizon):
         c = self.config
         self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+        self.bar.total = horizon
         self.bar.update(1)
         self.bar.set_description(f"epoch {epoch}/{c['num_epochs']}")
         self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bits_per_byte(loss):.3f}",
@@ -337,22 +323,59 @@ class TrainingLog:
         rate = self.bytes_per_step * self.steps / (time.perf_counter() - self.started)
         self._reset()
         if self.enabled:
-            self._append((step, epoch, mean, None, None, learning_rate, rate, elapsed))
+            self._append(step, epoch=epoch, train_loss=mean, learning_rate=learning_rate,
+                         bytes_per_second=rate, elapsed_seconds=elapsed)
         if step % c["print_every"] == 0:
-            self.message(f"step {step}/{self.bar.total} | loss {mean:.4f} "
-                         f"({bits_per_byte(mean):.3f} bpb) | lr {learning_rate:.2e} | "
-                         f"{rate:,.0f} bytes/s")
+            self.message(f"step {step}/{horizon} | loss {mean:.4f} ({bits_per_byte(mean):.3f} "
+                         f"bpb) | lr {learning_rate:.2e} | {rate:,.0f} bytes/s")
 
     def validation(self, step, epoch, val_loss, learning_rate, elapsed, improved):
         self.message(f"step {step}: validation loss {val_loss:.4f} nats = "
                      f"{bits_per_byte(val_loss):.3f} bits/byte"
                      + (" (best so far, saved)" if improved else ""))
         if self.enabled:
-            self._append((step, epoch, None, val_loss, bits_per_byte(val_loss), learning_rate,
-                          None, elapsed))
+            self._append(step, epoch=epoch, val_loss=val_loss,
+                         val_bits_per_byte=bits_per_byte(val_loss),
+                         learning_rate=learning_rate, elapsed_seconds=elapsed)
 
-    def close(self):
+    def sample(self, step, prompt, text):
+        """Show an interim sample and append it to interim_samples.txt."""
+        if not self.enabled:
+            return
+        self.message(f"--- sample at step {step} ---\n{prompt}{text}\n---")
+        path = os.path.join(self.config["checkpoint_dir"], "interim_samples.txt")
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(f"=== step {step} ===\n{prompt}{text}\n\n")
+
+    def finish(self, summary, profiler):
         self.bar.close()
+        c = self.config
+        if profiler is not None:
+            self.message(profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                       row_limit=15))
+            self.message(f"profiler trace written to {c['profiler_log_dir']}")
+        if summary["interrupted"]:
+            self.message(f"stopped by {summary['reason']} after step {summary['steps']}; "
+                         f"saved {checkpoint_path(c, 'latest')}.\nResume with: python3 "
+                         f"main.py --resume_from_checkpoint=latest")
+        else:
+            best = summary["best_val_loss"]
+            self.message(f"training finished ({summary['reason']}) after {summary['steps']} "
+                         f"steps, {summary['elapsed_seconds']:.0f} s; best validation loss "
+                         f"{best:.4f} nats = {bits_per_byte(best):.3f} bits/byte")
+
+
+def check_weights_are_finite(model, step):
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDiverged(f"the weights became NaN or infinite by step {step}; nothing "
+                               f"was saved. Lower learning_rate or enable clip_grad_norm_value.")
+
+
+def step_seed(seed, rank, step):
+    """The torch seed of one rank's optimizer step. Dropout masks are a function of
+    (seed, rank, step) alone: they differ between ranks, and a resumed run draws exactly
+    what an uninterrupted one did."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------
@@ -389,13 +412,13 @@ class Trainer:
                             f"ranks x gradient_accumulation_steps): add data or lower "
                             f"batch_size")
         total = self.order.steps_per_epoch * config["num_epochs"]
-        self.total_steps = min(total, config["max_steps"] or total)
         minutes = config["max_train_minutes"]
         self.time_budget = minutes * 60 if minutes else None
-        self.schedule = LearningRateSchedule(config, self.total_steps, self.time_budget)
+        self.schedule = LearningRateSchedule(config, min(total, config["max_steps"] or total),
+                                             self.time_budget)
 
         # Progress, restored on resume (the data position lives in self.order).
-        self.step, self.best_val_loss = 0, math.inf
+        self.step, self.best_val_loss, self.resumed = 0, math.inf, False
         self.elapsed_before = 0.0  # seconds of training in earlier (resumed-from) runs
         self._start_time = time.perf_counter()  # train() restarts it
         self.stop = StopRequests(self._log)
@@ -435,12 +458,21 @@ class Trainer:
             "config": dict(self.config),
         }
 
-    def save(self, kind):
+    def save(self, kind, final=False):
+        """Write a checkpoint on the main rank; None when it could not be written. Every
+        rank calls this at the same steps, so it must hold no collective operation."""
+        check_weights_are_finite(self.raw_model, self.step)
         if not self.is_main:
             return None
         path = checkpoint_path(self.config, kind)
-        with self.stop.protecting_a_write():
-            save_checkpoint(self.state_dict(), path)
+        try:
+            with self.stop.protecting_a_write():
+                save_checkpoint(self.state_dict(), path)
+        except DiskFull as error:
+            if final:
+                raise
+            self._log(f"warning: {error} Training goes on; the next save tries again.")
+            return None
         return path
 
     def resume(self, path):
@@ -453,7 +485,7 @@ class Trainer:
         self.schedule.load_state_dict(state["scheduler_state"])
         if state["scaler_state"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler_state"])
-        self.step = state["step"]
+        self.step, self.resumed = state["step"], True
         self.order.load_state_dict(state, self._log)
         self.best_val_loss = state["best_val_loss"]
         if self.config["reset_best_val_loss_on_resume"]:
@@ -491,64 +523,71 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches):
-        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
-        rate = self.schedule.learning_rate(self.step, self.elapsed_seconds())
+        """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns
+        the mean loss; a step whose gradients are not finite is not taken."""
         for group in self.optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = self.schedule.learning_rate(self.step)
+        torch.manual_seed(step_seed(self.config["seed"], self.rank, self.step))
         total_loss = 0.0
         for index, (x, y) in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
             # DDP: synchronise gradients on the last micro-step only.
-            no_sync = self.world_size > 1 and not last
+            no_sync = self.world_size > 1 and index < len(micro_batches) - 1
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
                 with self._autocast():
                     loss = self.model(x.to(self.device, non_blocking=True),
                                       y.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total_loss += loss.item()
-        mean_loss = total_loss / len(micro_batches)
-        if not math.isfinite(mean_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"the training loss became {mean_loss} at step {self.step + 1}. The best "
-                f"checkpoint was not touched. Lower learning_rate, enable "
-                f"clip_grad_norm_value, or try use_amp=False.")
-        if self.config["clip_grad_norm_value"]:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
-                                           self.config["clip_grad_norm_value"])
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.raw_model.parameters() if p.grad is not None]
+        clip = self.config["clip_grad_norm_value"]
+        norm = (torch.nn.utils.clip_grad_norm_(parameters, clip) if clip
+                else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        # With fp16 the scaler skips a step whose gradients overflowed; otherwise such
+        # a step would write NaN into the weights, so it is not taken.
+        if self.scaler.is_enabled() or torch.isfinite(norm):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return mean_loss
+        return total_loss / len(micro_batches)
 
     def _batches(self):
         """This rank's micro-batches from the current position on, across epochs."""
         order = self.order.micro_batches(self.order.epoch, self.order.micro_batch)
-        # A private generator: the loader must not draw from the global RNG, or a resumed
-        # run would see different dropout masks than an uninterrupted one.
+        # A private generator: the loader must not draw from the global RNG.
         return iter(DataLoader(self.train_dataset, batch_sampler=order, collate_fn=_identity,
                                num_workers=self.config["num_workers"],
                                generator=torch.Generator().manual_seed(self.config["seed"]),
                                pin_memory=self.device.type == "cuda"))
 
-    def _stop_reason(self):
-        """Why training ends now, agreed by every rank, or None."""
+    def _stop_reason(self, loss=0.0):
+        """Why training ends after this step, or None, agreed by every rank (one rank
+        stopping or raising alone would leave the others waiting for it). Sets
+        self.interrupted when a signal is the reason."""
+        limit = self._limit_reached()
+        signaled, limited, diverged = agree_across_ranks(
+            [self.stop.reason is not None, limit is not None, not math.isfinite(loss)],
+            device=self.device)
+        if diverged:
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {self.step} (on this or another "
+                f"rank). Nothing was saved from it. Lower learning_rate, enable "
+                f"clip_grad_norm_value, or try use_amp=False.")
+        self.interrupted = bool(signaled)
+        if signaled:
+            return self.stop.reason or "a signal to another rank"
+        return (limit or "another rank's limit") if limited else None
+
+    def _limit_reached(self):
         c = self.config
-        reason = self.stop.reason
-        if reason is None and self.order.epoch >= c["num_epochs"]:
-            reason = "num_epochs"
-        if reason is None and c["max_steps"] and self.step >= c["max_steps"]:
-            reason = "max_steps"
-        if reason is None and self.time_budget and self.elapsed_seconds() >= self.time_budget:
-            reason = "max_train_minutes"
-        if self.world_size > 1:  # one rank stopping alone would hang the others
-            flag = torch.tensor([0 if reason is None else 1], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and reason is None:
-                reason = "another rank stopped"
-        return reason
+        if self.order.epoch >= c["num_epochs"]:
+            return "num_epochs"
+        if c["max_steps"] and self.step >= c["max_steps"]:
+            return "max_steps"
+        if self.time_budget and self.elapsed_seconds() >= self.time_budget:
+            return "max_train_minutes"
+        return None
 
     def train(self):
         """Train until the epochs, max_steps or the time budget run out, or a signal.
@@ -556,8 +595,8 @@ class Trainer:
         c = self.config
         os.makedirs(c["checkpoint_dir"], exist_ok=True)
         self.log = TrainingLog(c, self.windows_per_step() * self.train_dataset.sequence_length,
-                               self.total_steps, self.step, self.is_main)
-        self.log.message(f"training {self.total_steps} steps at most "
+                               self.step, self.resumed, self.is_main)
+        self.log.message(f"training {self.schedule.step_limit} steps at most "
                          f"({self.order.steps_per_epoch} per epoch, {self.windows_per_step()} "
                          f"windows per step)" + (f", {c['max_train_minutes']} minutes at most"
                                                  if self.time_budget else ""))
@@ -571,62 +610,47 @@ class Trainer:
                 epoch_ended = self.order.advance()
                 if profiler is not None:  # None when enable_profiler is off
                     profiler.step()
-                reason, steps_run = self._stop_reason(), steps_run + 1
+                steps_run += 1
+                self.schedule.observe(steps_run, self.step, self.elapsed_seconds(), self.device)
+                reason = self._stop_reason(loss)
                 self._after_step(loss, epoch_ended, reason)
             if steps_run == 0:  # a resumed run with nothing left to train
                 self._after_step(None, False, reason)
-        self.log.close()
-        self._report_end(reason, profiler)
-        return {"steps": self.step, "reason": reason, "best_val_loss": self.best_val_loss,
-                "elapsed_seconds": self.elapsed_seconds(),
-                "interrupted": bool(self.stop.reason)}
+        summary = {"steps": self.step, "reason": reason, "best_val_loss": self.best_val_loss,
+                   "elapsed_seconds": self.elapsed_seconds(), "interrupted": self.interrupted}
+        self.log.finish(summary, profiler)
+        return summary
 
     def _after_step(self, loss, epoch_ended, reason):
         """Everything a finished step calls for, in one place: log, validate (and save
-        best), sample, save latest and epoch snapshots. `reason` is set on the last step."""
+        best), sample, save latest and epoch snapshots. `reason` is set on the last step.
+        Every decision here is the same on every rank."""
         c, step, epoch = self.config, self.step, self.order.epoch_of_last_step
         if loss is not None:
-            self.log.step(step, epoch, loss, self.current_lr(), self.elapsed_seconds())
-        interrupted = self.stop.reason is not None
+            self.log.step(step, epoch, loss, self.current_lr(), self.elapsed_seconds(),
+                          self.schedule.horizon())
         if step % c["validate_and_checkpoint_best_every_batches"] == 0 or epoch_ended or \
-                (reason and not interrupted):
-            val_loss = self.evaluate()
-            self.schedule.on_validation(val_loss)
-            improved = val_loss < self.best_val_loss
-            if improved:
-                self.best_val_loss = val_loss
-                self.save("best")
-            self.log.validation(step, epoch, val_loss, self.current_lr(),
-                                self.elapsed_seconds(), improved)
-        if c["test_every_batches"] and step % c["test_every_batches"] == 0:
-            self._interim_sample()
-        if epoch_ended and c["save_epoch_snapshots"] and self.is_main:
-            self.save(f"epoch{self.order.epoch}")
-            prune_epoch_snapshots(c)
+                (reason and not self.interrupted):
+            self._validate(step, epoch)
+        if c["test_every_batches"] and step % c["test_every_batches"] == 0 and self.sample_fn:
+            prompt = c["interim_test_prompt"]
+            self.log.sample(step, prompt, self.sample_fn(prompt))
+        if epoch_ended and c["save_epoch_snapshots"]:
+            if self.save(f"epoch{self.order.epoch}") and self.is_main:
+                prune_epoch_snapshots(c)
         if step % c["checkpoint_every_batches"] == 0 or reason:
-            self.save("latest")
+            self.save("latest", final=reason is not None)
 
-    def _interim_sample(self):
-        if not (self.sample_fn and self.is_main):
-            return
-        prompt = self.config["interim_test_prompt"]
-        text = self.sample_fn(prompt)
-        self._log(f"--- sample at step {self.step} ---\n{prompt}{text}\n---")
-        path = os.path.join(self.config["checkpoint_dir"], "interim_samples.txt")
-        with open(path, "a", encoding="utf-8") as file:
-            file.write(f"=== step {self.step} ===\n{prompt}{text}\n\n")
-
-    def _report_end(self, reason, profiler):
-        c = self.config
-        if c["enable_profiler"] and self.is_main and profiler is not None:
-            self._log(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-            self._log(f"profiler trace written to {c['profiler_log_dir']}")
-        if self.stop.reason:
-            self._log(f"stopped by {self.stop.reason} after step {self.step}; saved "
-                      f"{checkpoint_path(c, 'latest')}.\nResume with: python3 main.py "
-                      f"--resume_from_checkpoint=latest")
-        else:
-            self._log(f"training finished ({reason}) after {self.step} steps, "
-                      f"{self.elapsed_seconds():.0f} s; best validation loss "
-                      f"{self.best_val_loss:.4f} nats = {bits_per_byte(self.best_val_loss):.3f} "
-                      f"bits/byte")
+    def _validate(self, step, epoch):
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(f"the validation loss became {val_loss} at step {step}; "
+                                   f"nothing was saved from it. Lower learning_rate.")
+        self.schedule.on_validation(val_loss)
+        improved = val_loss < self.best_val_loss
+        if improved:
+            previous, self.best_val_loss = self.best_val_loss, val_loss
+            if self.is_main and self.save("best") is None:
+                self.best_val_loss = previous  # not written: the next improvement tries again
+        self.log.validation(step, epoch, val_loss, self.current_lr(), self.elapsed_seconds(),
+                            improved)

@@ -241,7 +241,8 @@ def test_crash_before_the_manifest_is_written_is_not_trusted(tmp_path, monkeypat
 # Demo corpus
 
 def test_empty_data_dir_gets_a_deterministic_demo_corpus(tmp_path, capsys):
-    data_dir = tmp_path / "missing" / "data"  # a missing folder counts as empty
+    data_dir = tmp_path / "empty" / "data"
+    data_dir.mkdir(parents=True)
     data = prepare(make_config(tmp_path, data_dir=str(data_dir), sequence_length=128,
                                val_split_ratio=0.1))
     out = capsys.readouterr().out
@@ -264,6 +265,7 @@ def test_demo_corpus_arithmetic_is_correct():
 
 def test_empty_data_dir_without_demo_corpus_is_an_error(tmp_path):
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     with pytest.raises(UserError, match=f"no .txt files in {re.escape(str(data_dir))}"):
         prepare(make_config(tmp_path, generate_dummy_data_if_empty=False))
     assert data_dir.is_dir() and not any(data_dir.iterdir())

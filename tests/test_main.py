@@ -34,6 +34,7 @@ def run_main(root, *args, timeout=240):
 
 def test_fresh_run_on_dummy_data_trains_generates_and_resumes(tmp_path):
     root = str(tmp_path)
+    os.makedirs(f"{root}/data")  # an existing, empty data folder gets the demo corpus
     first = run_main(root, "--max_steps=6", "--generation_prompts=['Hé']")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "dummy" in first.stdout.lower()

@@ -88,7 +88,7 @@ def schedule_config(**overrides):
 
 
 def test_warmup_starts_at_init_factor_and_reaches_the_peak_at_its_last_step():
-    schedule = LearningRateSchedule(schedule_config(), total_steps=100)
+    schedule = LearningRateSchedule(schedule_config(), step_limit=100)
     assert schedule.learning_rate(0) == pytest.approx(1e-4)
     assert schedule.learning_rate(9) == pytest.approx(1e-3, abs=1e-15)
     rates = [schedule.learning_rate(s) for s in range(10)]
@@ -96,18 +96,35 @@ def test_warmup_starts_at_init_factor_and_reaches_the_peak_at_its_last_step():
 
 
 def test_cosine_reaches_the_floor_at_the_last_step():
-    schedule = LearningRateSchedule(schedule_config(), total_steps=100)
+    schedule = LearningRateSchedule(schedule_config(), step_limit=100)
     assert schedule.learning_rate(10) == pytest.approx(1e-3)
     assert schedule.learning_rate(99) == pytest.approx(1e-5, abs=1e-15)
     assert schedule.learning_rate(55) < schedule.learning_rate(30)
 
 
-def test_cosine_follows_the_time_budget_when_it_ends_the_run_first():
-    schedule = LearningRateSchedule(schedule_config(), total_steps=10_000,
+def test_a_time_budget_fixes_the_horizon_once_from_the_measured_step_time():
+    schedule = LearningRateSchedule(schedule_config(), step_limit=10_000,
                                     time_budget_seconds=60)
-    assert schedule.learning_rate(20, elapsed_seconds=60) == pytest.approx(1e-5)
-    assert schedule.learning_rate(20, elapsed_seconds=30) == pytest.approx(
-        1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert schedule.horizon() == 10_000  # until measured, the step limit stands in
+    first, last = schedule.PROBE_STEPS
+    for steps_run in range(1, last + 1):  # 0.1 s per step, after 0.5 s of start-up
+        schedule.observe(steps_run, steps_run, 0.5 + 0.1 * steps_run)
+    assert schedule.horizon() == last + int((60 - 0.5 - 0.1 * last) / 0.1)
+    horizon = schedule.horizon()
+    assert schedule.learning_rate(horizon - 1) == pytest.approx(1e-5)
+    assert schedule.learning_rate(horizon // 2) > 1e-4
+    schedule.observe(last + 1, last + 1, 1e6)  # the clock is never read again
+    assert schedule.horizon() == horizon
+
+    resumed = LearningRateSchedule(schedule_config(), 10_000, 60)
+    resumed.load_state_dict(schedule.state_dict())
+    assert [resumed.learning_rate(s) for s in range(0, horizon, 7)] == \
+        [schedule.learning_rate(s) for s in range(0, horizon, 7)]
+    # A budget that allows more steps than the limit: the limit is the horizon.
+    generous = LearningRateSchedule(schedule_config(), 100, 60)
+    for steps_run in range(1, last + 1):
+        generous.observe(steps_run, steps_run, 0.1 * steps_run)
+    assert generous.horizon() == 100
 
 
 def test_plateau_cuts_the_rate_after_patience_bad_validations():
