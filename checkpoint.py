@@ -25,7 +25,7 @@ try:
 except ImportError:  # Windows: fall back to checking the recorded process id
     fcntl = None
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer_state is a list (AdamW, and Muon when used)
 # What a checkpoint must hold to be generated from, and to be resumed.
 KEYS_TO_GENERATE = ("format_version", "model_state", "config", "step")
 KEYS_TO_RESUME = KEYS_TO_GENERATE + (
@@ -117,9 +117,10 @@ def resolve_resume_path(config):
     return choice
 
 
-def load_for_resume(path, config, architecture_keys):
+def load_for_resume(path, config, architecture_keys, legacy_architecture=None):
     """The checkpoint at `path`, complete enough to resume and with the architecture of
-    `config`, or a UserError that says what to do instead."""
+    `config`, or a UserError that says what to do instead. `legacy_architecture`: what a
+    checkpoint from before a key existed meant by it."""
     try:
         state = load_checkpoint(path, required=KEYS_TO_RESUME)
     except UserError as error:
@@ -128,7 +129,8 @@ def load_for_resume(path, config, architecture_keys):
             raise UserError(f"{error}\nThe best checkpoint may still be good: resume "
                             f"from it with --resume_from_checkpoint=best") from None
         raise
-    differences = architecture_differences(state["config"], config, architecture_keys)
+    saved = {**(legacy_architecture or {}), **state["config"]}
+    differences = architecture_differences(saved, config, architecture_keys)
     if differences:
         raise UserError(f"cannot resume from {path}: its architecture differs from the "
                         "config:\n  " + "\n  ".join(differences) +

@@ -20,7 +20,7 @@ not): the config check, the command-line parser and --help all read it.
 
 import os
 
-from model_components import ACTIVATIONS, POSITIONAL_ENCODINGS
+from model_components import ACTIVATIONS, NORMS, POSITIONAL_ENCODINGS
 from utils import device_problem, flag, integer, list_of, one_of, real, text
 
 DO_TRAINING = True  # run the training stage
@@ -53,7 +53,7 @@ CONFIG_V3 = {
     "cnn_activation": "gelu",  # frontend activation: "gelu" | "relu"
     "cnn_dropout": 0.0,  # dropout after each frontend convolution, probability
     "cnn_use_layernorm": True,  # LayerNorm over channels after each frontend convolution
-    "positional_encoding_type": "sinusoidal",  # "sinusoidal" (fixed) | "learnable"
+    "positional_encoding_type": "sinusoidal",  # "sinusoidal" | "learnable" (added) | "rotary" (RoPE)
     "max_positional_encoding_len": 1024,  # positions in the encoding table (learnable: hard limit)
     "pe_dropout": 0.0,  # dropout after adding positional encodings, probability
     "attention_d_model": 160,  # width of the transformer layers
@@ -61,6 +61,11 @@ CONFIG_V3 = {
     "ffn_dim_multiply": 4,  # feed-forward width = ffn_dim_multiply * attention_d_model
     "transformer_dropout": 0.0,  # dropout inside attention and feed-forward, probability
     "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
+    "norm_type": "layernorm",  # norms of the transformer: "layernorm" | "rmsnorm"
+    "qk_norm": False,  # RMS-normalise queries and keys per head before attention
+    "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
+    "zero_init_output_projections": False,  # start attention/FFN output projections at zero
+    "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
     "output_dropout": 0.0,  # dropout before the output projection, probability
     "num_attention_layers": 2,  # transformer layers of the single-stream model
     "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"
@@ -78,7 +83,9 @@ CONFIG_V3 = {
     "max_steps": 8000,  # optimizer steps at most (None = no limit)
     "max_train_minutes": 3.0,  # wall-clock training budget, minutes (None = no limit)
     "learning_rate": 3e-3,  # peak learning rate
-    "optimizer_type": "AdamW",  # "AdamW" | "Adam"
+    "optimizer_type": "AdamW",  # "AdamW" | "Adam" | "Muon" (layer matrices; AdamW for the rest)
+    "muon_learning_rate": 0.02,  # Muon: peak rate of the layer matrices (scheduled like the rest)
+    "muon_momentum": 0.95,  # Muon: momentum (Nesterov)
     "adam_beta1": 0.9,  # Adam beta1
     "adam_beta2": 0.99,  # Adam beta2
     "adam_eps": 1e-8,  # Adam epsilon
@@ -95,7 +102,9 @@ CONFIG_V3 = {
     "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
 
     # --- schedule and AMP ---
-    "scheduler_type": "CosineAnnealingLR",  # "CosineAnnealingLR" | "ReduceLROnPlateau" | "constant"
+    "scheduler_type": "CosineAnnealingLR",  # "CosineAnnealingLR" | "wsd" | "ReduceLROnPlateau"
+                                            # | "constant"
+    "lr_decay_fraction": 0.3,  # wsd: decay linearly to eta_min over this last part of the run
     "lr_scheduler_T_max": None,  # cosine length in steps after warmup (None = rest of the run)
     "lr_scheduler_eta_min": 1e-4,  # cosine floor learning rate
     "lr_scheduler_patience": 3,  # ReduceLROnPlateau: validations without improvement before cutting
@@ -200,6 +209,11 @@ RULES = {
     "ffn_dim_multiply": POSITIVE,
     "transformer_dropout": FRACTION,
     "transformer_norm_first": flag(),
+    "norm_type": one_of(*NORMS),
+    "qk_norm": flag(),
+    "ffn_activation": one_of("gelu", "relu2", "swiglu"),
+    "zero_init_output_projections": flag(),
+    "logit_softcap": real(0),
     "output_dropout": FRACTION,
     "num_attention_layers": POSITIVE,
     "training_objective": one_of("all_positions", "last_byte"),
@@ -215,7 +229,9 @@ RULES = {
     "max_steps": integer(1, nullable=True),
     "max_train_minutes": real(0, low_open=True, nullable=True),
     "learning_rate": real(0, low_open=True),
-    "optimizer_type": one_of("AdamW", "Adam"),
+    "optimizer_type": one_of("AdamW", "Adam", "Muon"),
+    "muon_learning_rate": real(0, low_open=True),
+    "muon_momentum": real(0, 1, high_open=True),
     "adam_beta1": FRACTION,
     "adam_beta2": FRACTION,
     "adam_eps": real(0, low_open=True),
@@ -231,7 +247,8 @@ RULES = {
     "eval_max_batches": integer(1, nullable=True),
     "reset_best_val_loss_on_resume": flag(),
     # schedule and AMP
-    "scheduler_type": one_of("CosineAnnealingLR", "ReduceLROnPlateau", "constant"),
+    "scheduler_type": one_of("CosineAnnealingLR", "wsd", "ReduceLROnPlateau", "constant"),
+    "lr_decay_fraction": real(0, 1, low_open=True),
     "lr_scheduler_T_max": integer(1, nullable=True),
     "lr_scheduler_eta_min": real(0),
     "lr_scheduler_patience": COUNT,

@@ -12,6 +12,7 @@ Cache layout in `processed_data_dir`:
 """
 
 import codecs
+import errno
 import hashlib
 import io
 import json
@@ -351,7 +352,15 @@ class DataProcessor:
         # Without a manifest nothing is trusted, whatever happens until the new one lands.
         self.manifest_path.unlink(missing_ok=True)
         started = time.perf_counter()
-        num_bytes, spans, invalid, skipped = self._write_array(wanted["files"])
+        try:
+            num_bytes, spans, invalid, skipped = self._write_array(wanted["files"])
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needed = sum(entry[0] for entry in wanted["files"].values()) / 1e6
+            raise UserError(f"cannot write {self.array_path}: the disk is full (about "
+                            f"{needed:.0f} MB needed). Free some space or set "
+                            f"processed_data_dir to another disk.") from None
         _write_manifest(self.manifest_path, {**wanted, "num_bytes": num_bytes, "spans": spans,
                                              "invalid_utf8": invalid, "skipped": skipped})
         seconds = time.perf_counter() - started

@@ -17,11 +17,12 @@ import config as config_module
 from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, load_checkpoint,
                         path_to_generate_from, resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
-from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, count_parameters, parameters_of,
-                   structure_problems)
+from model import (ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3, count_parameters,
+                   parameters_of, structure_problems)
 from predictor import Predictor, interactive_loop
 from trainer import Trainer, schedule_problems
-from utils import (ConfigError, UserError, apply_overrides, available_memory_bytes,
+from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides,
+                   available_memory_bytes,
                    config_comments, config_problems, remove_stale_temporaries,
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
                    suggestion)
@@ -98,18 +99,6 @@ def check_model_fits(config, device):
 # ---------------------------------------------------------------------------
 # Building and training
 
-def prepare_data(config, context):
-    """Rank 0 builds (or reuses) the processed array while the other ranks wait."""
-    first_run = config["data_dir"] == config_module.CONFIG_V3["data_dir"]
-    if context.is_main:
-        data = DataProcessor(config, create_missing_data_dir=first_run).prepare()
-    context.barrier()
-    if not context.is_main:
-        # Rank 0 just built the cache: open it, never rebuild it a second time.
-        data = DataProcessor({**config, "force_reprocess_data": False}).prepare()
-    return data
-
-
 def make_sampler(model, device, config):
     """A function prompt -> text for the interim samples during training."""
     predictor = Predictor(model, device, config)
@@ -131,8 +120,8 @@ def build_training(config, data, device, with_samples=False):
     seed_everything(config["seed"])
     model = ByteLLM_GrugV3(config).to(device)
     sample_fn = make_sampler(model, device, config) if with_samples else None
-    return Trainer(model, train_set, val_set, config, device,
-                   architecture_keys=ARCHITECTURE_KEYS, sample_fn=sample_fn)
+    return Trainer(model, train_set, val_set, config, device, architecture_keys=ARCHITECTURE_KEYS,
+                   sample_fn=sample_fn, legacy_architecture=LEGACY_ARCHITECTURE)
 
 
 def print_header(config, device, data, trainer, context):
@@ -150,16 +139,42 @@ def print_header(config, device, data, trainer, context):
           f"{config['sequence_length']} bytes")
 
 
+def together(context, work):
+    """work() on this rank; if it raised a UserError here or on any other rank, every rank
+    raises (a rank that stopped alone would leave the others waiting at a collective)."""
+    error, result = None, None
+    try:
+        result = work()
+    except UserError as raised:
+        error = raised
+    if agree_across_ranks([error is not None], "max", context.device)[0]:
+        raise error or UserError(f"rank {context.rank} stops: another rank could not start "
+                                 f"(its message says why)")
+    return result
+
+
+def start_on_rank0(config, locks):
+    """Lock checkpoint_dir for the run, clear an interrupted run's temporaries, and build
+    (or reuse) the processed data: rank 0's part, before the other ranks open the data."""
+    folder = config["checkpoint_dir"]
+    locks.enter_context(CheckpointFolderLock(folder))
+    freed = remove_stale_temporaries(folder)
+    if freed:
+        print(f"removed {freed / 1e6:.1f} MB of temporary files left in {folder} by an "
+              f"interrupted checkpoint write")
+    first_run = config["data_dir"] == config_module.CONFIG_V3["data_dir"]
+    return DataProcessor(config, create_missing_data_dir=first_run).prepare()
+
+
 def run_training(config, device, context):
     """Train under a lock on checkpoint_dir (rank 0 holds it for the whole job)."""
     check_model_fits(config, device)
-    folder = config["checkpoint_dir"]
-    with CheckpointFolderLock(folder) if context.is_main else contextlib.nullcontext():
-        freed = remove_stale_temporaries(folder) if context.is_main else 0
-        if freed:
-            print(f"removed {freed / 1e6:.1f} MB of temporary files left in {folder} by an "
-                  f"interrupted checkpoint write")
-        data = prepare_data(config, context)
+    with contextlib.ExitStack() as locks:
+        built = together(context, lambda: start_on_rank0(config, locks) if context.is_main
+                         else None)
+        # Rank 0 has built the cache: the other ranks open it, never rebuild it.
+        data = together(context, lambda: built if context.is_main else DataProcessor(
+            {**config, "force_reprocess_data": False}).prepare())
         trainer = build_training(config, data, device, with_samples=context.is_main)
         if context.is_main:
             print_header(config, device, data, trainer, context)
@@ -180,7 +195,8 @@ def load_model_for_prediction(config, device):
     """The best checkpoint (else latest), rebuilt with its own architecture."""
     path = path_to_generate_from(config)
     state = load_checkpoint(path, required=KEYS_TO_GENERATE)
-    architecture = {k: state["config"][k] for k in ARCHITECTURE_KEYS if k in state["config"]}
+    saved = {**LEGACY_ARCHITECTURE, **state["config"]}  # old checkpoints keep their meaning
+    architecture = {k: saved[k] for k in ARCHITECTURE_KEYS if k in saved}
     model = ByteLLM_GrugV3({**config, **architecture}).to(device)
     try:
         model.load_state_dict(state["model_state"])

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import RULES
-from model_components import CNNFrontend, POSITIONAL_ENCODINGS
+from model_components import NORMS, POSITIONAL_ENCODINGS, CNNFrontend, apply_rotation
 from utils import config_problems
 
 # Config keys that change the parameters' shapes or the math of forward. Checkpoints
@@ -32,10 +32,15 @@ ARCHITECTURE_KEYS = (
     "num_attention_layers",
     "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
     "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
+    "norm_type", "qk_norm", "ffn_activation", "logit_softcap",
 )
+# What a checkpoint saved before a key existed meant by it (its math back then).
+LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
+                       "logit_softcap": 0.0}
 # Every config key the model reads.
 MODEL_KEYS = ARCHITECTURE_KEYS + (
-    "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective")
+    "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective",
+    "zero_init_output_projections")
 
 
 # ---------------------------------------------------------------------------
@@ -73,22 +78,33 @@ class GenerationCache:
 
 
 # ---------------------------------------------------------------------------
-# Transformer layer (the math of nn.TransformerEncoderLayer, plus a KV cache)
+# Transformer layer (with the defaults, the math of nn.TransformerEncoderLayer), plus a
+# KV cache and the modern options: RMSNorm, QK-norm, rotary positions, ReLU² and SwiGLU.
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, d_model, num_heads, dropout):
+    def __init__(self, d_model, num_heads, dropout, qk_norm=False):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)  # q, k, v stacked like in_proj_weight
         self.out_proj = nn.Linear(d_model, d_model)
+        head_dim = d_model // num_heads
+        # QK-norm: unit-RMS queries and keys per head keep attention logits in range
+        # whatever the learning rate does to the weights; the gains learn the sharpness.
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotation=None):
+        """x (B, T, C) -> (B, T, C). `rotation`: the (cos, sin) of rotary positions."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotation is not None:
+            q, k = apply_rotation(q, rotation), apply_rotation(k, rotation)
         mask, is_causal = None, True
         if kv_cache is not None:
             past = kv_cache.length
@@ -102,7 +118,6 @@ class CausalSelfAttention(nn.Module):
         y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.out_proj(y)
-
 
     def _attend(self, q, k, v, mask, is_causal):
         dropout = self.dropout if self.training else 0.0
@@ -118,41 +133,57 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """linear1 -> activation -> linear2. "swiglu" splits linear1's output into a value
+    and a SiLU gate; its width is 2/3 of the others', so the parameter count matches."""
 
-    def __init__(self, d_model, hidden, dropout):
+    def __init__(self, d_model, multiplier, dropout, activation="gelu"):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, hidden)
+        self.activation = activation
+        hidden = multiplier * d_model
+        if activation == "swiglu":
+            hidden = max(1, round(2 * hidden / 3))
+        self.linear1 = nn.Linear(d_model, 2 * hidden if activation == "swiglu" else hidden)
         self.linear2 = nn.Linear(hidden, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(x)))))
+        h = self.linear1(x)
+        if self.activation == "swiglu":
+            value, gate = h.chunk(2, dim=-1)
+            h = value * F.silu(gate)
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.linear2(self.dropout(h)))
 
 
 class EncoderLayer(nn.Module):
     """Causal self-attention + feed-forward, pre-norm or post-norm."""
 
-    def __init__(self, d_model, num_heads, ffn_mult, dropout, norm_first):
+    def __init__(self, d_model, num_heads, ffn_mult, dropout, norm_first, norm_type="layernorm",
+                 qk_norm=False, ffn_activation="gelu"):
         super().__init__()
         self.norm_first = norm_first
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout)
-        self.ffn = FeedForward(d_model, ffn_mult * d_model, dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout, qk_norm)
+        self.ffn = FeedForward(d_model, ffn_mult, dropout, ffn_activation)
+        self.norm1 = NORMS[norm_type](d_model)
+        self.norm2 = NORMS[norm_type](d_model)
         self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotation=None):
         if self.norm_first:
-            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache))
+            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache, rotation))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache)))
+        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache, rotation)))
         return self.norm2(x + self.ffn(x))
 
 
 def encoder_stack(num_layers, d_model, config):
     return nn.ModuleList(
         EncoderLayer(d_model, config["attention_num_heads"], config["ffn_dim_multiply"],
-                     config["transformer_dropout"], config["transformer_norm_first"])
+                     config["transformer_dropout"], config["transformer_norm_first"],
+                     config["norm_type"], config["qk_norm"], config["ffn_activation"])
         for _ in range(num_layers))
 
 
@@ -179,6 +210,12 @@ def structure_problems(c):
         if has("attention_num_heads", key) and c[key] % c["attention_num_heads"]:
             problems.append(f"`attention_num_heads` ({c['attention_num_heads']}) must divide "
                             f"`{key}` ({c[key]})")
+        elif has("attention_num_heads", key, "positional_encoding_type") \
+                and c["positional_encoding_type"] == "rotary" \
+                and (c[key] // c["attention_num_heads"]) % 2:
+            problems.append(f"rotary positions turn pairs of channels: the head width "
+                            f"`{key}` / `attention_num_heads` ({c[key]} / "
+                            f"{c['attention_num_heads']}) must be even")
     if has("cnn_out_channels_list", "cnn_kernel_sizes"):
         channels, kernels = c["cnn_out_channels_list"], c["cnn_kernel_sizes"]
         if len(channels) != len(kernels):
@@ -203,6 +240,20 @@ def structure_problems(c):
 # ---------------------------------------------------------------------------
 # The model
 
+def positional_encoding(config, width):
+    """The configured positional encoding for a stream of `width` channels."""
+    encoding = POSITIONAL_ENCODINGS[config["positional_encoding_type"]]
+    arguments = (width, config["pe_dropout"], config["max_positional_encoding_len"])
+    if encoding.rotates_attention:
+        return encoding(*arguments, head_dim=width // config["attention_num_heads"])
+    return encoding(*arguments)
+
+
+def rotation_of(encoding, length, offset):
+    """The (cos, sin) rotary angles of positions offset .. offset+length-1, or None."""
+    return encoding.rotation(length, offset) if encoding.rotates_attention else None
+
+
 class ByteLLM_GrugV3(nn.Module):
 
     def __init__(self, config):
@@ -215,8 +266,8 @@ class ByteLLM_GrugV3(nn.Module):
         self.context_length = c["sequence_length"]  # the window the model was trained on
         self.training_objective = c["training_objective"]
         self.parallel = c["use_parallel_stream_model"]
+        self.softcap = c["logit_softcap"]
         d_model = c["attention_d_model"]
-        positional_encoding = POSITIONAL_ENCODINGS[c["positional_encoding_type"]]
 
         self.embedding = nn.Embedding(c["vocab_size"], c["embedding_dim"])
         self.cnn_frontend = None
@@ -228,8 +279,7 @@ class ByteLLM_GrugV3(nn.Module):
             front_width = self.cnn_frontend.out_channels
         self.projection = (nn.Linear(front_width, d_model) if front_width != d_model
                            else nn.Identity())
-        self.pos_encoding = positional_encoding(d_model, c["pe_dropout"],
-                                                c["max_positional_encoding_len"])
+        self.pos_encoding = positional_encoding(c, d_model)
         out_width = d_model
         if self.parallel:
             self.byte_stream_encoder = encoder_stack(c["num_byte_stream_layers"], d_model, c)
@@ -237,23 +287,33 @@ class ByteLLM_GrugV3(nn.Module):
             self.agg_kernel, self.agg_stride = c["agg_cnn_kernel_size"], c["agg_cnn_stride"]
             self.aggregator_cnn = nn.Conv1d(front_width, agg_dim, self.agg_kernel,
                                             stride=self.agg_stride)
-            self.agg_pos_encoding = positional_encoding(agg_dim, c["pe_dropout"],
-                                                        c["max_positional_encoding_len"])
+            self.agg_pos_encoding = positional_encoding(c, agg_dim)
             self.agg_stream_encoder = encoder_stack(c["num_agg_stream_layers"], agg_dim, c)
             self.no_patch_state = nn.Parameter(torch.randn(agg_dim) * 0.02)  # before patch 0
             out_width += agg_dim
         else:
             self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c)
-        self.final_norm = nn.LayerNorm(out_width)
+        self.final_norm = NORMS[c["norm_type"]](out_width)
         self.output_dropout = nn.Dropout(c["output_dropout"])
         self.fc_out = nn.Linear(out_width, c["vocab_size"])
-        self._init_weights()
+        self._init_weights(c["zero_init_output_projections"])
 
     @property
     def byte_layers(self):
         return self.byte_stream_encoder if self.parallel else self.transformer_encoder
 
-    def _init_weights(self):
+    @property
+    def streams(self):
+        return [self.byte_layers] + ([self.agg_stream_encoder] if self.parallel else [])
+
+    def hidden_matrices(self):
+        """The 2-D weights inside the transformer layers (what Muon optimizes); the
+        embedding, output head, norms, biases and convolutions are not among them."""
+        return [layer_module.weight for stream in self.streams for layer in stream
+                for layer_module in (layer.attn.qkv, layer.attn.out_proj,
+                                     layer.ffn.linear1, layer.ffn.linear2)]
+
+    def _init_weights(self, zero_output_projections):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -263,13 +323,16 @@ class ByteLLM_GrugV3(nn.Module):
         # learning stalls for the first hundred steps.
         nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
         # Residual projections shrink with depth (GPT-2): the sum of L layers' updates to the
-        # residual stream starts equally small whatever L is.
-        streams = [self.byte_layers] + ([self.agg_stream_encoder] if self.parallel else [])
-        for stream in streams:
+        # residual stream starts equally small whatever L is. Or they start at zero, so
+        # every layer starts as the identity (modded-nanogpt).
+        for stream in self.streams:
             std = 0.02 / math.sqrt(2 * len(stream))
             for layer in stream:
-                nn.init.normal_(layer.attn.out_proj.weight, mean=0.0, std=std)
-                nn.init.normal_(layer.ffn.linear2.weight, mean=0.0, std=std)
+                for weight in (layer.attn.out_proj.weight, layer.ffn.linear2.weight):
+                    if zero_output_projections:
+                        nn.init.zeros_(weight)
+                    else:
+                        nn.init.normal_(weight, mean=0.0, std=std)
 
     # --- the shared body of forward and forward_incremental -----------------
 
@@ -281,8 +344,9 @@ class ByteLLM_GrugV3(nn.Module):
         if self.cnn_frontend is not None:
             h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
         z = self.pos_encoding(self.projection(h), offset=start)  # (B, T, d_model)
+        rotation = rotation_of(self.pos_encoding, x.size(1), start)
         for i, layer in enumerate(self.byte_layers):
-            z = layer(z, None if cache is None else cache.byte_kv[i])
+            z = layer(z, None if cache is None else cache.byte_kv[i], rotation)
         if self.parallel:
             z = torch.cat([z, self._patch_state_per_byte(h, cache)], dim=-1)
         return z
@@ -309,8 +373,9 @@ class ByteLLM_GrugV3(nn.Module):
             window = joined[:, first:first + (new - 1) * s + k]  # (B, (new-1)s+k, C)
             patches = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, new, D_agg)
             patches = self.agg_pos_encoding(patches, offset=done)
+            rotation = rotation_of(self.agg_pos_encoding, new, done)
             for i, layer in enumerate(self.agg_stream_encoder):
-                patches = layer(patches, None if cache is None else cache.agg_kv[i])
+                patches = layer(patches, None if cache is None else cache.agg_kv[i], rotation)
             states = torch.cat([previous.to(patches.dtype), patches], dim=1)  # (B, 1+new, D_agg)
         if cache is not None:
             cache.agg_past = joined[:, joined.size(1) - (k - 1):]
@@ -319,7 +384,12 @@ class ByteLLM_GrugV3(nn.Module):
         return states[:, (positions + 1) // s - done]  # index 0 = patch done-1 (or none)
 
     def _logits(self, hidden):
-        return self.fc_out(self.output_dropout(self.final_norm(hidden)))
+        logits = self.fc_out(self.output_dropout(self.final_norm(hidden)))
+        if self.softcap:
+            # Soft-capping (Gemma 2): smooth in the middle, never beyond ±softcap, so no
+            # byte's logit runs away while the rest catch up.
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
     # --- public API ----------------------------------------------------------
 

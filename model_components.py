@@ -1,5 +1,6 @@
-"""Building blocks of GrugV3 that are not attention: positional encodings and the
-causal convolutional frontend. Every module takes and returns (B, T, C)."""
+"""Building blocks of GrugV3 that are not attention: positional encodings (added to the
+inputs, or rotary: applied to queries and keys), norms and the causal convolutional
+frontend. Modules over sequences take and return (B, T, C)."""
 
 import math
 
@@ -22,6 +23,8 @@ class SinusoidalPositionalEncoding(nn.Module):
     """Adds fixed sin/cos encodings. Works for any length: positions past the stored
     table are computed on the fly (the stored table is left as it is)."""
 
+    rotates_attention = False
+
     def __init__(self, d_model, dropout, max_len):
         super().__init__()
         self.d_model = d_model
@@ -41,6 +44,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 class LearnablePositionalEncoding(nn.Module):
     """Adds a learned vector per position; positions past max_len are an error."""
 
+    rotates_attention = False
+
     def __init__(self, d_model, dropout, max_len):
         super().__init__()
         self.max_len = max_len
@@ -57,12 +62,53 @@ class LearnablePositionalEncoding(nn.Module):
         return self.dropout(x + self.table[offset:end].to(x.dtype))
 
 
+class RotaryPositions(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021): nothing is added to the inputs;
+    attention rotates each head's queries and keys by angles that grow with the position,
+    so their dot product depends on the distance between positions only. Like the
+    sinusoidal table, it works for any length. Here forward() is only the dropout the
+    other encodings apply after adding; `rotation(length, offset)` gives the angles."""
+
+    rotates_attention = True
+
+    def __init__(self, d_model, dropout, max_len, head_dim, base=10_000.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,)
+        self.register_buffer("table", self._angles(0, max_len), persistent=False)
+
+    def _angles(self, start, end):
+        positions = torch.arange(start, end, dtype=torch.float32, device=self.inv_freq.device)
+        return torch.outer(positions, self.inv_freq)  # (end - start, hs/2)
+
+    def forward(self, x, offset=0):
+        return self.dropout(x)
+
+    def rotation(self, length, offset=0):
+        """(cos, sin), each (length, hs/2), of positions offset .. offset+length-1."""
+        end = offset + length
+        angles = (self.table[offset:end] if end <= self.table.size(0)
+                  else self._angles(offset, end))
+        return angles.cos(), angles.sin()
+
+
+def apply_rotation(x, rotation):
+    """Rotate (B, nh, T, hs) queries or keys: pairs (i, i + hs/2) turn by angle i."""
+    cos, sin = (r.to(x.dtype) for r in rotation)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 POSITIONAL_ENCODINGS = {
     "sinusoidal": SinusoidalPositionalEncoding,
     "learnable": LearnablePositionalEncoding,
+    "rotary": RotaryPositions,
 }
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # of the CNN frontend
 
 
 class CausalConv1d(nn.Module):

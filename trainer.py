@@ -26,7 +26,8 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
                         save_checkpoint, unwrap_model)
 from dataset import BatchOrder
 from evaluate import evenly_spread, score_windows
-from utils import UserError, atomic_output, autocast_context, bits_per_byte, resolve_amp_dtype
+from utils import (UserError, agree_across_ranks, atomic_output, autocast_context, bits_per_byte,
+                   resolve_amp_dtype)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
@@ -45,26 +46,13 @@ def schedule_problems(c):
     return []
 
 
-def agree_across_ranks(values, op="max", device=None):
-    """`values` (numbers) combined over every rank of a torchrun job: "max", or "first"
-    (rank 0's). Without a process group, the values themselves."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if op == "max":
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    else:
-        dist.broadcast(tensor, src=0)
-    return tensor.tolist()
-
-
 # ---------------------------------------------------------------------------
 # Learning-rate schedule
 
 class LearningRateSchedule:
     """The learning rate as a pure function of the step (and, for ReduceLROnPlateau, of
     the validations so far), so a resumed run follows exactly the curve of an
-    uninterrupted one.
+    uninterrupted one: warmup, then cosine, wsd (warmup-stable-decay), plateau or constant.
 
     The curve ends at the horizon, the step at which the run will end. With a time
     budget that step is not known in advance: it is estimated once, from the measured
@@ -80,6 +68,7 @@ class LearningRateSchedule:
         self.init_factor = config["lr_warmup_init_factor"]
         self.eta_min = config["lr_scheduler_eta_min"]
         self.cosine_length = config["lr_scheduler_T_max"]
+        self.decay_fraction = config["lr_decay_fraction"]
         self.step_limit, self.time_budget = step_limit, time_budget_seconds
         self.measured = None  # {"at_step", "elapsed", "seconds_per_step"} once probed
         self._probe_start = None
@@ -125,6 +114,10 @@ class LearningRateSchedule:
             return self.peak
         if self.kind == "ReduceLROnPlateau":
             return self.peak * self.plateau_scale
+        if self.kind == "wsd":  # warmup, stable, then a linear decay over the last part
+            decay_steps = max(1, round(self.decay_fraction * self.horizon()))
+            progress = min(max(step - (self.horizon() - decay_steps) + 1, 0) / decay_steps, 1.0)
+            return self.peak + (self.eta_min - self.peak) * progress
         length = self.cosine_length or max(self.horizon() - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / max(length - 1, 1), 1.0)
         return self.eta_min + (self.peak - self.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -158,22 +151,34 @@ def _identity(batch):
 # ---------------------------------------------------------------------------
 # Building blocks of the Trainer
 
-def build_optimizer(model, config):
-    """AdamW (or Adam) with weight decay on matrices only, fused where the device has it."""
+def build_optimizers(model, config):
+    """[AdamW (or Adam)] with weight decay on matrices only; with "Muon", [AdamW, Muon]:
+    Muon takes the transformer layers' matrices (model.hidden_matrices()) and AdamW the
+    rest. Each parameter group carries `lr_ratio`, its peak rate over learning_rate, so
+    one schedule drives them all."""
+    muon = config["optimizer_type"] == "Muon"
+    hidden = list(model.hidden_matrices()) if muon else []
+    taken = {id(p) for p in hidden}
     decay, no_decay = [], []
     for parameter in model.parameters():
-        if parameter.requires_grad:
+        if parameter.requires_grad and id(parameter) not in taken:
             # Matrices (linear, embedding, conv kernels) decay; biases and norms don't.
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    optimizer_class = torch.optim.AdamW if config["optimizer_type"] == "AdamW" else torch.optim.Adam
+    groups = [{"params": decay, "weight_decay": config["weight_decay"], "lr_ratio": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]
+    adam_class = torch.optim.Adam if config["optimizer_type"] == "Adam" else torch.optim.AdamW
     options = dict(lr=config["learning_rate"], betas=(config["adam_beta1"], config["adam_beta2"]),
                    eps=config["adam_eps"])
     try:
-        return optimizer_class(groups, fused=True, **options)
+        optimizers = [adam_class(groups, fused=True, **options)]
     except (RuntimeError, TypeError):  # fused kernels missing for this device
-        return optimizer_class(groups, foreach=True, **options)
+        optimizers = [adam_class(groups, foreach=True, **options)]
+    if muon:
+        ratio = config["muon_learning_rate"] / config["learning_rate"]
+        optimizers.append(torch.optim.Muon(
+            [{"params": hidden, "lr_ratio": ratio}], lr=config["muon_learning_rate"],
+            momentum=config["muon_momentum"], weight_decay=0.0))
+    return optimizers
 
 
 def compile_or_fall_back(model, probe, log):
@@ -199,20 +204,23 @@ class StopRequests:
 
     def __init__(self, log):
         self.log, self.reason = log, None
-        self.writing, self.abort_pending = False, False
+        self.interrupts, self.writing, self.abort_pending = 0, False, False
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                if not self.writing:
+                    raise KeyboardInterrupt
+                self.abort_pending = True
+                self.log(f"\n{name} received again: aborting once the checkpoint is written")
+                return
         if self.reason is None:
             self.reason = name
             self.log(f"\n{name} received: finishing the current step, then saving the "
                      f"latest checkpoint" + (" (press Ctrl-C again to abort at once)"
                                               if signum == signal.SIGINT else ""))
-        elif signum == signal.SIGINT:
-            if not self.writing:
-                raise KeyboardInterrupt
-            self.abort_pending = True
-            self.log("\nSIGINT received again: aborting once the checkpoint is written")
 
     @contextlib.contextmanager
     def installed(self):
@@ -266,6 +274,7 @@ class TrainingLog:
     def __init__(self, config, bytes_per_step, first_step, resumed, enabled):
         self.config, self.bytes_per_step, self.enabled = config, bytes_per_step, enabled
         self.path = os.path.join(config["checkpoint_dir"], "metrics.csv")
+        self.write_failed = False
         if enabled:
             self._start_file(first_step if resumed else None)
         self.bar = tqdm(initial=first_step, dynamic_ncols=True, leave=False,
@@ -301,9 +310,16 @@ class TrainingLog:
     def _append(self, step, **values):
         row = [values.get(column) for column in METRICS_COLUMNS]
         row[0] = step
-        with open(self.path, "a", newline="") as file:
-            csv.writer(file).writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float)
-                                                              else v) for v in row])
+        try:
+            with open(self.path, "a", newline="") as file:
+                csv.writer(file).writerow(["" if v is None else
+                                           (f"{v:.6g}" if isinstance(v, float) else v)
+                                           for v in row])
+        except OSError as error:  # a full disk: the checkpoints matter more than the log
+            if not self.write_failed:
+                self.message(f"warning: cannot append to {self.path} ({error.strerror}); "
+                             f"training goes on")
+            self.write_failed = True
 
     def message(self, text):
         if self.enabled:
@@ -382,12 +398,14 @@ def step_seed(seed, rank, step):
 
 class Trainer:
     def __init__(self, model, train_dataset, val_dataset, config, device,
-                 architecture_keys=(), sample_fn=None):
-        """`architecture_keys` are the config keys a checkpoint must share to be resumed.
+                 architecture_keys=(), sample_fn=None, legacy_architecture=None):
+        """`architecture_keys` are the config keys a checkpoint must share to be resumed
+        (`legacy_architecture`: the values meant by checkpoints saved before a key existed).
         `sample_fn(prompt)` returns text for the interim samples (None = no samples)."""
         self.config, self.device = config, device
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.architecture_keys, self.sample_fn = tuple(architecture_keys), sample_fn
+        self.legacy_architecture = legacy_architecture
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
@@ -401,7 +419,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.optimizer = build_optimizer(self.raw_model, config)
+        self.optimizers = build_optimizers(self.raw_model, config)
 
         self.order = BatchOrder(len(train_dataset), config["batch_size"],
                                 config["gradient_accumulation_steps"], config["seed"],
@@ -448,7 +466,7 @@ class Trainer:
         return {
             "format_version": FORMAT_VERSION,
             "model_state": self.raw_model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
+            "optimizer_state": [optimizer.state_dict() for optimizer in self.optimizers],
             "scheduler_state": self.schedule.state_dict(),
             "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step, **self.order.state_dict(),
@@ -476,10 +494,17 @@ class Trainer:
         return path
 
     def resume(self, path):
-        state = load_for_resume(path, self.config, self.architecture_keys)
+        state = load_for_resume(path, self.config, self.architecture_keys,
+                                self.legacy_architecture)
+        saved = state["optimizer_state"]
+        saved = saved if isinstance(saved, list) else [saved]  # format 1: one optimizer
         try:
             self.raw_model.load_state_dict(state["model_state"])
-            self.optimizer.load_state_dict(state["optimizer_state"])
+            if len(saved) != len(self.optimizers):
+                raise ValueError(f"it holds {len(saved)} optimizer state(s) and this run "
+                                 f"has {len(self.optimizers)} (optimizer_type changed?)")
+            for optimizer, optimizer_state in zip(self.optimizers, saved):
+                optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"checkpoint {path} does not fit this model: {error}") from None
         self.schedule.load_state_dict(state["scheduler_state"])
@@ -520,13 +545,15 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._start_time)
 
     def current_lr(self):
-        return self.optimizer.param_groups[0]["lr"]
+        return self.optimizers[0].param_groups[0]["lr"]
 
     def train_step(self, micro_batches):
         """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns
         the mean loss; a step whose gradients are not finite is not taken."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.learning_rate(self.step)
+        rate = self.schedule.learning_rate(self.step)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = rate * group["lr_ratio"]
         torch.manual_seed(step_seed(self.config["seed"], self.rank, self.step))
         total_loss = 0.0
         for index, (x, y) in enumerate(micro_batches):
@@ -538,7 +565,8 @@ class Trainer:
                                       y.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total_loss += loss.item()
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         parameters = [p for p in self.raw_model.parameters() if p.grad is not None]
         clip = self.config["clip_grad_norm_value"]
         norm = (torch.nn.utils.clip_grad_norm_(parameters, clip) if clip
@@ -546,9 +574,11 @@ class Trainer:
         # With fp16 the scaler skips a step whose gradients overflowed; otherwise such
         # a step would write NaN into the weights, so it is not taken.
         if self.scaler.is_enabled() or torch.isfinite(norm):
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total_loss / len(micro_batches)
 

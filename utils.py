@@ -443,3 +443,16 @@ def setup_distributed(config):
     torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo",
                                          timeout=timeout)
     return DistributedContext(rank, local_rank, world_size, device)
+
+
+def agree_across_ranks(values, op="max", device=None):
+    """`values` (numbers) combined over every rank of a torchrun job: "max", or "first"
+    (rank 0's). Without a process group, the values themselves."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if op == "max":
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    else:
+        torch.distributed.broadcast(tensor, src=0)
+    return tensor.tolist()

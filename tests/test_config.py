@@ -132,3 +132,50 @@ def test_main_reports_config_errors_without_traceback():
     assert "did you mean `batch_size`?" in result.stderr
     assert "`attention_num_heads` (7) must divide `attention_d_model`" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# One declaration per key
+
+def test_every_key_has_exactly_one_rule():
+    assert list(config_module.RULES) == list(DEFAULTS)
+
+
+def test_help_shows_what_each_key_accepts():
+    text = help_text()
+    assert "--batch_size=16   (int in [1, inf])" in text
+    assert "--cnn_activation='gelu'   (one of 'gelu', 'relu')" in text
+    assert "--max_steps=" in text and "(None or int in [1, inf])" in text
+
+
+def test_utils_imports_nothing_from_the_project():
+    import ast
+    project = {os.path.splitext(name)[0] for name in os.listdir(REPO_ROOT)
+               if name.endswith(".py")}
+    tree = ast.parse(open(os.path.join(REPO_ROOT, "utils.py")).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & project
+
+
+def test_values_that_used_to_reach_a_traceback_are_config_errors(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    problems = "\n".join(problems_of(device="tpu", seed=99999999999999999999,
+                                     checkpoint_dir=str(a_file)))
+    assert "`device` = 'tpu' is not one of" in problems
+    assert "`seed` = 99999999999999999999 is out of range" in problems
+    assert "is a file, not a folder" in problems
+    assert "`device` = 'cuda:abc'" in "\n".join(problems_of(device="cuda:abc"))
+    check_config({**DEFAULTS, "device": "cuda:1", "distributed_timeout_minutes": 0.25,
+                  "amp_dtype": "float16"})  # well-formed; float16 autocast works on CPUs too
+
+
+def test_a_model_too_big_for_memory_is_a_config_error():
+    import main
+    import torch
+    with pytest.raises(ConfigError, match=r"would have [\d,]+ parameters, about [\d.]+ GB"):
+        main.check_model_fits({**DEFAULTS, "embedding_dim": 100_000_000}, torch.device("cpu"))
+    main.check_model_fits(dict(DEFAULTS), torch.device("cpu"))

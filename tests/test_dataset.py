@@ -1,8 +1,10 @@
 """DataProcessor (folder of .txt -> cached byte array) and ByteSequenceDataset (windows)."""
 
+import json
 import os
 import pickle
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from torch.utils.data import DataLoader
 
 import dataset
 from tests.conftest import make_tiny_config
-from dataset import ByteSequenceDataset, DataProcessor, check_enough_data, min_bytes_needed
+from dataset import (BatchOrder, ByteSequenceDataset, DataProcessor, check_enough_data,
+                     min_bytes_needed)
 from utils import UserError
 
 BAD = b"ok\xff\xfe bad \xe2\x82"  # two invalid bytes, then a sequence cut off at the end
@@ -168,14 +171,32 @@ def _force(tmp_path):
     return {"force_reprocess_data": True}, b"alpha|beta", "force_reprocess_data is set"
 
 
+def _resize_keeping_the_mtime(tmp_path):
+    path = tmp_path / "data" / "a.txt"
+    stat = path.stat()
+    write(tmp_path, "a.txt", "alphabet")  # longer, and stamped with the old time (cp -p)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return {}, b"alphabet|beta", "1 file(s) modified (a.txt)"
+
+
+def _edit_keeping_size_and_mtime(tmp_path):
+    """Seen only by hashing: a same-size edit with the old time stamp (rsync -t)."""
+    path = tmp_path / "data" / "a.txt"
+    stat = path.stat()
+    write(tmp_path, "a.txt", "ALPHA")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return {"data_change_detection": "content"}, b"ALPHA|beta", "`data_change_detection` changed"
+
+
 def _damage_array(tmp_path):
     with open(array_path(tmp_path), "r+b") as file:
         file.truncate(130)
     return {}, b"alpha|beta", "cached array is missing or has the wrong size"
 
 
-@pytest.mark.parametrize("change", [_modify_same_size, _add_file, _remove_file,
-                                    _change_separator, _change_policy, _force, _damage_array])
+@pytest.mark.parametrize("change", [_modify_same_size, _resize_keeping_the_mtime, _add_file,
+                                    _remove_file, _change_separator, _change_policy, _force,
+                                    _damage_array, _edit_keeping_size_and_mtime])
 def test_any_change_rebuilds_the_cache(tmp_path, capsys, change):
     write(tmp_path, "a.txt", "alpha")
     write(tmp_path, "b.txt", "beta")
@@ -388,3 +409,151 @@ def test_bad_arguments_are_rejected():
         ByteSequenceDataset(data, 4, 4, "test", 0.1)
     with pytest.raises(ValueError, match="uint8"):
         ByteSequenceDataset(data.astype(np.int64), 4, 4, "train", 0.1)
+
+
+# ---------------------------------------------------------------------------
+# Paths and damaged files
+
+def test_content_hashing_sees_an_edit_that_keeps_size_and_time(tmp_path, capsys):
+    path = write(tmp_path, "a.txt", "alpha")
+    config = make_config(tmp_path, data_change_detection="content")
+    prepare(config)
+    stat = path.stat()
+    write(tmp_path, "a.txt", "ALPHA")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    assert bytes(prepare(config)) == b"ALPHA"
+    assert "(1 file(s) modified (a.txt))" in capsys.readouterr().out
+    # By size and time alone the same edit goes unseen: the documented limit of the default.
+    write(tmp_path, "a.txt", "alpha")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    plain = make_config(tmp_path)
+    prepare(plain)
+    write(tmp_path, "a.txt", "ALPHA")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert bytes(prepare(plain)) == b"alpha"
+
+
+def test_a_missing_data_dir_is_an_error_not_an_empty_corpus(tmp_path):
+    typo = tmp_path / "dataa"
+    with pytest.raises(UserError, match=f"data_dir {re.escape(str(typo))} does not exist"):
+        prepare(make_config(tmp_path, data_dir=str(typo)))
+    assert not typo.exists()  # nothing created, no demo corpus trained on
+    # The default folder on a first run is created and gets the demo corpus.
+    config = make_config(tmp_path, data_dir=str(typo), sequence_length=64)
+    data = DataProcessor(config, create_missing_data_dir=True).prepare()
+    assert (typo / dataset.DUMMY_FILENAME).is_file() and len(data) > 1_000_000
+
+
+def test_a_single_txt_file_is_a_corpus_of_one_file(tmp_path):
+    path = write(tmp_path, "only.txt", "just this one")
+    write(tmp_path, "other.txt", "not this")
+    assert bytes(prepare(make_config(tmp_path, data_dir=str(path)))) == b"just this one"
+    notes = write(tmp_path, "notes.md", "markdown")
+    with pytest.raises(UserError, match="not a .txt file"):
+        prepare(make_config(tmp_path, data_dir=str(notes)))
+
+
+def test_symlinked_folders_are_followed_and_loops_read_once(tmp_path, capsys):
+    write(tmp_path, "a.txt", "alpha")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    (elsewhere / "deep" / "b.txt").write_text("beta")
+    os.symlink(elsewhere, tmp_path / "data" / "linked")
+    os.symlink(tmp_path / "data", elsewhere / "deep" / "loop")  # back up: a cycle
+    data = prepare(make_config(tmp_path))
+    assert bytes(data) == b"alpha|beta"
+    assert "symlink loop" in capsys.readouterr().err
+
+
+def test_an_unreadable_data_file_is_named(tmp_path, monkeypatch):
+    write(tmp_path, "a.txt", "alpha")
+    bad = write(tmp_path, "b.txt", "beta")
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path) == str(bad):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(dataset, "open", refusing_open, raising=False)
+    with pytest.raises(UserError, match=r"b\.txt: cannot read this data file \(Permission"):
+        prepare(make_config(tmp_path))
+    assert not manifest_path(tmp_path).exists()
+
+
+def test_a_damaged_array_header_is_rebuilt_with_a_warning(tmp_path, capsys):
+    write(tmp_path, "a.txt", "alpha")
+    prepare(make_config(tmp_path))
+    with open(array_path(tmp_path), "r+b") as file:
+        file.write(b"\x00garbage!")  # the magic string and header, same file size
+    capsys.readouterr()
+    assert bytes(prepare(make_config(tmp_path))) == b"alpha"
+    captured = capsys.readouterr()
+    assert "unreadable" in captured.err and "rebuilding cache" in captured.out
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, capsys):
+    write(tmp_path, "a.txt", "alpha")
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    host = socket.gethostname()
+    dead = processed / f".tmp_{host}_999999999_abc_{dataset.PROCESSED_FILENAME}"
+    live = processed / f".tmp_{host}_{os.getpid()}_abc_{dataset.PROCESSED_FILENAME}"
+    other_host = processed / f".tmp_some-other-host_1_abc_{dataset.PROCESSED_FILENAME}"
+    for path in (dead, live, other_host):
+        path.write_bytes(b"x" * 1000)
+    prepare(make_config(tmp_path))
+    assert not dead.exists() and live.exists() and other_host.exists()
+    assert "removed 0.0 MB of temporary files" in capsys.readouterr().out
+
+
+def test_the_manifest_records_where_each_file_lies(tmp_path):
+    write(tmp_path, "a.txt", "alpha")
+    write(tmp_path, "b.txt", "")
+    write(tmp_path, "c.txt", "gamma!")
+    data = bytes(prepare(make_config(tmp_path)))
+    spans = json.loads(manifest_path(tmp_path).read_text())["spans"]
+    assert spans == {"a.txt": [0, 5], "c.txt": [6, 12]}
+    assert data[6:12] == b"gamma!"
+
+
+# -- data order ---------------------------------------------------------------
+
+def one_epoch(order, epoch, first=0):
+    """The micro-batches of `epoch` from micro-batch `first` on."""
+    batches = order.micro_batches(epoch, first)
+    return [next(batches) for _ in range(order.micro_batches_per_epoch - first)]
+
+
+def test_two_ranks_see_the_same_windows_as_one_rank_with_twice_the_batch():
+    single = one_epoch(BatchOrder(103, 8, 1, seed=1), epoch=2)
+    rank0 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=0, world_size=2), epoch=2)
+    rank1 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=1, world_size=2), epoch=2)
+    assert len(single) == len(rank0) == len(rank1) == 12
+    for big, a, b in zip(single, rank0, rank1):
+        assert big == a + b and not set(a) & set(b)
+    assert one_epoch(BatchOrder(103, 8, 1, 1), epoch=3) != single  # reshuffled every epoch
+
+
+def test_sampler_resumes_mid_epoch():
+    full = one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0)
+    assert one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0, first=4) == full[4:]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 4097])
+def test_seeded_permutation_is_a_bijection(n):
+    values = dataset.SeededPermutation(n, seed=5)(np.arange(n))
+    assert sorted(values.tolist()) == list(range(n))
+    if n > 10:
+        assert values.tolist() != list(range(n))  # and it does shuffle
+        assert dataset.SeededPermutation(n, seed=6)(np.arange(n)).tolist() != values.tolist()
+
+
+def test_the_batch_order_needs_no_memory_per_window():
+    """A 10 GB corpus at data_stride=1 has 10^10 windows: a stored permutation would take
+    80 GB; the order of any micro-batch is computed from the seed alone."""
+    order = dataset.BatchOrder(10**10, batch_size=64, accumulation=1, seed=3)
+    batches = order.micro_batches(epoch=2, first=10**7)
+    first, second = next(batches), next(batches)
+    assert len(first) == 64 and len(set(first + second)) == 128
+    assert all(0 <= index < 10**10 for index in first + second)
+    assert next(order.micro_batches(epoch=2, first=10**7 + 1)) == second  # resumable

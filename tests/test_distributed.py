@@ -35,10 +35,13 @@ def latest_state(root):
     return load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")
 
 
-def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["--optimizer_type=Muon", "--scheduler_type=wsd",
+                                      "--positional_encoding_type=rotary", "--qk_norm=True"]],
+                         ids=["adamw", "muon"])
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     for name in ("ddp", "single"):
         write_text_corpus(f"{tmp_path}/{name}/data", CORPUS)
-    steps = ["--max_steps=5", "--gradient_accumulation_steps=2", "--weight_decay=0.1"]
+    steps = ["--max_steps=5", "--gradient_accumulation_steps=2", "--weight_decay=0.1", *recipe]
     launch(f"{tmp_path}/ddp", "--batch_size=3", *steps, ranks=2)
     launch(f"{tmp_path}/single", "--batch_size=6", *steps, ranks=1)
     ddp, single = latest_state(f"{tmp_path}/ddp"), latest_state(f"{tmp_path}/single")

@@ -46,6 +46,8 @@ def tiny_model(seed=0, **overrides):
 
 CNN = dict(use_cnn_frontend=True, cnn_out_channels_list=[24, 32], cnn_kernel_sizes=[2, 3])
 PARALLEL = dict(use_parallel_stream_model=True)
+MODERN = dict(positional_encoding_type="rotary", norm_type="rmsnorm", qk_norm=True,
+              ffn_activation="relu2")
 
 # (name, overrides): both architectures, frontend on/off, even and odd kernels, and
 # aggregator kernels below, at and above the stride, strides that do not divide T = 13.
@@ -59,6 +61,14 @@ ARCHITECTURES = [
     ("parallel-k1s3", dict(PARALLEL, agg_cnn_kernel_size=1, agg_cnn_stride=3)),
     ("parallel-k5s2-cnn-postnorm", dict(PARALLEL, **CNN, agg_cnn_kernel_size=5, agg_cnn_stride=2,
                                         transformer_norm_first=False)),
+    # The modern options, alone and together, in both architectures.
+    ("single-rotary-rmsnorm-qknorm-swiglu", {**MODERN, "ffn_activation": "swiglu"}),
+    ("single-cnn-rotary-relu2-softcap", dict(CNN, positional_encoding_type="rotary",
+                                             ffn_activation="relu2", logit_softcap=5.0)),
+    ("parallel-rotary-k3s2", dict(PARALLEL, **MODERN, agg_cnn_kernel_size=3, agg_cnn_stride=2)),
+    ("parallel-k2s3-cnn-rotary-postnorm", {**PARALLEL, **CNN, **MODERN, "agg_cnn_kernel_size": 2,
+                                           "agg_cnn_stride": 3, "transformer_norm_first": False,
+                                           "ffn_activation": "swiglu"}),
 ]
 ARCH_IDS = [name for name, _ in ARCHITECTURES]
 ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
@@ -162,7 +172,9 @@ def test_fresh_cache_starts_again_at_position_zero():
         assert (incremental_logits(model, kept, [3, 1, 1, 1, 1]) - model(kept)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN)], ids=["single", "parallel"])
+@pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN), MODERN,
+                                       dict(PARALLEL, **CNN, **MODERN)],
+                         ids=["single", "parallel", "single-modern", "parallel-modern"])
 def test_incremental_under_autocast(overrides):
     model = tiny_model(**overrides)
     x = torch.randint(0, 256, (2, 9))

@@ -317,3 +317,39 @@ def test_interactive_loop_exits_on_quit_and_ctrl_c(tmp_path, ending):
     interactive_loop(predictor, predictor.config, write=written.append, input_fn=scripted(lines))
     assert "seed = 3" in "".join(written)
     assert lines == ["never read"]  # it stopped asking
+
+
+# --- values at the edges ------------------------------------------------------------------
+
+def test_temperatures_too_small_to_divide_by_sample_greedily(tmp_path):
+    predictor = make_predictor(tmp_path)
+    greedy = predictor.generate("The ", max_new_bytes=20, temperature=0)
+    for tiny_temperature in (1e-300, 1e-45):
+        assert predictor.generate("The ", max_new_bytes=20, temperature=tiny_temperature,
+                                  top_k=0, top_p=1.0, seed=3) == greedy
+
+
+def test_a_vanishing_top_p_still_keeps_the_most_likely_byte():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0])
+    assert torch.isfinite(top_p_filter(logits, 1e-300)).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(repetition_penalty=float("nan")),
+                                 dict(top_p=float("nan"))])
+def test_non_finite_settings_are_rejected(tmp_path, bad):
+    with pytest.raises(ValueError, match="finite|out of range"):
+        make_predictor(tmp_path).generate("a", **bad)
+
+
+def test_interactive_loop_rejects_nan_and_accepts_tiny_values(tmp_path):
+    predictor = make_predictor(tmp_path)
+    written = []
+    interactive_loop(predictor, predictor.config, write=written.append,
+                     input_fn=scripted(["/temp nan", "/rep inf", "/temp 1e-300", "/topp 1e-300",
+                                        "/len 8", "hello"]))
+    output = "".join(written)
+    assert "`temperature` = nan must be a finite number" in output
+    assert "`repetition_penalty` = inf must be a finite number" in output
+    assert "temperature = 1e-300" in output and "top_p = 1e-300" in output
+    assert output.endswith(predictor.generate("hello", temperature=0, max_new_bytes=8) + "\n\n")

@@ -4,8 +4,10 @@ Most tests use a stand-in model to show the Trainer is model-agnostic and to sta
 the precision test uses the real ByteLLM_GrugV3."""
 
 import csv
+import errno
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import trainer as trainer_module
 from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dataset import ByteSequenceDataset
 from tests.conftest import make_tiny_config
-from trainer import BatchOrder, LearningRateSchedule, Trainer, TrainingDiverged
+from trainer import LearningRateSchedule, Trainer, TrainingDiverged
 from utils import UserError, seed_everything
 
 ARCH_KEYS = ("width",)
@@ -151,29 +153,6 @@ def test_the_trainer_applies_the_schedule(tmp_path):
     assert seen[0] == pytest.approx(config["learning_rate"] * 0.25)
     assert seen[3] == pytest.approx(config["learning_rate"])
     assert seen[-1] == pytest.approx(config["lr_scheduler_eta_min"])
-
-
-# -- data order ---------------------------------------------------------------
-
-def one_epoch(order, epoch, first=0):
-    """The micro-batches of `epoch` from micro-batch `first` on."""
-    batches = order.micro_batches(epoch, first)
-    return [next(batches) for _ in range(order.micro_batches_per_epoch - first)]
-
-
-def test_two_ranks_see_the_same_windows_as_one_rank_with_twice_the_batch():
-    single = one_epoch(BatchOrder(103, 8, 1, seed=1), epoch=2)
-    rank0 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=0, world_size=2), epoch=2)
-    rank1 = one_epoch(BatchOrder(103, 4, 1, seed=1, rank=1, world_size=2), epoch=2)
-    assert len(single) == len(rank0) == len(rank1) == 12
-    for big, a, b in zip(single, rank0, rank1):
-        assert big == a + b and not set(a) & set(b)
-    assert one_epoch(BatchOrder(103, 8, 1, 1), epoch=3) != single  # reshuffled every epoch
-
-
-def test_sampler_resumes_mid_epoch():
-    full = one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0)
-    assert one_epoch(BatchOrder(50, 5, 1, seed=0), epoch=0, first=4) == full[4:]
 
 
 # -- checkpoints and resume ---------------------------------------------------------
@@ -370,9 +349,15 @@ def losses_of_a_short_run(tmp_path, **overrides):
     return np.array(losses)
 
 
-def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path):
-    fp32 = losses_of_a_short_run(tmp_path / "fp32", use_amp=False)
-    bf16 = losses_of_a_short_run(tmp_path / "bf16", use_amp=True, amp_dtype="bfloat16")
+MODERN_RECIPE = dict(optimizer_type="Muon", scheduler_type="wsd", positional_encoding_type="rotary",
+                     norm_type="rmsnorm", qk_norm=True, ffn_activation="relu2",
+                     zero_init_output_projections=True, logit_softcap=15.0)
+
+
+@pytest.mark.parametrize("recipe", [{}, MODERN_RECIPE], ids=["seed-recipe", "modern-recipe"])
+def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe):
+    fp32 = losses_of_a_short_run(tmp_path / "fp32", use_amp=False, **recipe)
+    bf16 = losses_of_a_short_run(tmp_path / "bf16", use_amp=True, amp_dtype="bfloat16", **recipe)
     assert fp32[-1] < fp32[0] - 0.3 and bf16[-1] < bf16[0] - 0.3  # both learn
     difference = np.abs(fp32 - bf16)
     assert difference.max() < 0.01, difference  # bf16 rounding (~1e-4), not a different model
@@ -395,3 +380,392 @@ def test_compiling_leaves_no_gradients_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module.torch, "compile", lambda model: model)  # eager stand-in
     trainer = make_trainer(tiny(tmp_path, use_torch_compile=True))
     assert all(p.grad is None for p in trainer.raw_model.parameters())
+
+
+# -- gradient accumulation --------------------------------------------------------
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_twice_the_size(tmp_path):
+    """Same windows in the same steps, clipping on. A loss not divided by the number of
+    micro-batches doubles every gradient; Adam would hide that in the weights, so the
+    gradients handed to the optimizer are compared too."""
+    runs = {}
+    for name, batch, accumulation in (("one", 8, 1), ("two", 4, 2)):
+        config = tiny(tmp_path / name, batch_size=batch, gradient_accumulation_steps=accumulation,
+                      clip_grad_norm_value=1e3, max_steps=5,
+                      validate_and_checkpoint_best_every_batches=100)
+        seed_everything(0)
+        model = StandInModel()
+        model.dropout.p = 0.0  # masks of a (8, T) and two (4, T) batches would differ
+        trainer = make_trainer(config, model=model)
+        gradients, step = [], trainer.optimizers[0].step
+
+        def recording_step(*args, trainer=trainer, gradients=gradients, step=step, **kwargs):
+            gradients.append([p.grad.clone() for p in trainer.raw_model.parameters()])
+            return step(*args, **kwargs)
+        trainer.optimizers[0].step = recording_step
+        trainer.train()
+        runs[name] = gradients, trainer.raw_model.state_dict()
+    (one_grads, one_weights), (two_grads, two_weights) = runs["one"], runs["two"]
+    assert len(one_grads) == len(two_grads) == 5
+    for a, b in zip(one_grads, two_grads):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    for key in one_weights:
+        torch.testing.assert_close(one_weights[key], two_weights[key], rtol=1e-4, atol=1e-6)
+
+
+# -- time budgets: the schedule never reads the clock once its horizon is fixed -----
+
+def paced_trainer(config, seconds_per_step, resume_from=None):
+    """A Trainer whose clock advances `seconds_per_step` per optimizer step, exactly."""
+    trainer = make_trainer(config)
+    if resume_from:
+        trainer.resume(resume_from)
+    first_step = trainer.step
+    trainer.elapsed_seconds = lambda: (trainer.elapsed_before
+                                       + seconds_per_step * (trainer.step - first_step))
+    return trainer
+
+
+def record_every_step(trainer, stop_at=None):
+    """{step: (learning rate, weights)} of every step; a SIGINT-like stop after `stop_at`."""
+    record, step = {}, trainer.train_step
+
+    def recording_step(micro):
+        loss = step(micro)
+        record[trainer.step] = (trainer.current_lr(),
+                                {k: v.clone() for k, v in trainer.raw_model.state_dict().items()})
+        if trainer.step == stop_at:
+            trainer.stop.reason = "SIGINT"
+        return loss
+    trainer.train_step = recording_step
+    return record
+
+
+def test_a_time_limited_run_resumes_on_its_recorded_horizon(tmp_path):
+    budget = dict(max_steps=None, num_epochs=1000, max_train_minutes=1.0, lr_warmup_steps=2,
+                  checkpoint_every_batches=1000, validate_and_checkpoint_best_every_batches=1000,
+                  data_stride=1)
+    straight = paced_trainer(tiny(tmp_path / "a", **budget), seconds_per_step=0.5)
+    uninterrupted = record_every_step(straight)
+    summary = straight.train()
+    assert summary["reason"] == "max_train_minutes" and summary["steps"] == 120
+    assert straight.schedule.horizon() == 120  # 60 s at 0.5 s per step
+    assert uninterrupted[120][0] == pytest.approx(straight.config["lr_scheduler_eta_min"])
+
+    config = tiny(tmp_path / "b", **budget)
+    first = paced_trainer(config, seconds_per_step=0.5)
+    record_every_step(first, stop_at=50)
+    assert first.train()["interrupted"]
+    # The resumed run's clock runs twice as fast: a schedule that read it would change.
+    resumed = paced_trainer(config, 0.25, resume_from=checkpoint_path(config, "latest"))
+    continued = record_every_step(resumed)
+    assert resumed.train()["reason"] == "max_train_minutes"
+    assert resumed.schedule.horizon() == 120
+    assert sorted(continued)[0] == 51 and max(continued) > 120
+    for step in range(51, 121):
+        rate, weights = continued[step]
+        assert rate == uninterrupted[step][0], step
+        assert all(torch.equal(weights[k], uninterrupted[step][1][k]) for k in weights), step
+
+
+def test_a_run_that_max_steps_ends_is_reproducible_whatever_the_clock(tmp_path):
+    """With a time budget that would allow more steps than max_steps, the horizon is
+    max_steps, so runs at different speeds (or repeated runs) give the same weights."""
+    common = dict(max_steps=30, max_train_minutes=10.0, validate_and_checkpoint_best_every_batches=100)
+    results = []
+    for name, pace in (("fast", 0.01), ("slow", 0.1), ("real", None)):
+        config = tiny(tmp_path / name, **common)
+        trainer = make_trainer(config) if pace is None else paced_trainer(config, pace)
+        assert trainer.train()["reason"] == "max_steps"
+        assert trainer.schedule.horizon() == 30
+        results.append(trainer.raw_model.state_dict())
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in other)
+
+
+# -- divergence ----------------------------------------------------------------------
+
+def test_a_nan_loss_stops_every_rank_before_anything_is_saved(tmp_path):
+    config = tiny(tmp_path, max_steps=12, checkpoint_every_batches=3)
+    model = StandInModel()
+    trainer = make_trainer(config, model=model)
+    model.poison_at_call = 5
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
+        trainer.train()
+    latest = load_checkpoint(checkpoint_path(config, "latest"))
+    assert latest["step"] == 3
+    assert all(torch.isfinite(w).all() for w in latest["model_state"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not taken
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    config = tiny(tmp_path, max_steps=12, checkpoint_every_batches=3,
+                  validate_and_checkpoint_best_every_batches=100)
+    trainer = make_trainer(config)
+    step = trainer.train_step
+
+    def poisoning_step(micro):
+        loss = step(micro)
+        if trainer.step == 6:  # right before the step-6 save
+            with torch.no_grad():
+                trainer.raw_model.out.weight[0, 0] = float("inf")
+        return loss
+    trainer.train_step = poisoning_step
+    with pytest.raises(TrainingDiverged, match="weights became NaN or infinite"):
+        trainer.train()
+    latest = load_checkpoint(checkpoint_path(config, "latest"))
+    assert latest["step"] == 3
+    assert all(torch.isfinite(w).all() for w in latest["model_state"].values())
+
+
+def test_a_non_finite_validation_loss_stops_training_unsaved(tmp_path, monkeypatch):
+    config = tiny(tmp_path, max_steps=12, checkpoint_every_batches=100)
+    trainer = make_trainer(config)
+    monkeypatch.setattr(trainer, "evaluate", lambda: float("nan"))
+    with pytest.raises(TrainingDiverged, match="validation loss became nan at step 3"):
+        trainer.train()
+    assert not os.path.exists(checkpoint_path(config, "latest"))
+    assert not os.path.exists(checkpoint_path(config, "best"))
+
+
+def test_a_huge_learning_rate_ends_in_an_error_and_a_finite_latest(tmp_path):
+    from model import ByteLLM_GrugV3
+    config = make_tiny_config(str(tmp_path), learning_rate=1e6, lr_warmup_steps=0,
+                              clip_grad_norm_value=None, max_steps=60, checkpoint_every_batches=2,
+                              validate_and_checkpoint_best_every_batches=2, weight_decay=0.0)
+    trainer = make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
+    with pytest.raises(TrainingDiverged):
+        trainer.train()
+    for kind in ("latest", "best"):
+        if os.path.exists(checkpoint_path(config, kind)):
+            state = load_checkpoint(checkpoint_path(config, kind))
+            assert all(torch.isfinite(w).all() for w in state["model_state"].values())
+
+
+# -- full disks ----------------------------------------------------------------------
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch,
+                                                                         capsys):
+    config = tiny(tmp_path, max_steps=9, checkpoint_every_batches=3,
+                  validate_and_checkpoint_best_every_batches=100)
+    trainer = make_trainer(config)
+    save, saves = checkpoint_module.torch.save, []
+
+    def filling_save(obj, file):
+        saves.append(obj["step"])
+        if obj["step"] >= 6:
+            file.write(b"PK\x03\x04 the start of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, file)
+    monkeypatch.setattr(checkpoint_module.torch, "save", filling_save)
+    with pytest.raises(checkpoint_module.DiskFull) as caught:
+        trainer.train()  # the save at step 6 fails and training goes on; the final one ends it
+    assert saves == [3, 6, 9, 9] and trainer.step == 9  # at 9: best, then the final latest
+    message = str(caught.value)
+    assert "grug_v3_latest.pth" in message and "disk is full" in message and "MB needed" in message
+    assert "warning: cannot save" in capsys.readouterr().out  # the step-6 failure
+    monkeypatch.undo()
+    assert load_checkpoint(checkpoint_path(config, "latest"))["step"] == 3
+    assert not [f for f in os.listdir(config["checkpoint_dir"]) if f.startswith(".tmp_")]
+
+
+# -- fp16 with GradScaler (what amp_dtype "auto" picks on GPUs without bf16) ------------
+
+def fp16_trainer(tmp_path, **overrides):
+    from model import ByteLLM_GrugV3
+    config = make_tiny_config(str(tmp_path), use_amp=True, amp_dtype="float16",
+                              lr_scheduler_T_max=20,  # the same curve for runs of any length
+                              validate_and_checkpoint_best_every_batches=100, **overrides)
+    seed_everything(0)
+    return make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
+
+
+def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path):
+    straight = fp16_trainer(tmp_path / "a", max_steps=8)
+    assert straight.scaler.is_enabled()
+    straight.train()
+    first = fp16_trainer(tmp_path / "b", max_steps=5)
+    first.train()
+    saved = load_checkpoint(checkpoint_path(first.config, "latest"))
+    assert saved["scaler_state"]["scale"] > 0
+    resumed = fp16_trainer(tmp_path / "b", max_steps=8)
+    resumed.resume(checkpoint_path(first.config, "latest"))
+    assert resumed.scaler.get_scale() == first.scaler.get_scale()
+    resumed.train()
+    a, b = straight.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.scaler.get_scale() == straight.scaler.get_scale()
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow(tmp_path):
+    trainer = fp16_trainer(tmp_path, max_steps=1)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 gradients overflow
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    trainer.train()
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the step was skipped
+    assert trainer.scaler.get_scale() == 2.0**99  # and the scale backed off
+    assert trainer.step == 1
+
+
+# -- metrics.csv ---------------------------------------------------------------------
+
+def metrics_rows(config):
+    with open(os.path.join(config["checkpoint_dir"], "metrics.csv")) as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_resumed_run_drops_the_replayed_rows_and_marks_the_resume(tmp_path):
+    config = tiny(tmp_path, max_steps=6, metrics_every=1, checkpoint_every_batches=3)
+    make_trainer(config).train()
+    with open(os.path.join(config["checkpoint_dir"], "metrics.csv"), "a") as file:
+        file.write("7,1,5.0,,,0.001,100,1.0,\n8,1,5.0,,,0.001,100,1.0,\n")  # a killed run's rows
+    resumed = make_trainer(dict(config, max_steps=9))
+    resumed.resume(checkpoint_path(config, "latest"))
+    resumed.train()
+    rows = metrics_rows(config)
+    train_steps = [int(r["step"]) for r in rows if r["train_loss"]]
+    assert train_steps == list(range(1, 10))
+    assert [(r["step"], r["event"]) for r in rows if r["event"]] == [("6", "resume")]
+
+
+def test_a_fresh_run_moves_an_earlier_metrics_file_aside(tmp_path):
+    config = tiny(tmp_path, max_steps=2, metrics_every=1)
+    make_trainer(config).train()
+    make_trainer(config).train()
+    names = sorted(os.listdir(config["checkpoint_dir"]))
+    assert [n for n in names if n.startswith("metrics_before_")]
+    assert [int(r["step"]) for r in metrics_rows(config) if r["train_loss"]] == [1, 2]
+
+
+def test_a_stray_file_among_epoch_snapshots_is_left_alone(tmp_path):
+    config = tiny(tmp_path, max_steps=None, num_epochs=3, save_epoch_snapshots=True,
+                  keep_last_checkpoints=1, data_stride=64)
+    os.makedirs(config["checkpoint_dir"])
+    stray = os.path.join(config["checkpoint_dir"], "grug_v3_epoch2 (copy).pth")
+    open(stray, "wb").close()
+    make_trainer(config).train()
+    names = sorted(f for f in os.listdir(config["checkpoint_dir"]) if "_epoch" in f)
+    assert names == ["grug_v3_epoch2 (copy).pth", "grug_v3_epoch3.pth"]
+    assert load_checkpoint(checkpoint_path(config, "latest"))["epoch"] == 3
+
+
+# -- signals -------------------------------------------------------------------------
+
+def test_repeated_sigterms_ask_to_stop_once_and_never_abort():
+    stop = trainer_module.StopRequests(log=lambda message: None)
+    for _ in range(3):
+        stop._handle(signal.SIGTERM, None)
+    assert stop.reason == "SIGTERM"
+    stop._handle(signal.SIGINT, None)  # a SIGINT after a SIGTERM: still a request to stop
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)  # a second SIGINT typed by a person aborts
+
+
+def test_a_second_sigint_waits_for_the_checkpoint_write(tmp_path):
+    stop = trainer_module.StopRequests(log=lambda message: None)
+    stop._handle(signal.SIGINT, None)
+    path = str(tmp_path / "latest.pth")
+    with pytest.raises(KeyboardInterrupt):
+        with stop.protecting_a_write():
+            stop._handle(signal.SIGINT, None)  # arrives mid-write: no exception here
+            save_checkpoint({"format_version": 1, "model_state": {"w": torch.ones(2)}}, path)
+    assert torch.equal(load_checkpoint(path)["model_state"]["w"], torch.ones(2))
+
+
+def test_dropout_seeds_differ_between_ranks_and_repeat_for_a_step():
+    seeds = {trainer_module.step_seed(42, rank, step) for rank in range(4) for step in range(50)}
+    assert len(seeds) == 200
+    assert trainer_module.step_seed(42, 1, 7) == trainer_module.step_seed(42, 1, 7)
+
+
+
+# -- the modern recipe: Muon, wsd ---------------------------------------------------------
+
+def real_trainer(tmp_path, **overrides):
+    from model import ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3
+    config = make_tiny_config(str(tmp_path), **overrides)
+    seed_everything(config["seed"])
+    return make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=ARCHITECTURE_KEYS,
+                        legacy_architecture=LEGACY_ARCHITECTURE)
+
+
+def test_muon_takes_the_layer_matrices_and_adamw_the_rest(tmp_path):
+    trainer = real_trainer(tmp_path, optimizer_type="Muon", learning_rate=2e-3,
+                           muon_learning_rate=0.05)
+    adamw, muon = trainer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    model = trainer.raw_model
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    assert in_muon == {id(p) for p in model.hidden_matrices()}
+    layer = model.transformer_encoder[0]
+    for inside in (layer.attn.qkv.weight, layer.ffn.linear2.weight):
+        assert id(inside) in in_muon
+    for outside in (model.embedding.weight, model.fc_out.weight, layer.attn.qkv.bias,
+                    layer.norm1.weight):
+        assert id(outside) not in in_muon
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert in_adamw | in_muon == {id(p) for p in model.parameters()}
+    assert not in_adamw & in_muon
+    trainer.train_step([trainer.train_dataset.__getitems__(range(4))])
+    # One schedule drives both: at every step Muon's rate is the AdamW rate x 25.
+    assert muon.param_groups[0]["lr"] == pytest.approx(adamw.param_groups[0]["lr"] * 25)
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
+    schedule = LearningRateSchedule(schedule_config(scheduler_type="wsd", lr_decay_fraction=0.2),
+                                    step_limit=100)
+    rates = [schedule.learning_rate(s) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[10:80] == [pytest.approx(1e-3)] * 70  # stable until the last 20 steps
+    assert rates[99] == pytest.approx(1e-5)  # the floor at the last step
+    decay = np.diff(rates[79:])
+    assert (decay < 0).all() and np.allclose(decay, decay[0])  # linear
+
+
+def test_exact_resume_with_muon_and_wsd(tmp_path):
+    recipe = dict(MODERN_RECIPE, transformer_dropout=0.1, gradient_accumulation_steps=2,
+                  lr_scheduler_T_max=None, num_epochs=1, validate_and_checkpoint_best_every_batches=4)
+    straight = real_trainer(tmp_path / "a", max_steps=12, **recipe)
+    straight.train()
+    first = real_trainer(tmp_path / "b", max_steps=12, **recipe)
+    record_every_step(first, stop_at=7)  # interrupted, as by Ctrl-C: the same horizon
+    assert first.train()["interrupted"]
+    resumed = real_trainer(tmp_path / "b", max_steps=12, **recipe)
+    resumed.resume(checkpoint_path(resumed.config, "latest"))
+    resumed.train()
+    a, b = straight.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    muon_a, muon_b = straight.optimizers[1].state_dict(), resumed.optimizers[1].state_dict()
+    assert all(torch.equal(muon_a["state"][k]["momentum_buffer"], muon_b["state"][k]["momentum_buffer"])
+               for k in muon_a["state"])
+
+
+def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path):
+    """A checkpoint saved without norm_type, qk_norm, ffn_activation and logit_softcap was
+    a LayerNorm/GELU model: rebuilt for generation it is one, and a resume under a config
+    that says otherwise is refused naming the keys."""
+    from main import load_model_for_prediction
+    from model import LEGACY_ARCHITECTURE
+    old = real_trainer(tmp_path, max_steps=2, **LEGACY_ARCHITECTURE)
+    old.train()
+    path = checkpoint_path(old.config, "latest")
+    state = torch.load(path, weights_only=True)
+    for key in LEGACY_ARCHITECTURE:
+        del state["config"][key]
+    state["format_version"] = 1
+    state["optimizer_state"] = state["optimizer_state"][0]  # format 1: one optimizer
+    save_checkpoint(state, path)
+    os.remove(checkpoint_path(old.config, "best"))
+    modern = dict(old.config, norm_type="rmsnorm", ffn_activation="relu2")
+    model = load_model_for_prediction(modern, torch.device("cpu"))
+    assert isinstance(model.final_norm, torch.nn.LayerNorm)
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.equal(model(x), old.raw_model.eval()(x))
+    with pytest.raises(UserError, match="norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"):
+        real_trainer(tmp_path, **{k: v for k, v in modern.items()
+                                  if k in ("norm_type", "ffn_activation")}).resume(path)
+    same = real_trainer(tmp_path, max_steps=3, **LEGACY_ARCHITECTURE)
+    same.resume(path)  # the old meaning, asked for explicitly: resumes
+    assert same.train()["steps"] == 3
