@@ -25,20 +25,20 @@ import math
 import operator
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-
-import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from config import CONFIG_V3
-from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text
+from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources
 from evaluate import evenly_spread, score_windows
 from main import build_training, check_config
 from model import ByteLLM_GrugV3, count_parameters, estimate_flops_per_byte
@@ -64,28 +64,41 @@ REFERENCE_SHAPE = {
 }
 # Its quality run: 2000 steps of 768 bytes in about 100 s, ending at 1.886 nats.
 NANOGPT = {"ms_per_step": 45.0, "bytes_per_s": 17_000, "steps": 2000, "seconds": 100,
-           "val_bpb": 2.72}
+           "val_bpb": 2.72,
+           "sample_bytes_per_s": 530}  # its sample.py on that shape (the issue's figure)
 
-# The best configuration for a 2-core CPU, as overrides of config.CONFIG_V3. Tune it here:
-# the quality section trains it, and its single/parallel and objective variants.
-CPU_BEST = {
-    # Found by 100 s runs on tiny Shakespeare (2 cores): fewer, wider layers and bf16 buy
-    # more steps, and more steps beat a bigger model at this budget. config.py's defaults
-    # are the same recipe, with non-overlapping windows.
-    **REFERENCE_SHAPE,
-    "num_attention_layers": 2, "embedding_dim": 160, "attention_d_model": 160,
-    "num_byte_stream_layers": 2, "num_agg_stream_layers": 1,
-    "batch_size": 16,
-    "data_stride": 1,  # every byte offset starts a window, like nanoGPT's random crops
-    "learning_rate": 3e-3, "lr_scheduler_eta_min": 1e-4, "lr_warmup_steps": 50,
-    "use_amp": True, "amp_dtype": "bfloat16",
+# The recipe config.py's defaults held before the modern one (issue 10), as overrides of
+# the defaults: where the ablation of the quality section starts. On a CPU with fast bf16
+# it trained in bf16 (amp "auto" still picks that there).
+SEED_RECIPE = {
+    "optimizer_type": "AdamW", "learning_rate": 3e-3, "lr_scheduler_eta_min": 1e-4,
+    "scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 50,
+    "positional_encoding_type": "sinusoidal", "norm_type": "layernorm", "qk_norm": False,
+    "ffn_activation": "gelu", "zero_init_output_projections": False, "logit_softcap": 0.0,
+    "embedding_dim": 160, "attention_d_model": 160, "attention_num_heads": 4,
+    "num_attention_layers": 2, "batch_size": 16, "sequence_length": 64, "data_stride": 1,
+}
+# Each change tried on the seed recipe, alone: (overrides, adopted into config.py). The
+# seed recipe with every adopted change is config.py's defaults (tests/test_bench.py).
+RECIPE_CHANGES = {
+    "Muon for the layer matrices": ({"optimizer_type": "Muon"}, True),
+    "rotary positions": ({"positional_encoding_type": "rotary"}, True),
+    "QK-norm": ({"qk_norm": True}, True),
+    "wsd schedule": ({"scheduler_type": "wsd"}, True),
+    "zero-init output projections": ({"zero_init_output_projections": True}, True),
+    "RMSNorm": ({"norm_type": "rmsnorm"}, False),
+    "ReLU²": ({"ffn_activation": "relu2"}, False),
+    "SwiGLU": ({"ffn_activation": "swiglu"}, False),
+    "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
 }
 
 TARGETS = {  # (comparison, threshold) for each target of the issue
-    "quality_bpb": ("<=", 2.45),
+    "quality_bpb": ("<=", 2.25),
     "train_bf16_vs_fp32": (">", 1.0),
     "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
     "kv_cache_speedup_1024": (">=", 10.0),
+    "compiled_vs_eager_1024": (">=", 5.0),
+    "batch_of_8_vs_one": (">=", 4.0),
     "data_mb_per_s": (">=", 100.0),
     "data_peak_mb": ("<", 300.0),
 }
@@ -94,12 +107,18 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
 SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
-                 gen_max_new_bytes=256, gen_rounds=3, data_bytes=200 * MB, data_rounds=3),
+                 gen_max_new_bytes=256, gen_rounds=3, gen_compile=True, data_bytes=200 * MB,
+                 data_rounds=3),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
-                  gen_max_new_bytes=4, gen_rounds=1, data_bytes=20 * MB, data_rounds=1),
+                  gen_max_new_bytes=4, gen_rounds=1, gen_compile=False, data_bytes=20 * MB,
+                  data_rounds=1),
 }
 GENERATION_CONTEXTS = (64, 256, 1024)
+GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
+    "single-stream": {"use_parallel_stream_model": False},
+    "parallel-stream": {"use_parallel_stream_model": True},
+}
 ARCHITECTURES = {"single-stream": False, "parallel-stream": True}  # -> use_parallel_stream_model
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # -> autocast dtype
 DATA_FILES = 8  # files of the generated corpus of the data section
@@ -194,6 +213,12 @@ def peak_rss_bytes():
 def side_by_side(measures, rounds, block=1, warmup=0):
     """{name: median result} of zero-argument measures, run in turn: every round runs each
     measure `block` times in a row, so drift on a noisy machine hits them all alike."""
+    samples = side_by_side_samples(measures, rounds, block, warmup)
+    return {name: median_result(values) for name, values in samples.items()}
+
+
+def side_by_side_samples(measures, rounds, block=1, warmup=0):
+    """{name: [every result]} of side_by_side, before taking medians."""
     for measure in measures.values():
         for _ in range(warmup):
             measure()
@@ -201,7 +226,7 @@ def side_by_side(measures, rounds, block=1, warmup=0):
     for _ in range(rounds):
         for name, measure in measures.items():
             samples[name].extend(measure() for _ in range(block))
-    return {name: median_result(values) for name, values in samples.items()}
+    return samples
 
 
 def seconds_of(work, device):
@@ -216,8 +241,8 @@ def seconds_of(work, device):
 
 
 def model_config(**overrides):
-    """CONFIG_V3 with CPU_BEST and `overrides` applied, checked like main.py checks it."""
-    return check_config({**CONFIG_V3, **CPU_BEST, **overrides})
+    """config.py's defaults with `overrides` applied, checked like main.py checks it."""
+    return check_config({**CONFIG_V3, **overrides})
 
 
 # ---------------------------------------------------------------------------
@@ -332,27 +357,42 @@ def quality_run(config, data, device, eval_windows):
             "val_bpb": val_bpb, "last_byte_bpb": last_byte_bpb}
 
 
-def bench_quality(device, scale, data_path, seconds, repeats):
-    """Validation bits/byte after `seconds` of training: CPU_BEST, its single- and
-    parallel-stream versions, and its all_positions and last_byte versions. Runs with the
-    same configuration are trained once."""
+def quality_config(name, seconds, device, workdir, **overrides):
+    """config.py's defaults (the recipe: one definition) with `overrides`, trained for
+    `seconds` with nothing else on the way (no checkpoints, samples or validations)."""
+    return model_config(**overrides, max_train_minutes=seconds / 60, max_steps=None,
+                        num_epochs=1000, checkpoint_dir=os.path.join(workdir, name),
+                        test_every_batches=0, print_every=200, metrics_every=200,
+                        validate_and_checkpoint_best_every_batches=10**9,
+                        checkpoint_every_batches=10**9, eval_max_batches=1, device=str(device))
+
+
+def quality_variants(ablation):
+    """{name: overrides of config.py's defaults} of the quality section's runs."""
     variants = {
         "best": {},
         "single-stream": {"use_parallel_stream_model": False},
         "parallel-stream": {"use_parallel_stream_model": True},
         "all_positions": {"training_objective": "all_positions"},
         "last_byte": {"training_objective": "last_byte"},
+        "seed recipe": SEED_RECIPE,
     }
+    if ablation:
+        variants.update({f"seed + {name}": {**SEED_RECIPE, **overrides}
+                         for name, (overrides, _) in RECIPE_CHANGES.items()})
+    return variants
+
+
+def bench_quality(device, scale, data_path, seconds, repeats, ablation=False):
+    """Validation bits/byte after `seconds` of training: config.py's recipe, its single-
+    and parallel-stream versions, its all_positions and last_byte versions, and the seed
+    recipe; with `ablation`, the seed recipe with each change alone. Runs with the same
+    configuration are trained once; `repeats` runs of each, interleaved, give medians."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)
         runs = {}  # configuration (as JSON) -> (names, config)
-        for name, overrides in variants.items():
-            config = model_config(**overrides, max_train_minutes=seconds / 60, max_steps=None,
-                                  num_epochs=1000, checkpoint_dir=os.path.join(workdir, name),
-                                  test_every_batches=0, print_every=200, metrics_every=200,
-                                  validate_and_checkpoint_best_every_batches=10**9,
-                                  checkpoint_every_batches=10**9, eval_max_batches=1,
-                                  device=str(device))
+        for name, overrides in quality_variants(ablation).items():
+            config = quality_config(name, seconds, device, workdir, **overrides)
             key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
                              sort_keys=True)
             runs.setdefault(key, ([], config))[0].append(name)
@@ -360,88 +400,176 @@ def bench_quality(device, scale, data_path, seconds, repeats):
         measures = {" = ".join(names): lambda c=config: quality_run(c, data, device,
                                                                     scale["eval_windows"])
                     for names, config in runs.values()}
-        results = side_by_side(measures, repeats)
+        samples = side_by_side_samples(measures, repeats)
 
     rows, by_variant = [], {}
-    for (names, config), (label, result) in zip(runs.values(), results.items()):
+    for (names, config), (label, results) in zip(runs.values(), samples.items()):
+        result = median_result(results)
         model = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
         rows.append({"runs": label, "model": model, "objective": config["training_objective"],
-                     **result, "vs_nanogpt": ratio(result["val_bpb"], NANOGPT["val_bpb"])})
+                     **result, "each_run_bpb": " ".join(f"{r['val_bpb']:.3f}" for r in results),
+                     "vs_nanogpt": ratio(result["val_bpb"], NANOGPT["val_bpb"])})
         by_variant.update({name: result for name in names})
     rows.append({"runs": "nanoGPT (reference)", "model": "nanoGPT", "objective": "all_positions",
                  "params": None, "steps": NANOGPT["steps"], "train_s": NANOGPT["seconds"],
                  "bytes_per_s": NANOGPT["steps"] * REFERENCE_SHAPE["batch_size"]
                  * REFERENCE_SHAPE["sequence_length"] / NANOGPT["seconds"],
-                 "val_bpb": NANOGPT["val_bpb"], "last_byte_bpb": None, "vs_nanogpt": 1.0})
+                 "val_bpb": NANOGPT["val_bpb"], "last_byte_bpb": None, "each_run_bpb": None,
+                 "vs_nanogpt": 1.0})
+    return ({"seconds": seconds, "rows": rows, "comparisons": quality_comparisons(by_variant)},
+            quality_targets(by_variant, seconds))
+
+
+def quality_comparisons(by_variant):
     def versus(name, a, b, measure="val_bpb"):
         return comparison(name, measure, by_variant[a][measure], by_variant[b][measure])
 
     objectives = "last_byte vs all_positions objective"
-    comparisons = [
-        comparison("best vs nanoGPT", "val_bpb", by_variant["best"]["val_bpb"], NANOGPT["val_bpb"]),
-        versus("parallel vs single-stream", "parallel-stream", "single-stream"),
-        versus(objectives, "last_byte", "all_positions"),
-        versus(objectives, "last_byte", "all_positions", "last_byte_bpb"),
-    ]
+    found = [comparison("best vs nanoGPT", "val_bpb", by_variant["best"]["val_bpb"],
+                        NANOGPT["val_bpb"]),
+             versus("best vs the seed recipe", "best", "seed recipe"),
+             versus("parallel vs single-stream", "parallel-stream", "single-stream"),
+             versus(objectives, "last_byte", "all_positions"),
+             versus(objectives, "last_byte", "all_positions", "last_byte_bpb")]
+    found += [versus(f"{name} alone vs the seed recipe", name, "seed recipe")
+              for name in by_variant if name.startswith("seed + ")]
+    return found
+
+
+def quality_targets(by_variant, seconds):
     op, threshold = TARGETS["quality_bpb"]
-    targets = [check_target(f"best config val bits/byte in {seconds:g} s",
-                            by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
-    return {"seconds": seconds, "rows": rows, "comparisons": comparisons}, targets
+    return [check_target(f"best config val bits/byte in {seconds:g} s",
+                         by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
 
 
 # ---------------------------------------------------------------------------
 # 3. Generation speed
 
-def measure_generation_speed(model, context_len, new_bytes, use_kv_cache, config, repeats=1):
-    """Bytes per second of generate() (random sampling, temperature 1) from a prompt of
-    context_len - new_bytes bytes, so the context grows to context_len. The prompt pass
-    is counted, as a user waits for it too. Best of `repeats` runs, after a warm-up."""
-    if not 0 < new_bytes < context_len <= model.context_length:
-        raise ValueError(f"need 0 < new_bytes ({new_bytes}) < context_len ({context_len}) "
-                         f"<= model.context_length ({model.context_length})")
-    device = next(model.parameters()).device
-    predictor = Predictor(model, device, config, use_kv_cache=use_kv_cache)
-    rng = random.Random(0)  # local: the global RNG is not touched
-    prompt = bytes(rng.randrange(32, 127) for _ in range(context_len - new_bytes))  # printable
-    settings = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
-    predictor.generate(prompt, max_new_bytes=2, **settings)  # warm-up
-    best = float("inf")
+GENERATION_SETTINGS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
+
+
+def printable_prompt(length, seed=0):
+    rng = random.Random(seed)  # local: the global RNG is not touched
+    return bytes(rng.randrange(32, 127) for _ in range(length))
+
+
+def generation_speed(predictor, prompts, new_bytes, streamed=False, repeats=1):
+    """Total bytes per second of one generate_batch (generate with streaming, if
+    `streamed`) of `new_bytes` per prompt, best of `repeats`, after a warm-up (which
+    compiles, where the predictor compiles). The prompt pass is counted: a user waits
+    for it too."""
+    device = predictor.device
+
+    def run(count):
+        if streamed:
+            predictor.generate(prompts[0], max_new_bytes=count, on_text=lambda piece: None,
+                               **GENERATION_SETTINGS)
+        else:
+            predictor.generate_batch(prompts, max_new_bytes=count, **GENERATION_SETTINGS)
+    run(2)
+    seconds = []
     for _ in range(repeats):
-        synchronize(device)
-        began = time.perf_counter()
-        predictor.generate(prompt, max_new_bytes=new_bytes, **settings)
-        synchronize(device)
-        best = min(best, time.perf_counter() - began)
-    return new_bytes / best
+        seconds.append(seconds_of(lambda: run(new_bytes), device)())
+    return len(prompts) * new_bytes / min(seconds)
+
+
+def first_call_seconds(predictor, prompt, new_bytes):
+    """Seconds of a first generate_batch call (for a compiled predictor: the compile)."""
+    return seconds_of(lambda: predictor.generate_batch([prompt], max_new_bytes=new_bytes,
+                                                       **GENERATION_SETTINGS),
+                      predictor.device)()
+
+
+def generation_models(device):
+    """{name: (model, config)}: the default model at a 1024-byte window, single-stream and
+    each parallel design (untrained weights: speed does not depend on them)."""
+    models = {}
+    for name, overrides in GENERATION_DESIGNS.items():
+        config = model_config(**overrides, sequence_length=max(GENERATION_CONTEXTS))
+        seed_everything(config["seed"])
+        models[name] = ByteLLM_GrugV3(config).to(device).eval(), config
+    return models
 
 
 def bench_generation(device, scale):
-    """Bytes/s of Predictor.generate with and without the KV cache, the context growing to
-    64, 256 and 1024 bytes (untrained weights: speed does not depend on them)."""
+    """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
+    KV cache, with it eagerly and streamed (one byte read back per step, as the seed's
+    loop), and compiled; then 8 prompts at once, time to first byte of a 1,000-byte
+    prompt, compile time, and nanoGPT's sample.py shape."""
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
-    measures = {}
-    for arch, parallel in ARCHITECTURES.items():
-        config = model_config(use_parallel_stream_model=parallel,
-                              sequence_length=max(GENERATION_CONTEXTS))
-        seed_everything(config["seed"])
-        model = ByteLLM_GrugV3(config).to(device).eval()
+    compiled = "always" if scale["gen_compile"] else "never"
+    measures, compile_seconds = {}, {}
+    for name, (model, config) in generation_models(device).items():
+        paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
+                 "eager": Predictor(model, device, config, compile="never"),
+                 "compiled": Predictor(model, device, config, compile=compiled)}
+        compile_seconds[name] = first_call_seconds(paths["compiled"], printable_prompt(64), 2)
         for context in GENERATION_CONTEXTS:
-            for cached in (True, False):
-                measures[arch, context, cached] = (
-                    lambda m=model, c=context, k=cached, cfg=config:
-                    measure_generation_speed(m, c, new_bytes[c], k, cfg))
+            prompt = [printable_prompt(context - new_bytes[context])]
+            for path, predictor in paths.items():
+                measures[name, context, path] = (
+                    lambda p=predictor, q=prompt, n=new_bytes[context], s=path == "eager":
+                    generation_speed(p, q, n, streamed=s))
+        batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
+        measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
+                                        generation_speed(p, q, new_bytes[1024]))
     log(f"generation: timing {len(measures)} settings")
     speed = side_by_side(measures, scale["gen_rounds"])
-    rows = [{"model": arch, "context": context, "new_bytes": new_bytes[context],
-             "cached_bytes_per_s": speed[arch, context, True],
-             "uncached_bytes_per_s": speed[arch, context, False],
-             "cached_vs_uncached": ratio(speed[arch, context, True], speed[arch, context, False])}
-            for arch in ARCHITECTURES for context in GENERATION_CONTEXTS]
+    rows = [generation_row(name, context, new_bytes[context], speed)
+            for name in GENERATION_DESIGNS for context in GENERATION_CONTEXTS]
+    extra = generation_extras(device, scale, compile_seconds, speed)
+    return {"rows": rows, **extra}, generation_targets(rows, extra["batches"])
+
+
+def generation_row(name, context, new_bytes, speed):
+    eager, compiled = speed[name, context, "eager"], speed[name, context, "compiled"]
+    uncached = speed[name, context, "uncached"]
+    return {"model": name, "context": context, "new_bytes": new_bytes,
+            "uncached_bytes_per_s": uncached, "eager_bytes_per_s": eager,
+            "compiled_bytes_per_s": compiled, "compiled_vs_eager": ratio(compiled, eager),
+            "cached_vs_uncached": ratio(max(eager, compiled), uncached),
+            "ms_per_byte": 1000 / max(eager, compiled)}
+
+
+def generation_extras(device, scale, compile_seconds, speed):
+    """Batches, time to first byte, compile time, and nanoGPT's sample.py shape."""
+    batches = [{"model": name, "prompts": 8, "bytes_per_s": speed[name, "batch of 8"],
+                "one_prompt_bytes_per_s": speed[name, 1024, "compiled"],
+                "batch_vs_one": ratio(speed[name, "batch of 8"], speed[name, 1024, "compiled"])}
+               for name in GENERATION_DESIGNS]
+    model, config = generation_models(device)["single-stream"]
+    eager = Predictor(model, device, config, compile="never")
+    first_call_seconds(eager, printable_prompt(1000), 1)  # warm-up
+    latency = [{"what": "time to first byte, 1,000-byte prompt (eager)",
+                "seconds": first_call_seconds(eager, printable_prompt(1000), 1)}]
+    latency += [{"what": f"compile time of the decode step, {name}", "seconds": seconds}
+                for name, seconds in compile_seconds.items()]
+    nano = check_config({**CONFIG_V3, **REFERENCE_SHAPE})
+    seed_everything(nano["seed"])
+    small = ByteLLM_GrugV3(nano).to(device).eval()
+    prompt = [printable_prompt(64 - new) for new in [min(16, scale["gen_max_new_bytes"])]]
+    shape = {f"ours, {path}": generation_speed(
+        Predictor(small, device, nano, compile=mode), prompt, len(prompt[0]) // 3 or 1)
+        for path, mode in (("eager", "never"),
+                           ("compiled", "always" if scale["gen_compile"] else "never"))}
+    shape["nanoGPT sample.py (reference)"] = NANOGPT["sample_bytes_per_s"]
+    return {"batches": batches, "latency": latency,
+            "nanogpt_shape": [{"path": k, "bytes_per_s": v} for k, v in shape.items()]}
+
+
+def generation_targets(rows, batches):
     op, threshold = TARGETS["kv_cache_speedup_1024"]
     targets = [check_target(f"KV cache speed-up at 1024, {row['model']}",
                             row["cached_vs_uncached"], op, threshold, "x")
                for row in rows if row["context"] == 1024]
-    return {"rows": rows}, targets
+    op, threshold = TARGETS["compiled_vs_eager_1024"]
+    targets += [check_target(f"compiled vs eager decoding at 1024, {row['model']}",
+                             row["compiled_vs_eager"], op, threshold, "x")
+                for row in rows if row["context"] == 1024]
+    op, threshold = TARGETS["batch_of_8_vs_one"]
+    targets += [check_target(f"8 prompts vs one, total bytes/s, {batch['model']}",
+                             batch["batch_vs_one"], op, threshold, "x") for batch in batches]
+    return targets
 
 
 # ---------------------------------------------------------------------------
@@ -494,12 +622,16 @@ def bench_data(scale):
         log(f"data: processing {size / MB:.0f} MB in a child process")
         result = side_by_side({mode: lambda m=mode: run_data_worker(m, corpus_dir, processed_dir)
                                for mode in ("baseline", "process")}, scale["data_rounds"])
+        # What data_change_detection="content" adds to every start: hashing each file.
+        hashing = side_by_side({"scan": seconds_of(lambda: scan_sources(Path(corpus_dir), True),
+                                                   torch.device("cpu"))}, scale["data_rounds"])
     peak, baseline = result["process"]["peak_rss_bytes"], result["baseline"]["peak_rss_bytes"]
     row = {"corpus_mb": size / MB, "files": DATA_FILES,
            "seconds": result["process"]["seconds"],
            "mb_per_s": size / MB / result["process"]["seconds"],
            "peak_rss_mb": peak / MB, "baseline_rss_mb": baseline / MB,
-           "increase_mb": (peak - baseline) / MB}
+           "increase_mb": (peak - baseline) / MB,
+           "content_hash_mb_per_s": size / MB / hashing["scan"]}
     targets = [check_target("DataProcessor throughput", row["mb_per_s"],
                             *TARGETS["data_mb_per_s"], "MB/s"),
                check_target(f"DataProcessor peak RSS ({row['corpus_mb']:.0f} MB corpus)",
@@ -572,6 +704,9 @@ def parse_args(argv):
                         help="training budget of each quality run (default: 100; quick: 2)")
     parser.add_argument("--quality-repeats", type=int, default=1,
                         help="train each quality run this many times; report medians")
+    parser.add_argument("--quality-ablation", action="store_true",
+                        help="quality section: also train the seed recipe with each change "
+                             "of RECIPE_CHANGES alone (about 2 minutes per change and repeat)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -597,13 +732,14 @@ def main(argv):
     report = {"machine": machine_info(device),
               "settings": {"quick": args.quick, "sections": args.only, "data": args.data,
                            "quality_seconds": quality_seconds,
-                           "quality_repeats": args.quality_repeats, "scale": scale},
+                           "quality_repeats": args.quality_repeats,
+                           "quality_ablation": args.quality_ablation, "scale": scale},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
         "training": lambda: bench_training(device, scale),
         "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
-                                         args.quality_repeats),
+                                         args.quality_repeats, args.quality_ablation),
         "generation": lambda: bench_generation(device, scale),
         "data": lambda: bench_data(scale),
     }

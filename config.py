@@ -62,7 +62,7 @@ CONFIG_V3 = {
     "transformer_dropout": 0.0,  # dropout inside attention and feed-forward, probability
     "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
     "norm_type": "layernorm",  # norms of the transformer: "layernorm" | "rmsnorm"
-    "qk_norm": False,  # RMS-normalise queries and keys per head before attention
+    "qk_norm": False,  # normalise queries and keys per head before attention (with norm_type)
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
@@ -72,6 +72,8 @@ CONFIG_V3 = {
 
     # --- parallel stream (a strided-CNN "aggregated" stream beside the byte stream) ---
     "use_parallel_stream_model": False,  # True = byte stream + aggregated stream
+    "parallel_fusion": "concat_output",  # where patch states meet bytes: "concat_output" |
+                                         # "add_input" | "add_middle" (of the byte stream)
     "num_byte_stream_layers": 2,  # transformer layers of the byte stream
     "num_agg_stream_layers": 1,  # transformer layers of the aggregated (patch) stream
     "agg_cnn_kernel_size": 8,  # aggregator convolution kernel, bytes
@@ -99,6 +101,8 @@ CONFIG_V3 = {
     "interim_test_max_new_bytes": 80,  # length of an interim sample, bytes
     "validate_and_checkpoint_best_every_batches": 250,  # validate (and save best) every N steps
     "eval_max_batches": 20,  # validation batches per evaluation (None = the whole split)
+    "evaluation_stride": None,  # bytes between --evaluate windows (None = sequence_length)
+                                # (final validation too); costs ~sequence_length/stride
     "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
 
     # --- schedule and AMP ---
@@ -131,6 +135,7 @@ CONFIG_V3 = {
     "generation_seed": 1234,  # sampling seed (None = different every run)
     "generation_valid_utf8_only": True,  # forbid bytes that would make the text invalid UTF-8
     "use_kv_cache": True,  # incremental generation with cached keys/values (False = full recompute)
+    "generation_compile": "auto",  # torch.compile the decode step: "auto" (long runs) | "always" | "never"
     "generation_output_file": "generated_samples.txt",  # appended in checkpoint_dir, UTF-8
     "interim_test_temperature": 0.8,  # temperature of the interim samples during training
     "interim_test_top_k": 40,  # top-k of the interim samples during training
@@ -219,6 +224,7 @@ RULES = {
     "training_objective": one_of("all_positions", "last_byte"),
     # parallel stream
     "use_parallel_stream_model": flag(),
+    "parallel_fusion": one_of("concat_output", "add_input", "add_middle"),
     "num_byte_stream_layers": POSITIVE,
     "num_agg_stream_layers": POSITIVE,
     "agg_cnn_kernel_size": POSITIVE,
@@ -245,6 +251,7 @@ RULES = {
     "interim_test_max_new_bytes": POSITIVE,
     "validate_and_checkpoint_best_every_batches": POSITIVE,
     "eval_max_batches": integer(1, nullable=True),
+    "evaluation_stride": integer(1, nullable=True),  # <= sequence_length: evaluation_problems
     "reset_best_val_loss_on_resume": flag(),
     # schedule and AMP
     "scheduler_type": one_of("CosineAnnealingLR", "wsd", "ReduceLROnPlateau", "constant"),
@@ -273,6 +280,7 @@ RULES = {
     "generation_seed": integer(0, 2**63 - 1, nullable=True),
     "generation_valid_utf8_only": flag(),
     "use_kv_cache": flag(),
+    "generation_compile": one_of("auto", "always", "never"),
     "generation_output_file": text(check=_file_name("generation_output_file")),
     "interim_test_temperature": real(0),
     "interim_test_top_k": COUNT,

@@ -168,7 +168,7 @@ def _npy_header(num_bytes):
     return buffer.getvalue()
 
 
-def _scan_sources(data_dir, hash_contents=False):
+def scan_sources(data_dir, hash_contents=False):
     """{relative path: [size, mtime_ns(, content hash)]} of every .txt file under
     data_dir, recursively and through symlinked folders (a folder met twice, as in a
     symlink loop, is read once), sorted by relative path (POSIX separators) so the order
@@ -242,13 +242,15 @@ def _changed_files(old, new):
 class DataProcessor:
     """Builds (or reuses) the cached byte array of every .txt file under data_dir.
     `create_missing_data_dir`: a missing data_dir is created (the default folder on a
-    first run) rather than an error (a mistyped path)."""
+    first run) rather than an error (a mistyped path). `for_training`: the array must
+    hold a training and a validation window (a text to evaluate need not)."""
 
-    def __init__(self, config, create_missing_data_dir=False):
+    def __init__(self, config, create_missing_data_dir=False, for_training=True):
         problems = config_problems(config, RULES, DATA_KEYS)
         if problems:
             raise ConfigError(problems)
         self.config, self.create_missing = config, create_missing_data_dir
+        self.for_training = for_training
         self.data_dir = Path(config["data_dir"])
         self.root = self.data_dir.parent if self.data_dir.is_file() else self.data_dir
         self.processed_dir = Path(config["processed_data_dir"])
@@ -291,8 +293,14 @@ class DataProcessor:
         return data
 
     def _checked(self, data):
-        check_enough_data(len(data), self.config)
+        if self.for_training:
+            check_enough_data(len(data), self.config)
         return data
+
+    def manifest(self):
+        """What the cache was built from (after prepare): its "files", "spans" {file:
+        [start, end) of its bytes in the array}, "invalid_utf8" counts and "skipped" files."""
+        return _read_manifest(self.manifest_path)
 
     def _options(self):
         return {"data_dir": str(self.data_dir.resolve()),
@@ -312,7 +320,7 @@ class DataProcessor:
             raise UserError(f"data_dir {self.data_dir} is a file but not a .txt file: give a "
                             f".txt file or a folder of them")
         by_content = self.config["data_change_detection"] == "content"
-        sources = _scan_sources(self.data_dir, by_content)
+        sources = scan_sources(self.data_dir, by_content)
         if not sources:
             if not self.config["generate_dummy_data_if_empty"]:
                 raise UserError(
@@ -322,7 +330,7 @@ class DataProcessor:
             with atomic_output(self.data_dir / DUMMY_FILENAME) as file:
                 file.write(dummy_corpus_text().encode("utf-8"))
             print(f"data: no .txt files in {self.data_dir}; wrote a generated demo corpus")
-            sources = _scan_sources(self.data_dir, by_content)
+            sources = scan_sources(self.data_dir, by_content)
         if DUMMY_FILENAME in sources:
             print(f"data: USING DUMMY DATA: {self.root / DUMMY_FILENAME} is a generated "
                   f"demo corpus. To train on real text, put .txt files in {self.root} "

@@ -4,32 +4,39 @@
     python3 main.py --batch_size=32 ...    # override keys for this run
     python3 main.py --help                 # every key, its default and meaning
     python3 main.py --interactive          # prompt loop after training/loading
+    python3 main.py --evaluate=PATH        # bits per byte of the trained model on a text
+    python3 main.py --report               # report.html from checkpoint_dir/metrics.csv
     torchrun --nproc_per_node=N main.py    # data-parallel training (README: Scaling out)
 """
 
 import contextlib
+import hashlib
+import json
 import os
 import sys
 
 import torch
 
 import config as config_module
-from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, load_checkpoint,
-                        path_to_generate_from, resolve_resume_path)
+from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, checkpoint_path,
+                        load_checkpoint, path_to_generate_from, resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
+from evaluate import SlidingPlan, breakdown_table, evaluation_problems, score_text
 from model import (ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3, count_parameters,
                    parameters_of, structure_problems)
 from predictor import Predictor, interactive_loop
-from trainer import Trainer, schedule_problems
+from report import write_report
+from trainer import Trainer, schedule_problems, validate_final_model
 from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides,
                    available_memory_bytes,
                    config_comments, config_problems, remove_stale_temporaries,
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
                    suggestion)
 
-CROSS_KEY_RULES = (structure_problems, schedule_problems)
+CROSS_KEY_RULES = (structure_problems, schedule_problems, evaluation_problems)
 # The program's own options (not config keys): None = a bare switch.
-SWITCHES = {"help": None, "interactive": None}
+SWITCHES = {"help": None, "interactive": None, "evaluate": "PATH", "json": "PATH",
+            "report": None}
 
 
 # ---------------------------------------------------------------------------
@@ -50,9 +57,16 @@ def help_text():
     """--help: every key with its default, what it accepts and its comment in config.py."""
     defaults, flags = config_module.CONFIG_V3, stage_flags()
     comments = config_comments(config_module.__file__, list(defaults) + list(flags))
-    lines = ["usage: python3 main.py [--KEY=VALUE ...] [--interactive] [--help]", "",
+    lines = ["usage: python3 main.py [--KEY=VALUE ...] [--interactive] [--help]",
+             "       python3 main.py --evaluate=PATH [--json=PATH] [--KEY=VALUE ...]",
+             "       python3 main.py --report [--KEY=VALUE ...]", "",
              "Every key of CONFIG_V3 in config.py can be overridden for one run.",
-             "  --interactive  after training (if any), open a prompt loop for generation", ""]
+             "  --interactive    after training (if any), open a prompt loop for generation",
+             "  --evaluate=PATH  only evaluate the trained model (best, else latest) on PATH,",
+             "                   a .txt file or a folder of them: bits per byte, per file",
+             "  --json=PATH      with --evaluate: also write the figures to PATH as JSON",
+             "  --report         only (re)write checkpoint_dir/report.html from metrics.csv",
+             ""]
     for name, value in list(flags.items()) + list(defaults.items()):
         rule = config_module.RULES[name].describe() if name in config_module.RULES else "bool"
         lines.append(f"  --{name}={value!r}   ({rule})")
@@ -77,6 +91,8 @@ def load_run_config(argv):
         check_config(config)
     except ConfigError as error:
         problems += error.problems
+    if "json" in switches and "evaluate" not in switches:
+        problems.append("`--json` writes the figures of --evaluate: add --evaluate=PATH")
     if problems:
         raise ConfigError(problems)
     return config, flags, switches
@@ -182,16 +198,28 @@ def run_training(config, device, context):
         if resume_path:
             trainer.resume(resume_path)
         summary = trainer.train()
+        if not summary["interrupted"]:  # every rank agrees on this, and scores its share
+            validate_final_model(trainer)
         # Every rank leaves training together: a rank that tears its process group
         # down while rank 0 is still writing the last checkpoint makes gloo abort.
         context.barrier()
     return summary
 
 
+def announce_report(run_config):
+    """Write report.html and point to it; a report that cannot be written is a warning."""
+    try:
+        path = write_report(run_config)
+    except (OSError, UserError) as error:
+        print(f"warning: the training report could not be written ({error})")
+        return
+    print(f"report: {path} (open it in a browser; `python3 main.py --report` rewrites it)")
+
+
 # ---------------------------------------------------------------------------
 # Generation
 
-def load_model_for_prediction(config, device):
+def load_model_for_prediction(config, device, purpose="generating"):
     """The best checkpoint (else latest), rebuilt with its own architecture."""
     path = path_to_generate_from(config)
     state = load_checkpoint(path, required=KEYS_TO_GENERATE)
@@ -203,7 +231,7 @@ def load_model_for_prediction(config, device):
     except RuntimeError as error:
         raise UserError(f"checkpoint {path} does not match its own recorded architecture: "
                         f"{error}") from None
-    print(f"generating with {path} (step {state['step']})")
+    print(f"{purpose} with {path} (step {state['step']})")
     return model.eval()
 
 
@@ -213,19 +241,95 @@ def run_prediction(config, device, interactive):
     if interactive:
         interactive_loop(predictor, config)
         return
+    prompts, seed = config["generation_prompts"], config["generation_seed"]
+    seeds = [None if seed is None else seed + i for i in range(len(prompts))]
+    if sys.stdout.isatty():  # a person watches: stream each prompt's text as it comes
+        texts = []
+        for prompt, prompt_seed in zip(prompts, seeds):
+            print(f"\n--- prompt: {prompt!r} ---\n{prompt}", end="", flush=True)
+            texts.append(predictor.generate(prompt, seed=prompt_seed, on_text=lambda piece: print(
+                piece, end="", flush=True)))
+            print()
+    else:  # a log file: decode every prompt at once (prompt i samples with seed + i)
+        texts = predictor.generate_batch(prompts)
+        for prompt, text in zip(prompts, texts):
+            print(f"\n--- prompt: {prompt!r} ---\n{prompt}{text}")
     output_path = os.path.join(config["checkpoint_dir"], config["generation_output_file"])
     os.makedirs(config["checkpoint_dir"], exist_ok=True)
-    for prompt in config["generation_prompts"]:
-        print(f"\n--- prompt: {prompt!r} ---")
-        print(prompt, end="", flush=True)
-        text = predictor.generate(prompt, on_text=lambda piece: print(piece, end="", flush=True))
-        print()
-        with open(output_path, "a", encoding="utf-8") as file:
+    with open(output_path, "a", encoding="utf-8") as file:
+        for prompt, prompt_seed, text in zip(prompts, seeds, texts):
             file.write(f"=== prompt: {prompt!r} | temperature {config['generation_temperature']}"
                        f" | top_k {config['generation_top_k']} | top_p "
-                       f"{config['generation_top_p']} | seed {config['generation_seed']} ===\n"
+                       f"{config['generation_top_p']} | seed {prompt_seed} ===\n"
                        f"{prompt}{text}\n\n")
     print(f"\nsamples appended to {output_path}")
+
+
+# ---------------------------------------------------------------------------
+# Commands that run alone: --evaluate and --report
+
+def evaluation_data(config, path):
+    """The bytes of PATH (a .txt file or a folder of them) and their manifest, built as
+    training data is (same separator, same UTF-8 policy) into a cache of their own under
+    processed_data_dir, so the training cache is never touched."""
+    if not os.path.exists(path):
+        raise UserError(f"--evaluate={path}: no such file or folder")
+    if os.path.isfile(path) and not path.lower().endswith(".txt"):
+        raise UserError(f"--evaluate={path}: not a .txt file; give a .txt file or a folder")
+    if os.path.isdir(path) and not any(name.lower().endswith(".txt")
+                                       for _, _, names in os.walk(path) for name in names):
+        raise UserError(f"--evaluate={path}: no .txt files in this folder")
+    absolute = os.path.abspath(path)
+    folder = (f"evaluate_{os.path.basename(absolute.rstrip(os.sep))}_"
+              f"{hashlib.blake2b(absolute.encode(), digest_size=6).hexdigest()}")
+    processor = DataProcessor({**config, "data_dir": path, "generate_dummy_data_if_empty": False,
+                               "processed_data_dir": os.path.join(config["processed_data_dir"],
+                                                                  folder)},
+                              for_training=False)
+    return processor.prepare(), processor.manifest()
+
+
+def run_evaluation(config, device, path, json_path=None):
+    """--evaluate=PATH: bits per byte of the trained model over every byte of PATH, per
+    file (hardest first) and in total; --json=PATH writes the same figures."""
+    data, manifest = evaluation_data(config, path)
+    model = load_model_for_prediction(config, device, purpose="evaluating")
+    plan = SlidingPlan(0, len(data), model.context_length,
+                       config["evaluation_stride"] or model.context_length)
+    if len(plan) == 0:
+        raise UserError(f"--evaluate={path}: {len(data)} byte(s), nothing to predict")
+    names, spans = zip(*sorted(manifest["spans"].items(), key=lambda item: item[1][0]))
+    total, per_file = score_text(model, data, plan, device, resolve_amp_dtype(config, device),
+                                 parts=spans, progress=True)
+    files = sorted(zip(names, per_file), key=lambda item: (
+        item[1].count == 0, -item[1].bits_per_byte if item[1].count else 0))
+    print(f"{path}: every byte but the first scored once, {len(names)} file(s), window "
+          f"{plan.context_length}, stride {plan.stride} ({len(plan):,} windows)")
+    print(breakdown_table(total, files))
+    if json_path:
+        figures = {"path": path, "checkpoint": path_to_generate_from(config, log=lambda _: None),
+                   "context_length": plan.context_length, "stride": plan.stride,
+                   "total": total.figures(),
+                   "files": [{"file": name, **part.figures()} for name, part in files],
+                   "utf8_error_policy": config["utf8_error_policy"],
+                   "invalid_utf8": manifest.get("invalid_utf8", {}),
+                   "skipped": manifest.get("skipped", [])}
+        with open(json_path, "w", encoding="utf-8") as file:
+            json.dump(figures, file, indent=1, ensure_ascii=False)
+        print(f"figures written to {json_path}")
+
+
+def run_report(config):
+    """--report: report.html from an existing metrics.csv, with the run's own config (its
+    latest checkpoint's, else best's, else this one)."""
+    run_config = config
+    for kind in ("latest", "best"):
+        if os.path.isfile(checkpoint_path(config, kind)):
+            saved = load_checkpoint(checkpoint_path(config, kind), required=KEYS_TO_GENERATE)
+            run_config = {**config, **saved["config"],
+                          "checkpoint_dir": config["checkpoint_dir"]}  # where it is now
+            break
+    print(f"report: {write_report(run_config)}")
 
 
 # ---------------------------------------------------------------------------
@@ -236,16 +340,23 @@ def main(argv):
     try:
         seed_everything(config["seed"])
         device = context.device or resolve_device(config["device"])
-        if flags["DO_TRAINING"]:
-            summary = run_training(config, device, context)
-            if summary["interrupted"]:
-                return 130
+        if "evaluate" in switches or "report" in switches:  # commands: no training or generation
+            if context.is_main:
+                if "report" in switches:
+                    run_report(config)
+                if "evaluate" in switches:
+                    run_evaluation(config, device, switches["evaluate"], switches.get("json"))
+            return 0
+        summary = run_training(config, device, context) if flags["DO_TRAINING"] else None
+        interrupted = summary is not None and summary["interrupted"]
         interactive = "interactive" in switches
-        if (flags["DO_PREDICTION"] or interactive) and context.is_main:
+        if (flags["DO_PREDICTION"] or interactive) and context.is_main and not interrupted:
             run_prediction(config, device, interactive)
+        if summary is not None and context.is_main:
+            announce_report(config)  # after the generation stage: it shows the samples
         if not (flags["DO_TRAINING"] or flags["DO_PREDICTION"] or interactive):
             print("DO_TRAINING and DO_PREDICTION are both False: nothing to do.")
-        return 0
+        return 130 if interrupted else 0
     finally:
         context.close()
 

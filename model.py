@@ -32,11 +32,11 @@ ARCHITECTURE_KEYS = (
     "num_attention_layers",
     "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
     "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
-    "norm_type", "qk_norm", "ffn_activation", "logit_softcap",
+    "norm_type", "qk_norm", "ffn_activation", "logit_softcap", "parallel_fusion",
 )
 # What a checkpoint saved before a key existed meant by it (its math back then).
 LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
-                       "logit_softcap": 0.0}
+                       "logit_softcap": 0.0, "parallel_fusion": "concat_output"}
 # Every config key the model reads.
 MODEL_KEYS = ARCHITECTURE_KEYS + (
     "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective",
@@ -44,59 +44,118 @@ MODEL_KEYS = ARCHITECTURE_KEYS + (
 
 
 # ---------------------------------------------------------------------------
-# Generation cache
+# Generation cache: preallocated, written in place
 
 class KVCache:
-    """Keys and values of one attention layer for the positions fed so far."""
+    """Keys and values of one attention layer: (B, nh, capacity, hs) tensors allocated
+    once and written in place, so a new byte never copies the past."""
 
-    def __init__(self):
-        self.k = self.v = None  # (B, nh, L, hs)
+    def __init__(self, batch_size, heads, capacity, head_dim, dtype, device):
+        self.k = torch.zeros(batch_size, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # positions written by append (every stream alike)
 
     @property
-    def length(self):
-        return 0 if self.k is None else self.k.size(2)
+    def capacity(self):
+        return self.k.size(2)
+
+    def row(self, b):
+        """Stream b alone, empty: its tensors are views of this cache's row b."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[b:b + 1], self.v[b:b + 1], 0
+        return view
 
     def append(self, k, v):
-        # cat copies the cache each step: O(L) per new byte, the same order as attention itself.
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        """Write (B, nh, n, hs) at the next n positions of every stream; return the keys
+        and values written so far."""
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"the generation cache holds {self.capacity} positions; "
+                             f"{end} were asked for")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_at(self, k, v, positions):
+        """Write (B, nh, 1, hs) at each stream's own position (B,); return the whole cache."""
+        index = positions.view(-1, 1, 1, 1).expand_as(k)
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
         return self.k, self.v
 
 
 class GenerationCache:
-    """What forward_incremental carries from one call to the next. `length` counts the
-    positions fed so far; a fresh cache starts at position 0."""
+    """What incremental generation carries between calls, for `batch_size` streams and
+    `capacity` positions each. forward_incremental feeds every stream the same bytes
+    count (`length`); decode_step feeds each stream one byte at its own position.
+    `row(b)` is stream b alone, sharing this cache's storage (to feed one prompt)."""
 
-    def __init__(self, batch_size, num_byte_layers, num_convs, num_agg_layers):
-        self.batch_size = batch_size
-        self.length = 0
-        self.byte_kv = [KVCache() for _ in range(num_byte_layers)]
-        self.conv_pasts = [None] * num_convs  # last k-1 inputs of each frontend convolution
-        self.agg_kv = [KVCache() for _ in range(num_agg_layers)]
-        self.agg_past = None   # last agg_kernel-1 frontend outputs (the aggregator's input)
-        self.agg_state = None  # (B, 1, D_agg) output of the newest complete patch
+    def __init__(self, model, batch_size, capacity, dtype, device):
+        self.batch_size, self.capacity, self.length = batch_size, capacity, 0
+        heads = model.config["attention_num_heads"]
+
+        def kv_caches(stream, width, slots):
+            return [KVCache(batch_size, heads, slots, width // heads, dtype, device)
+                    for _ in stream]
+        self.byte_kv = kv_caches(model.byte_layers, model.config["attention_d_model"], capacity)
+        # the last k-1 inputs of each frontend convolution (zeros before byte 0)
+        self.conv_pasts = [torch.zeros(batch_size, block.conv.context, block.conv.conv.in_channels,
+                                       dtype=dtype, device=device)
+                           for block in (model.cnn_frontend.blocks if model.cnn_frontend else [])]
+        self.agg_kv, self.agg_past, self.agg_state = [], None, None
+        if model.parallel:
+            agg_dim = model.config["agg_cnn_out_dim"]
+            self.agg_kv = kv_caches(model.agg_stream_encoder, agg_dim,
+                                    capacity // model.agg_stride + 1)
+            # the aggregator's last k-1 inputs, and the state of the newest complete patch
+            self.agg_past = torch.zeros(batch_size, model.agg_kernel - 1,
+                                        model.aggregator_cnn.in_channels, dtype=dtype, device=device)
+            self.no_patch_state = model.no_patch_state.detach().to(dtype)
+            self.agg_state = self.no_patch_state.expand(batch_size, 1, agg_dim).clone()
+
+    def reset_row(self, b):
+        """Stream b back to position 0 (its keys and values need no clearing: positions
+        past a stream's own are never read)."""
+        for past in self.conv_pasts + ([self.agg_past] if self.agg_past is not None else []):
+            past[b].zero_()
+        if self.agg_state is not None:
+            self.agg_state[b].copy_(self.no_patch_state)
+
+    def row(self, b):
+        view = GenerationCache.__new__(GenerationCache)
+        view.batch_size, view.capacity, view.length = 1, self.capacity, 0
+        view.byte_kv = [cache.row(b) for cache in self.byte_kv]
+        view.agg_kv = [cache.row(b) for cache in self.agg_kv]
+        view.conv_pasts = [past[b:b + 1] for past in self.conv_pasts]
+        view.agg_past = None if self.agg_past is None else self.agg_past[b:b + 1]
+        view.agg_state = None if self.agg_state is None else self.agg_state[b:b + 1]
+        return view
 
 
 # ---------------------------------------------------------------------------
 # Transformer layer (with the defaults, the math of nn.TransformerEncoderLayer), plus a
 # KV cache and the modern options: RMSNorm, QK-norm, rotary positions, ReLU² and SwiGLU.
+# (On a CPU, torch 2.13's RMSNorm is not fused: 5x slower than LayerNorm, forward and
+# backward. QK-norm therefore uses the layers' norm type, LayerNorm by default.)
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, d_model, num_heads, dropout, qk_norm=False):
+    def __init__(self, d_model, num_heads, dropout, qk_norm=False, norm_type="layernorm"):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)  # q, k, v stacked like in_proj_weight
         self.out_proj = nn.Linear(d_model, d_model)
         head_dim = d_model // num_heads
-        # QK-norm: unit-RMS queries and keys per head keep attention logits in range
+        # QK-norm: normalised queries and keys per head keep attention logits in range
         # whatever the learning rate does to the weights; the gains learn the sharpness.
-        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.q_norm = NORMS[norm_type](head_dim) if qk_norm else None
+        self.k_norm = NORMS[norm_type](head_dim) if qk_norm else None
 
-    def forward(self, x, kv_cache=None, rotation=None):
-        """x (B, T, C) -> (B, T, C). `rotation`: the (cos, sin) of rotary positions."""
+    def forward(self, x, kv_cache=None, rotation=None, positions=None):
+        """x (B, T, C) -> (B, T, C). `rotation`: the (cos, sin) of rotary positions.
+        With `positions` (B,): one byte per stream (T = 1), each at its own position."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
@@ -106,7 +165,11 @@ class CausalSelfAttention(nn.Module):
         if rotation is not None:
             q, k = apply_rotation(q, rotation), apply_rotation(k, rotation)
         mask, is_causal = None, True
-        if kv_cache is not None:
+        if positions is not None:  # a stream sees its own positions 0 .. positions[b]
+            k, v = kv_cache.write_at(k, v, positions)  # (B, nh, capacity, hs)
+            slots = torch.arange(kv_cache.capacity, device=x.device)
+            mask, is_causal = (slots <= positions[:, None])[:, None, None], False
+        elif kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.append(k, v)  # (B, nh, past+T, hs)
             if past > 0:
@@ -152,7 +215,8 @@ class FeedForward(nn.Module):
             value, gate = h.chunk(2, dim=-1)
             h = value * F.silu(gate)
         elif self.activation == "relu2":
-            h = F.relu(h).square()
+            h = F.relu(h)
+            h = h * h  # 2.5x faster than .square() forward and backward on a CPU
         else:
             h = F.gelu(h)
         return self.dropout(self.linear2(self.dropout(h)))
@@ -165,17 +229,17 @@ class EncoderLayer(nn.Module):
                  qk_norm=False, ffn_activation="gelu"):
         super().__init__()
         self.norm_first = norm_first
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout, qk_norm)
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout, qk_norm, norm_type)
         self.ffn = FeedForward(d_model, ffn_mult, dropout, ffn_activation)
         self.norm1 = NORMS[norm_type](d_model)
         self.norm2 = NORMS[norm_type](d_model)
         self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache=None, rotation=None):
+    def forward(self, x, kv_cache=None, rotation=None, positions=None):
         if self.norm_first:
-            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache, rotation))
+            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache, rotation, positions))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache, rotation)))
+        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache, rotation, positions)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -254,6 +318,11 @@ def rotation_of(encoding, length, offset):
     return encoding.rotation(length, offset) if encoding.rotates_attention else None
 
 
+def rotation_at(encoding, positions):
+    """The (cos, sin) rotary angles of one position per stream (B,), or None."""
+    return encoding.rotation_at(positions) if encoding.rotates_attention else None
+
+
 class ByteLLM_GrugV3(nn.Module):
 
     def __init__(self, config):
@@ -290,7 +359,13 @@ class ByteLLM_GrugV3(nn.Module):
             self.agg_pos_encoding = positional_encoding(c, agg_dim)
             self.agg_stream_encoder = encoder_stack(c["num_agg_stream_layers"], agg_dim, c)
             self.no_patch_state = nn.Parameter(torch.randn(agg_dim) * 0.02)  # before patch 0
-            out_width += agg_dim
+            self.fusion = c["parallel_fusion"]
+            if self.fusion == "concat_output":
+                out_width += agg_dim
+            else:  # the patch state enters the byte stream, before the first or middle layer
+                self.patch_to_bytes = nn.Linear(agg_dim, d_model)
+                self.inject_before = (0 if self.fusion == "add_input"
+                                      else c["num_byte_stream_layers"] // 2)
         else:
             self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c)
         self.final_norm = NORMS[c["norm_type"]](out_width)
@@ -345,10 +420,13 @@ class ByteLLM_GrugV3(nn.Module):
             h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
         z = self.pos_encoding(self.projection(h), offset=start)  # (B, T, d_model)
         rotation = rotation_of(self.pos_encoding, x.size(1), start)
+        patches = self._patch_state_per_byte(h, cache) if self.parallel else None  # (B, T, D)
         for i, layer in enumerate(self.byte_layers):
+            if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
+                z = z + self.patch_to_bytes(patches)
             z = layer(z, None if cache is None else cache.byte_kv[i], rotation)
-        if self.parallel:
-            z = torch.cat([z, self._patch_state_per_byte(h, cache)], dim=-1)
+        if patches is not None and self.fusion == "concat_output":
+            z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
 
     def _patch_state_per_byte(self, h, cache=None):
@@ -360,13 +438,10 @@ class ByteLLM_GrugV3(nn.Module):
         start = 0 if cache is None else cache.length
         done = start // s                    # patches completed before this call
         new = (start + T) // s - done        # patches completing in this call
-        past = None if cache is None else cache.agg_past
-        if past is None:
-            past = h.new_zeros(B, k - 1, C)
-        joined = torch.cat([past, h], dim=1)  # (B, k-1+T, C): bytes start-k+1 .. start+T-1
-        previous = None if cache is None else cache.agg_state
-        if previous is None:
-            previous = self.no_patch_state.view(1, 1, -1).expand(B, 1, -1)
+        past = h.new_zeros(B, k - 1, C) if cache is None else cache.agg_past
+        joined = torch.cat([past.to(h.dtype), h], dim=1)  # (B, k-1+T, C): bytes start-k+1 ..
+        previous = (self.no_patch_state.view(1, 1, -1).expand(B, 1, -1) if cache is None
+                    else cache.agg_state)
         states = previous  # (B, 1, D_agg): state of patch done-1
         if new > 0:
             first = (done + 1) * s - 1 - start  # where patch `done`'s window starts in joined
@@ -378,10 +453,30 @@ class ByteLLM_GrugV3(nn.Module):
                 patches = layer(patches, None if cache is None else cache.agg_kv[i], rotation)
             states = torch.cat([previous.to(patches.dtype), patches], dim=1)  # (B, 1+new, D_agg)
         if cache is not None:
-            cache.agg_past = joined[:, joined.size(1) - (k - 1):]
-            cache.agg_state = states[:, -1:]
+            cache.agg_past.copy_(joined[:, joined.size(1) - (k - 1):])
+            cache.agg_state.copy_(states[:, -1:])
         positions = torch.arange(start, start + T, device=h.device)
         return states[:, (positions + 1) // s - done]  # index 0 = patch done-1 (or none)
+
+    def _patch_state_at(self, h, cache, positions):
+        """decode_step's _patch_state_per_byte: one frontend output per stream, h (B, 1, C),
+        at per-stream positions. To keep one shape for every step, the patch stream runs
+        for every stream on the patch its byte belongs to; a stream whose patch is not
+        complete keeps its previous state (what it wrote into the patch cache is
+        overwritten when the patch completes, and read by no one before)."""
+        s = self.agg_stride
+        window = torch.cat([cache.agg_past, h.to(cache.agg_past.dtype)], dim=1)  # last k inputs
+        cache.agg_past.copy_(window[:, 1:])
+        patch = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, 1, D_agg)
+        index = positions // s  # the patch each byte belongs to
+        patch = self.agg_pos_encoding.at(patch, index)
+        rotation = rotation_at(self.agg_pos_encoding, index)
+        for layer, kv in zip(self.agg_stream_encoder, cache.agg_kv):
+            patch = layer(patch, kv, rotation, index)
+        complete = ((positions + 1) % s == 0)[:, None, None]
+        cache.agg_state.copy_(torch.where(complete, patch.to(cache.agg_state.dtype),
+                                          cache.agg_state))
+        return cache.agg_state
 
     def _logits(self, hidden):
         logits = self.fc_out(self.output_dropout(self.final_norm(hidden)))
@@ -408,12 +503,34 @@ class ByteLLM_GrugV3(nn.Module):
     def loss(self, x, y):
         return self(x, y)
 
-    def new_cache(self, batch_size):
-        """An empty GenerationCache for forward_incremental, at position 0."""
-        return GenerationCache(
-            batch_size, len(self.byte_layers),
-            0 if self.cnn_frontend is None else len(self.cnn_frontend.blocks),
-            len(self.agg_stream_encoder) if self.parallel else 0)
+    def new_cache(self, batch_size, capacity=None, dtype=torch.float32):
+        """An empty GenerationCache of `capacity` positions per stream (default: the
+        training window), at position 0, on the model's device."""
+        capacity = capacity or self.context_length
+        device = self.embedding.weight.device
+        for encoding in [self.pos_encoding] + ([self.agg_pos_encoding] if self.parallel else []):
+            encoding.cover(capacity)  # decode_step reads positions from the stored tables
+        return GenerationCache(self, batch_size, capacity, dtype, device)
+
+    @torch.no_grad()
+    def decode_step(self, byte, cache, positions):
+        """Logits (B, 256) after one new byte per stream: byte (B,) at positions (B,),
+        each stream's own. Writes the cache in place, and has the same shapes at every
+        call, so torch.compile turns it into a few kernels once. Equals the full
+        forward's logits at those positions."""
+        h = self.embedding(byte[:, None])  # (B, 1, E)
+        if self.cnn_frontend is not None:
+            h = self.cnn_frontend(h, cache.conv_pasts)
+        z = self.pos_encoding.at(self.projection(h), positions)  # (B, 1, d_model)
+        rotation = rotation_at(self.pos_encoding, positions)
+        patches = self._patch_state_at(h, cache, positions) if self.parallel else None
+        for i, layer in enumerate(self.byte_layers):
+            if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
+                z = z + self.patch_to_bytes(patches.to(z.dtype))
+            z = layer(z, cache.byte_kv[i], rotation, positions)
+        if patches is not None and self.fusion == "concat_output":
+            z = torch.cat([z, patches.to(z.dtype)], dim=-1)
+        return self._logits(z)[:, 0]
 
     @torch.no_grad()
     def forward_incremental(self, x_new, cache):
@@ -448,7 +565,8 @@ def estimate_flops_per_byte(config):
         6 * M + 6 * L * T * d    (+ 6 * L_agg * (T/s) * d_agg / s in the parallel model)
 
     M counts the weights of every matrix multiply one byte goes through (frontend convs,
-    projection, qkv/out/FFN of each layer, fc_out; embedding lookups and norms excluded):
+    projection, qkv/out/FFN of each layer, the patch-to-byte projection, fc_out; embedding
+    lookups and norms excluded):
     2 FLOPs per weight forward, 4 backward. The attention term: scores and weighted values
     are 2 matmuls of 2 FLOPs per key and channel, over T/2 keys on average (causal), times 3
     for forward + backward. In the parallel model the aggregator conv and the patch stream
@@ -474,7 +592,9 @@ def estimate_flops_per_byte(config):
     else:
         agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
         agg_layers = c["num_agg_stream_layers"]
-        matmul += byte_layers * layer_weights(d) + (d + agg) * V
+        concat = c["parallel_fusion"] == "concat_output"
+        # Concatenated states widen the output head; added ones pass a projection first.
+        matmul += byte_layers * layer_weights(d) + ((d + agg) * V if concat else agg * d + d * V)
         matmul += (c["agg_cnn_kernel_size"] * front * agg + agg_layers * layer_weights(agg)) / s
         attention = byte_layers * T * d + agg_layers * (T / s) * agg / s
     return 6 * matmul + 6 * attention

@@ -1,25 +1,35 @@
 """Text generation: sample bytes from a GrugV3 model and stream them as text.
 
-Each step turns the model's logits for the next byte into one byte:
-repetition penalty -> valid-UTF-8 mask -> temperature -> top-k -> top-p -> one draw
-from a torch.Generator local to the call (the global RNG is never touched: the trainer
-relies on it for exact resume).
+Each step turns the model's logits for the next byte into one byte, for a batch of
+streams at once, on the model's device: repetition penalty -> valid-UTF-8 mask ->
+temperature -> top-k -> top-p -> a draw. The draw is the Gumbel-max trick with noise
+that is a hash of (stream seed, step, byte): a stream's text depends on its own seed
+only, not on the other prompts of its batch, and the global RNG is never touched (the
+trainer relies on it for exact resume).
 
-With the KV cache the prompt is fed in one pass and then one byte per step; without it
-every step is a full forward over the context. Both paths see exactly the same bytes
-at every step (`window_start`), so with the same seed they produce the same output.
+With the KV cache each prompt is fed in one pass, then one byte per stream and step
+(`Model.decode_step`, which torch.compile can turn into a few kernels); without it every
+step is a full forward over the context. Both paths see exactly the same bytes at every
+step (`window_start`), so with the same seed they produce the same output.
 """
 
 import codecs
 import functools
+import math
+import os
 import sys
+import warnings
 
 import torch
 
 from config import RULES
+from utils import autocast_context, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
+# Compiling the decode step takes ~20-40 s on a CPU and saves about 1 ms a byte at the
+# default size (bench.py, generation): "auto" compiles only calls that make this many bytes.
+COMPILE_PAYS_AFTER_BYTES = 50_000
 
 # generate() argument -> the config key that gives its default
 SETTING_KEYS = {
@@ -33,28 +43,25 @@ SETTING_KEYS = {
 
 
 # ---------------------------------------------------------------------------
-# Sampling: each filter takes and returns a (256,) float tensor of logits.
+# Sampling filters: logits (..., 256) in, logits out; whole batches at once.
 
-def apply_repetition_penalty(logits, recent_bytes, penalty):
-    """CTRL-style: positive logits of recently seen bytes are divided by `penalty`,
-    negative ones multiplied, so a penalty > 1 always makes them less likely."""
-    if penalty == 1.0 or not recent_bytes:
+def penalize_repeats(logits, seen, penalty):
+    """CTRL-style: positive logits of recently seen bytes (`seen`, bool like logits) are
+    divided by `penalty`, negative ones multiplied, so a penalty > 1 always makes them
+    less likely."""
+    if penalty == 1.0:
         return logits
-    seen = torch.tensor(sorted(set(recent_bytes)), dtype=torch.long, device=logits.device)
-    chosen = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
-    return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def top_k_filter(logits, k):
     """Keep the k largest logits (0 = off); the others become -inf."""
-    if k <= 0 or k >= logits.numel():
+    if k <= 0 or k >= logits.size(-1):
         return logits
-    kept = torch.topk(logits, k).indices
-    filtered = torch.full_like(logits, float("-inf"))
-    filtered[kept] = logits[kept]
-    return filtered
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+        -1, torch.topk(logits, k, dim=-1).indices, True)
+    return logits.masked_fill(~kept, float("-inf"))
 
 
 def top_p_filter(logits, p):
@@ -62,34 +69,78 @@ def top_p_filter(logits, p):
     reaches p, always at least the most likely one (1.0 = off)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop_sorted[0] = False  # the top byte always stays (p may round to 0 in float32)
-    drop = torch.zeros_like(drop_sorted)
-    drop[order] = drop_sorted
+    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False  # the top byte always stays (p may round to 0 in float32)
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_byte(logits, temperature, top_k, top_p, generator):
-    """One byte from (256,) logits; temperature 0 = greedy (top-k/top-p do not matter),
-    and so is a temperature too small to divide by in float32 (say 1e-300)."""
-    scaled = logits / temperature if temperature > 0 else None
-    if scaled is None or torch.isnan(scaled).any() or torch.isposinf(scaled).any():
-        return int(torch.argmax(logits))
-    probs = torch.softmax(top_p_filter(top_k_filter(scaled, top_k), top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def is_greedy(temperature):
+    """Temperature 0, or one too small to divide by in float32 (say 1e-300), is greedy."""
+    return temperature == 0 or not math.isfinite(float(torch.tensor(1.0 / temperature)))
 
 
-def make_generator(seed):
-    """A CPU generator for one generate() call; seed None = different every call."""
-    generator = torch.Generator()
+MASK32 = 0xFFFFFFFF
+
+
+def hashed_uniforms(seeds, step, device):
+    """(B, 256) uniforms in (0, 1), a hash of (stream seed, step, byte value): a
+    counter-based random stream per prompt. Every product stays below 2**63, so int64
+    arithmetic is exact on every device."""
+    x = (seeds[:, None] ^ ((step * 0x27D4EB2F + 0x165667B1) & MASK32))  # (B, 1)
+    x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # (B, 256)
+    for multiplier in (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D):
+        x = x ^ (x >> 16)
+        x = (x * multiplier) & MASK32
+    return ((x >> 8).float() + 0.5) * 2.0**-24
+
+
+class StreamSampler:
+    """Chooses the next byte of B streams from their logits, keeping each stream's
+    state as tensors on the device: its seed, the step, its UTF-8 state and its recent
+    bytes (the repetition window). choose() reads no value back to the host, so a
+    generation loop needs no synchronisation per byte."""
+
+    def __init__(self, settings, seeds, utf8_states, recent, valid_utf8_only, device):
+        self.temperature, self.top_k = settings["temperature"], settings["top_k"]
+        self.top_p, self.penalty = settings["top_p"], settings["repetition_penalty"]
+        self.greedy, self.valid_utf8_only = is_greedy(self.temperature), valid_utf8_only
+        self.seeds = torch.tensor([seed & MASK32 ^ seed >> 32 for seed in seeds], device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        _, allowed, following = utf8_tables()
+        self.allowed, self.following = allowed.to(device), following.to(device)
+        self.utf8_state = torch.tensor(utf8_states, device=device)
+        self.recent = torch.tensor(recent, device=device)  # (B, window); 256 = empty
+
+    def choose(self, logits):
+        """Bytes (B,) from logits (B, 256), advancing every stream's state."""
+        logits = logits.float()
+        if self.penalty != 1.0:
+            seen = torch.zeros(logits.size(0), 257, dtype=torch.bool, device=logits.device)
+            seen = seen.scatter_(1, self.recent, True)[:, :256]
+            logits = penalize_repeats(logits, seen, self.penalty)
+        if self.valid_utf8_only:
+            logits = logits.masked_fill(~self.allowed[self.utf8_state], float("-inf"))
+        if self.greedy:
+            chosen = logits.argmax(-1)
+        else:
+            logits = top_p_filter(top_k_filter(logits / self.temperature, self.top_k), self.top_p)
+            uniforms = hashed_uniforms(self.seeds, self.step, logits.device)
+            chosen = (logits - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
+        self.utf8_state.copy_(self.following[self.utf8_state, chosen])
+        self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
+                             chosen[:, None])
+        self.step += 1
+        return chosen
+
+
+def stream_seeds(seed, count):
+    """Each prompt's own seed: seed, seed+1, ... (None: fresh ones from the OS)."""
     if seed is None:
-        generator.seed()  # from the OS, not from the global RNG
-    else:
-        generator.manual_seed(seed)
-    return generator
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return [seed + i for i in range(count)]
 
 
 # ---------------------------------------------------------------------------
@@ -124,9 +175,19 @@ def utf8_next_state(state, byte):
 
 
 @functools.lru_cache(maxsize=None)
-def utf8_allowed_bytes(state):
-    """(256,) bool: the bytes that keep the text valid UTF-8 after `state`."""
-    return torch.tensor([utf8_next_state(state, b) is not None for b in range(256)])
+def utf8_tables():
+    """The state machine as tables, for sampling on the device: (the states, in order,
+    the start first; allowed (S, 256) bool: which bytes keep the text valid after each
+    state; following (S, 256) long: the state after each allowed byte)."""
+    states, allowed, following = [UTF8_START], [], []
+    for state in states:  # grows while new states turn up
+        row = [utf8_next_state(state, byte) for byte in range(256)]
+        for new in row:
+            if new is not None and new not in states:
+                states.append(new)
+        allowed.append([new is not None for new in row])
+        following.append([states.index(new) if new is not None else 0 for new in row])
+    return states, torch.tensor(allowed), torch.tensor(following)
 
 
 def utf8_unfinished_tail(data):
@@ -176,18 +237,43 @@ def prompt_bytes(prompt):
     return data or EMPTY_PROMPT
 
 
+class Stream:
+    """One prompt's generation: its bytes so far and where the model's view starts."""
+
+    def __init__(self, prompt, valid_utf8_only):
+        self.prompt, self.context, self.start = prompt, list(prompt), 0
+        self.utf8_state, self.tail = utf8_unfinished_tail(prompt)
+        if not valid_utf8_only:
+            self.utf8_state = UTF8_START
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder.decode(self.tail)  # so the first generated bytes complete the prompt's
+        self.pieces = []
+
+    def emit(self, data, on_text=None, final=False):
+        piece = self.decoder.decode(bytes(data), final=final)
+        if piece:
+            self.pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+
 class Predictor:
     """Generates text from `model` (already on `device`) with the config's generation_*
-    settings as defaults. `use_kv_cache` and `valid_utf8_only` are attributes that can be
-    changed after construction; `last_bytes` holds the raw bytes of the last call."""
+    settings as defaults. `use_kv_cache`, `valid_utf8_only` and `compile` ("auto",
+    "always", "never") are attributes that can be changed after construction;
+    `last_bytes` holds the raw bytes of the last generate() (a list after
+    generate_batch())."""
 
-    def __init__(self, model, device, config, use_kv_cache=None):
+    def __init__(self, model, device, config, use_kv_cache=None, compile=None):
         self.model = model
         self.device = torch.device(device)
         self.config = config
         self.use_kv_cache = config["use_kv_cache"] if use_kv_cache is None else use_kv_cache
         self.valid_utf8_only = config["generation_valid_utf8_only"]
+        self.compile = config["generation_compile"] if compile is None else compile
+        self.amp_dtype = resolve_amp_dtype(config, self.device)
         self.last_bytes = b""
+        self._compiled_step = None
 
     def generate(self, prompt, max_new_bytes=None, temperature=None, top_k=None, top_p=None,
                  repetition_penalty=None, seed=None, on_text=None):
@@ -200,74 +286,149 @@ class Predictor:
         never longer than max_new_bytes. Without it, invalid bytes and a cut last character
         decode to U+FFFD. If the prompt ends inside a character, the text starts with that
         character, completed by the first generated bytes (which then start last_bytes)."""
+        texts = self.generate_batch([prompt], max_new_bytes, temperature, top_k, top_p,
+                                    repetition_penalty, seed, on_text)
+        self.last_bytes = self.last_bytes[0]
+        return texts[0]
+
+    def generate_batch(self, prompts, max_new_bytes=None, temperature=None, top_k=None,
+                       top_p=None, repetition_penalty=None, seed=None, on_text=None):
+        """The continuations of several prompts, decoded together (a list of texts).
+        Prompt i samples with seed + i: its text is what generate(prompt, seed=seed + i)
+        gives. on_text, if given, streams the first prompt's text."""
         settings = generation_settings(
             self.config, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        streams = [Stream(prompt_bytes(p), self.valid_utf8_only) for p in prompts]
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                return self._generate(prompt_bytes(prompt), settings, on_text)
+            with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
+                if self.use_kv_cache:
+                    self._decode_cached(streams, settings, on_text)
+                else:
+                    seeds = stream_seeds(settings["seed"], len(streams))
+                    for i, stream in enumerate(streams):
+                        self._decode_uncached(stream, settings, seeds[i],
+                                              on_text if i == 0 else None)
         finally:
             self.model.train(was_training)
+        self.last_bytes = [self._finish(stream, settings, on_text if i == 0 else None)
+                           for i, stream in enumerate(streams)]
+        return ["".join(stream.pieces) for stream in streams]
 
-    def _generate(self, prompt, settings, on_text):
-        generator = make_generator(settings["seed"])
-        state, tail = utf8_unfinished_tail(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoder.decode(tail)  # so the first generated bytes complete the prompt's character
-        pieces = []
+    def _sampler(self, streams, settings, seeds):
+        window = self.config["generation_repetition_window"]
+        recent = [[256] * (window - len(s.context[-window:])) + s.context[-window:]
+                  for s in streams]
+        return StreamSampler(settings, seeds, [utf8_tables()[0].index(s.utf8_state)
+                                               for s in streams],
+                             recent, self.valid_utf8_only, self.device)
 
-        def emit(piece):
-            if piece:
-                pieces.append(piece)
-                if on_text is not None:
-                    on_text(piece)
-
-        context = list(prompt)
-        start, cache = 0, None
-        for _ in range(settings["max_new_bytes"]):
-            new_start = window_start(start, len(context), self.model.context_length)
-            if self.use_kv_cache and (cache is None or new_start != start):
-                cache = self.model.new_cache(1)
-            start = new_start
-            logits = self._next_logits(context, start, cache)
-            byte = self._choose_byte(logits, context, state, settings, generator)
-            context.append(byte)
-            if self.valid_utf8_only:
-                state = utf8_next_state(state, byte)
-            emit(decoder.decode(bytes([byte])))
-
-        generated = bytes(context[len(prompt):])
+    def _finish(self, stream, settings, on_text):
+        """The generated bytes of a stream, trimmed or flushed as generate() describes."""
+        generated = bytes(stream.context[len(stream.prompt):])
         if self.valid_utf8_only:
-            unfinished = min(len(decoder.getstate()[0]), len(generated))
-            generated = generated[:len(generated) - unfinished]
-        else:
-            emit(decoder.decode(b"", final=True))  # a cut character shows as U+FFFD
-        self.last_bytes = generated
-        return "".join(pieces)
-
-    def _next_logits(self, context, start, cache):
-        """(256,) logits for the byte after `context`, the model seeing context[start:].
-        A cache is fed only the bytes it has not seen: the whole view when it is new
-        (the prompt, or a rebuild after sliding), else the last byte."""
-        if cache is None:
-            return self.model(self._as_input(context[start:]))[0, -1]
-        unseen = context[start + cache.length:]
-        return self.model.forward_incremental(self._as_input(unseen), cache)[0, -1]
+            unfinished = min(len(stream.decoder.getstate()[0]), len(generated))
+            return generated[:len(generated) - unfinished]
+        stream.emit(b"", on_text, final=True)  # a cut character shows as U+FFFD
+        return generated
 
     def _as_input(self, byte_values):
         return torch.tensor([byte_values], dtype=torch.long, device=self.device)  # (1, n)
 
-    def _choose_byte(self, logits, context, state, settings, generator):
-        # sampling runs on the CPU: small, and the byte is needed here anyway
-        logits = logits.float().cpu()
-        recent = context[-self.config["generation_repetition_window"]:]
-        logits = apply_repetition_penalty(logits, recent, settings["repetition_penalty"])
-        if self.valid_utf8_only:
-            logits = logits.masked_fill(~utf8_allowed_bytes(state), float("-inf"))
-        return sample_byte(logits, settings["temperature"], settings["top_k"],
-                           settings["top_p"], generator)
+    # -- without a cache: a full forward over the view for every byte ----------------
+
+    def _decode_uncached(self, stream, settings, seed, on_text):
+        sampler = self._sampler([stream], settings, [seed])
+        window = self.model.context_length
+        for _ in range(settings["max_new_bytes"]):
+            stream.start = window_start(stream.start, len(stream.context), window)
+            logits = self.model(self._as_input(stream.context[stream.start:]))[:, -1]
+            byte = int(sampler.choose(logits))
+            stream.context.append(byte)
+            stream.emit([byte], on_text)
+
+    # -- with the cache: each prompt once, then one byte per stream and step ----------
+
+    def _decode_cached(self, streams, settings, on_text):
+        count, window = settings["max_new_bytes"], self.model.context_length
+        if count == 0:
+            return
+        sampler = self._sampler(streams, settings, stream_seeds(settings["seed"], len(streams)))
+        # Attention runs in fp32 on CPUs anyway; on GPUs the cache takes autocast's dtype.
+        cache_dtype = torch.float32 if self.device.type == "cpu" else (self.amp_dtype or
+                                                                        torch.float32)
+        cache = self.model.new_cache(len(streams), dtype=cache_dtype)
+        last_logits = []
+        for b, stream in enumerate(streams):  # each prompt in one pass, into its own row
+            stream.start = window_start(0, len(stream.context), window)
+            view = self._as_input(stream.context[stream.start:])
+            last_logits.append(self.model.forward_incremental(view, cache.row(b))[:, -1])
+        chosen = sampler.choose(torch.cat(last_logits))  # (B,)
+        positions = torch.tensor([len(s.context) - s.start for s in streams], device=self.device)
+        step = self._step_function(len(streams) * count)
+        generated = [chosen]
+        for _ in range(count - 1):
+            if on_text is not None:  # streaming reads each byte back; a batch need not
+                streams[0].emit([int(chosen[0])], on_text)
+            self._slide_full_windows(cache, streams, positions, generated)
+            chosen = step(chosen, cache, positions, sampler)
+            positions += 1
+            generated.append(chosen)
+        if on_text is not None:
+            streams[0].emit([int(chosen[0])], on_text)
+        for b, data in enumerate(torch.stack(generated, 1).tolist()):
+            streams[b].context += data
+            if b > 0 or on_text is None:
+                streams[b].emit(data)
+
+    def _slide_full_windows(self, cache, streams, positions, generated):
+        """A stream whose next byte would not fit its window keeps the last
+        KEEP_FRACTION of it: its row is refilled with that part (all of it but the byte
+        the next step feeds), as the uncached path's view slides (window_start)."""
+        window = self.model.context_length
+        full = [b for b, p in enumerate(positions.tolist()) if p >= window] if \
+            int(positions.max()) >= window else []
+        if not full:
+            return
+        recent = torch.stack(generated, 1).tolist()
+        for b in full:
+            stream = streams[b]
+            context = stream.context + recent[b]
+            stream.start = window_start(stream.start, len(context), window)
+            cache.reset_row(b)
+            view = context[stream.start:-1]
+            self.model.forward_incremental(self._as_input(view), cache.row(b))
+            positions[b] = len(view)
+
+    def _step_function(self, total_bytes):
+        """decode_step + choose, compiled where it pays (compile "auto": calls of at
+        least COMPILE_PAYS_AFTER_BYTES bytes; "always"; "never"), else eager."""
+        def step(byte, cache, positions, sampler):
+            return sampler.choose(self.model.decode_step(byte, cache, positions))
+        wanted = self.compile == "always" or (self.compile == "auto"
+                                               and total_bytes >= COMPILE_PAYS_AFTER_BYTES)
+        if not wanted or self._compiled_step is False:
+            return step
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            self._compiled_step = torch.compile(step, mode=mode, dynamic=False)
+        return self._fall_back_if_compiling_fails(step)
+
+    def _fall_back_if_compiling_fails(self, eager_step):
+        def step(*args):
+            if self._compiled_step is False:
+                return eager_step(*args)
+            try:
+                return self._compiled_step(*args)
+            except Exception as error:  # no compiler, or an unsupported platform
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
+                              f"{reason}); generating uncompiled")
+                self._compiled_step = False
+                return eager_step(*args)
+        return step
 
 
 # ---------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
                         load_for_resume, prune_epoch_snapshots, restore_rng_states,
                         save_checkpoint, unwrap_model)
 from dataset import BatchOrder
-from evaluate import evenly_spread, score_windows
+from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from utils import (UserError, agree_across_ranks, atomic_output, autocast_context, bits_per_byte,
-                   resolve_amp_dtype)
+                   bf16_matmul_is_fast, resolve_amp_dtype)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
@@ -175,10 +175,59 @@ def build_optimizers(model, config):
         optimizers = [adam_class(groups, foreach=True, **options)]
     if muon:
         ratio = config["muon_learning_rate"] / config["learning_rate"]
-        optimizers.append(torch.optim.Muon(
-            [{"params": hidden, "lr_ratio": ratio}], lr=config["muon_learning_rate"],
-            momentum=config["muon_momentum"], weight_decay=0.0))
+        on_cpu = hidden[0].device.type == "cpu"
+        optimizers.append(Muon([{"params": hidden, "lr_ratio": ratio}],
+                               orthogonalize_in_bf16=not on_cpu or bf16_matmul_is_fast("cpu"),
+                               lr=config["muon_learning_rate"],
+                               momentum=config["muon_momentum"], weight_decay=0.0))
     return optimizers
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon, except where bf16 matrix products are slow (CPUs without bf16
+    units): torch orthogonalizes every update in bf16, which there costs ten times the
+    rest of a training step. This step runs the same algorithm (Nesterov momentum,
+    Newton-Schulz with torch's coefficients, the "original" rate adjustment, decoupled
+    decay) in the parameters' dtype instead."""
+
+    def __init__(self, params, orthogonalize_in_bf16, **options):
+        super().__init__(params, adjust_lr_fn="original", **options)
+        self.orthogonalize_in_bf16 = orthogonalize_in_bf16
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.orthogonalize_in_bf16:
+            return super().step(closure)
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"],
+                                       group["eps"])
+                rows, columns = param.shape
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, rows / columns)))
+        return None
+
+
+def orthogonalize(matrix, coefficients, steps, eps):
+    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (U V^T of the
+    SVD), in the matrix's own dtype; as torch.optim.Muon's, which runs in bf16."""
+    a, b, c = coefficients
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.T if tall else matrix
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def compile_or_fall_back(model, probe, log):
@@ -354,6 +403,15 @@ class TrainingLog:
                          val_bits_per_byte=bits_per_byte(val_loss),
                          learning_rate=learning_rate, elapsed_seconds=elapsed)
 
+    def final_validation(self, step, totals, elapsed):
+        """The final model over the whole validation split: shown, and an event row."""
+        self.message(f"final model on the whole validation split ({totals.count:,} bytes): "
+                     f"{totals.bits_per_byte:.4f} bits/byte ({totals.nats_per_byte:.4f} nats)")
+        if self.enabled:
+            self._append(step, val_loss=totals.nats_per_byte,
+                         val_bits_per_byte=totals.bits_per_byte, elapsed_seconds=elapsed,
+                         event="final_validation")
+
     def sample(self, step, prompt, text):
         """Show an interim sample and append it to interim_samples.txt."""
         if not self.enabled:
@@ -379,6 +437,21 @@ class TrainingLog:
             self.message(f"training finished ({summary['reason']}) after {summary['steps']} "
                          f"steps, {summary['elapsed_seconds']:.0f} s; best validation loss "
                          f"{best:.4f} nats = {bits_per_byte(best):.3f} bits/byte")
+
+
+def validate_final_model(trainer):
+    """Bits per byte of the trained model over every byte of the validation split (the
+    validations during training score an eval_max_batches sample), after train(): every
+    rank scores its share of the windows; rank 0 prints and records the total."""
+    val, c = trainer.val_dataset, trainer.config
+    plan = SlidingPlan(val.span_start, val.span_end, val.sequence_length,
+                       c["evaluation_stride"] or val.sequence_length)
+    share, elapsed = plan.share(trainer.rank, trainer.world_size), trainer.elapsed_seconds()
+    totals, _ = score_text(trainer.raw_model, val.data, plan, trainer.device, trainer.amp_dtype,
+                           windows=share, progress=trainer.is_main)
+    totals = totals.summed_over_ranks(trainer.device)
+    trainer.log.final_validation(trainer.step, totals, elapsed)
+    return totals
 
 
 def check_weights_are_finite(model, step):

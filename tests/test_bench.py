@@ -63,22 +63,30 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
 
     quality = report["sections"]["quality"]
     runs = [row for row in quality["rows"] if row["model"] != "nanoGPT"]
-    assert len(runs) == 3  # best = single-stream = all_positions, parallel-stream, last_byte
+    # best = single-stream = all_positions, parallel-stream, last_byte, seed recipe
+    assert len(runs) == 4
     for row in runs:
         assert row["steps"] > 0 and 0 < row["val_bpb"] < 20 and 0 < row["last_byte_bpb"] < 20
     assert all(c["ratio"] > 0 for c in quality["comparisons"])
 
-    generation = report["sections"]["generation"]["rows"]
-    assert {(r["model"], r["context"]) for r in generation} == {
-        (a, c) for a in bench.ARCHITECTURES for c in bench.GENERATION_CONTEXTS}
-    for row in generation:
-        assert row["cached_bytes_per_s"] > 0 and row["uncached_bytes_per_s"] > 0
+    generation = report["sections"]["generation"]
+    assert {(r["model"], r["context"]) for r in generation["rows"]} == {
+        (d, c) for d in bench.GENERATION_DESIGNS for c in bench.GENERATION_CONTEXTS}
+    for row in generation["rows"]:
+        for path in ("uncached", "eager", "compiled"):
+            assert row[f"{path}_bytes_per_s"] > 0
+    assert {b["model"] for b in generation["batches"]} == set(bench.GENERATION_DESIGNS)
+    assert all(b["bytes_per_s"] > 0 for b in generation["batches"])
+    assert all(row["seconds"] > 0 for row in generation["latency"])
+    assert all(row["bytes_per_s"] > 0 for row in generation["nanogpt_shape"])
 
     data = report["sections"]["data"]["rows"][0]
     assert data["corpus_mb"] >= 20 and data["mb_per_s"] > 0
     assert data["peak_rss_mb"] >= data["baseline_rss_mb"] > 0
+    assert data["content_hash_mb_per_s"] > 0
 
-    assert len(report["targets"]) == 7  # training 2, quality 1, generation 2, data 2
+    # training 2, quality 1, generation 6 (cache, compile, batch x 2 designs), data 2
+    assert len(report["targets"]) == 11
     for target in report["targets"]:
         assert isinstance(target["passed"], bool) and target["measured"] > 0
 

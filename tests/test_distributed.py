@@ -35,6 +35,14 @@ def latest_state(root):
     return load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")
 
 
+def final_validation(root):
+    """The bits per byte of the final model over the whole validation split (metrics.csv)."""
+    with open(f"{root}/ckpt/metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["event"] == "final_validation"]
+    assert len(rows) == 1
+    return float(rows[0]["val_bits_per_byte"])
+
+
 @pytest.mark.parametrize("recipe", [[], ["--optimizer_type=Muon", "--scheduler_type=wsd",
                                       "--positional_encoding_type=rotary", "--qk_norm=True"]],
                          ids=["adamw", "muon"])
@@ -52,6 +60,9 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
                                    msg=f"weights differ at {key}")
     # Validation loss is averaged over every rank's share of the same windows.
     assert ddp["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=1e-4)
+    # The final model's whole-split figure: each rank scored its share, summed.
+    ddp_final, single_final = (final_validation(f"{tmp_path}/{name}") for name in ("ddp", "single"))
+    assert ddp_final == pytest.approx(single_final, rel=1e-4)
 
 
 def test_a_two_rank_run_writes_one_set_of_checkpoints_and_resumes_either_way(tmp_path):
@@ -61,7 +72,7 @@ def test_a_two_rank_run_writes_one_set_of_checkpoints_and_resumes_either_way(tmp
     assert first.stdout.count("training finished") == 1  # only rank 0 reports
     files = sorted(os.listdir(f"{root}/ckpt"))
     assert files == ["grug_v3_best.pth", "grug_v3_latest.pth", "interim_samples.txt",
-                     "metrics.csv"]
+                     "metrics.csv", "report.html"]
     with open(f"{root}/ckpt/metrics.csv") as file:
         steps = [row["step"] for row in csv.DictReader(file) if row["train_loss"]]
     assert steps == ["1", "2", "3", "4"]  # one writer, no duplicated rows

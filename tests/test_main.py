@@ -141,3 +141,45 @@ def test_interactive_mode_reads_prompts_until_end_of_input(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "temperature = 0" in result.stdout and "max_new_bytes = 5" in result.stdout
     assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")  # prompts, not a batch
+
+
+def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
+    import csv
+    from tests.test_report import check_plots_match_metrics, marks, plotted
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "abcdefghij klmnop, qrstuvwxyz.\n" * 3000)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_ROOT, "main.py"), *paths(root), *TINY_MODEL,
+         "--max_steps=100000", "--metrics_every=1", "--test_every_batches=0"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = f"{root}/ckpt/metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a validation (step 3) and a few steps more
+        if os.path.exists(metrics) and len(open(metrics).readlines()) > 6:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert f"report: {root}/ckpt/report.html" in output  # an interrupted run has one too
+    stopped = load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"]
+
+    resumed = run_main(root, f"--max_steps={stopped + 4}", "--metrics_every=1",
+                       "--resume_from_checkpoint=latest", "--DO_PREDICTION=False")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "final model on the whole validation split" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1].startswith(f"report: {root}/ckpt/report.html")
+    with open(metrics, newline="") as file:
+        rows = list(csv.DictReader(file))
+    final = [row for row in rows if row["event"] == "final_validation"]
+    assert [row["step"] for row in final] == [str(stopped + 4)] and final[0]["val_bits_per_byte"]
+
+    os.remove(f"{root}/ckpt/report.html")  # --report writes it again from metrics.csv alone
+    again = run_main(root, "--report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(f"{root}/ckpt/report.html", encoding="utf-8") as file:
+        plots = check_plots_match_metrics(file.read(), metrics)
+    by_step = plots["Bits per byte by step (log scale)"]
+    assert marks(by_step) == [stopped]  # the resume, marked
+    steps = [x for x, _ in plotted(by_step, "training (mean since last row)")]
+    assert (round(steps[0]), round(steps[-1])) == (1, stopped + 4)  # both parts of the run

@@ -66,6 +66,11 @@ ARCHITECTURES = [
     ("single-cnn-rotary-relu2-softcap", dict(CNN, positional_encoding_type="rotary",
                                              ffn_activation="relu2", logit_softcap=5.0)),
     ("parallel-rotary-k3s2", dict(PARALLEL, **MODERN, agg_cnn_kernel_size=3, agg_cnn_stride=2)),
+    # The patch state fed into the byte stream (MEGABYTE-like), first or middle layer.
+    ("parallel-add-input-k4s4", dict(PARALLEL, parallel_fusion="add_input", agg_cnn_kernel_size=4,
+                                     agg_cnn_stride=4)),
+    ("parallel-add-middle-k3s2-rotary", {**PARALLEL, **MODERN, "parallel_fusion": "add_middle",
+                                         "agg_cnn_kernel_size": 3, "agg_cnn_stride": 2}),
     ("parallel-k2s3-cnn-rotary-postnorm", {**PARALLEL, **CNN, **MODERN, "agg_cnn_kernel_size": 2,
                                            "agg_cnn_stride": 3, "transformer_norm_first": False,
                                            "ffn_activation": "swiglu"}),
@@ -151,6 +156,44 @@ def test_incremental_logits_equal_full_forward(overrides, chunks):
     incremental = incremental_logits(model, x, chunks)
     assert incremental.shape == (2, 13, 256)
     assert (incremental - full).abs().max().item() < 1e-4
+
+
+def decoded_logits(model, x, prompt_lengths, steps, step=None):
+    """Feed stream b its first prompt_lengths[b] bytes through its own row of one cache,
+    then decode `steps` bytes for every stream at once, each at its own position.
+    Returns the decode steps' logits (B, steps, 256) and the positions they were at."""
+    step = step or model.decode_step
+    cache = model.new_cache(x.size(0))
+    for b, n in enumerate(prompt_lengths):
+        model.forward_incremental(x[b:b + 1, :n], cache.row(b))
+    positions = torch.tensor(prompt_lengths)
+    rows, logits, at = torch.arange(x.size(0)), [], []
+    for _ in range(steps):
+        logits.append(step(x[rows, positions], cache, positions))
+        at.append(positions.clone())
+        positions += 1
+    return torch.stack(logits, 1), torch.stack(at, 1)
+
+
+@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
+def test_decoding_streams_at_different_positions_equals_full_forward(overrides):
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (3, 16))
+    with torch.no_grad():
+        full = model(x)
+    logits, at = decoded_logits(model, x, prompt_lengths=[1, 5, 8], steps=8)
+    expected = full[torch.arange(3)[:, None], at]  # (3, 8, 256)
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_the_decode_step_traces_as_one_graph():
+    # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
+    model = tiny_model(**PARALLEL, **CNN, **MODERN, agg_cnn_stride=3, parallel_fusion="add_input")
+    x = torch.randint(0, 256, (2, 12))
+    compiled = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    eager, _ = decoded_logits(model, x, [2, 4], steps=6)
+    traced, _ = decoded_logits(model, x, [2, 4], steps=6, step=compiled)
+    assert torch.allclose(eager, traced, atol=1e-5)
 
 
 def test_windows_shorter_than_a_patch_use_the_no_patch_state():

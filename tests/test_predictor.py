@@ -9,7 +9,7 @@ import torch
 from tests.conftest import make_tiny_config
 from model import ByteLLM_GrugV3
 from predictor import (
-    Predictor, UTF8_START, apply_repetition_penalty, interactive_loop, top_k_filter,
+    Predictor, UTF8_START, interactive_loop, penalize_repeats, top_k_filter,
     top_p_filter, utf8_next_state, utf8_unfinished_tail,
 )
 
@@ -35,18 +35,25 @@ def generate_both_ways(predictor, prompt, **kwargs):
 
 
 def spy_on_model(model):
-    """Record the length of every input the model is fed, and the cache length after
-    every incremental call; returns the record."""
+    """Record the length of every input the model is fed: full forwards, cached chunks
+    (forward_incremental) and cached single bytes (decode_step, 1 byte per stream), and
+    how many bytes the cache holds after each cached call; returns the record."""
     record = {"full": [], "incremental": [], "cache_lengths": []}
     model.register_forward_pre_hook(lambda module, args: record["full"].append(args[0].shape[1]))
-    incremental = model.forward_incremental
+    incremental, decode = model.forward_incremental, model.decode_step
 
     def spy(x_new, cache):
         logits = incremental(x_new, cache)
         record["incremental"].append(x_new.shape[1])
         record["cache_lengths"].append(cache.length)
         return logits
-    model.forward_incremental = spy
+
+    def spy_decode(byte, cache, positions):
+        logits = decode(byte, cache, positions)
+        record["incremental"].append(1)
+        record["cache_lengths"].append(int(positions.max()) + 1)
+        return logits
+    model.forward_incremental, model.decode_step = spy, spy_decode
     return record
 
 
@@ -113,11 +120,12 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_repetition_penalty_lowers_recent_bytes_only():
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    penalized = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    seen = torch.tensor([True, True, False, False])  # bytes 0 and 1 were seen recently
+    penalized = penalize_repeats(logits, seen, 2.0)
     assert penalized.tolist() == [1.0, -2.0, 0.5, 3.0]  # positive divided, negative multiplied
     before, after = torch.softmax(logits, 0), torch.softmax(penalized, 0)
     assert (after[:2] < before[:2]).all() and (after[2:] > before[2:]).all()
-    assert torch.equal(apply_repetition_penalty(logits, [0, 1], 1.0), logits)
+    assert torch.equal(penalize_repeats(logits, seen, 1.0), logits)
 
 
 def test_repetition_penalty_is_applied_during_generation(tmp_path):
@@ -234,7 +242,9 @@ def test_generating_far_past_the_window(tmp_path, parallel):
     assert cached == uncached
     assert len(cached[1]) >= 97  # at most 3 bytes of an unfinished character trimmed
     assert max(record["full"]) <= 16 and max(record["cache_lengths"]) <= 16
-    rebuilds = record["incremental"].count(12)  # the cache restarts from 3/4 of the window
+    # The view slides to keep 3/4 of the window, 12 bytes: 11 refill the cache and the
+    # next step feeds the 12th.
+    rebuilds = record["incremental"].count(11)
     assert 5 <= rebuilds <= 30  # amortised: not one rebuild per step
 
 
@@ -353,3 +363,69 @@ def test_interactive_loop_rejects_nan_and_accepts_tiny_values(tmp_path):
     assert "`repetition_penalty` = inf must be a finite number" in output
     assert "temperature = 1e-300" in output and "top_p = 1e-300" in output
     assert output.endswith(predictor.generate("hello", temperature=0, max_new_bytes=8) + "\n\n")
+
+
+# --- batches ------------------------------------------------------------------------------
+
+PROMPTS = ["Hello, world", "é", "a much longer prompt than the others, past the window", ""]
+
+
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_a_batch_gives_each_prompt_what_it_would_get_alone(tmp_path, parallel):
+    """Prompts of different lengths decoded together (each at its own positions, with
+    windows sliding at different steps): prompt i with seed + i, byte for byte as alone,
+    cached or not."""
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32)
+    texts = predictor.generate_batch(PROMPTS, max_new_bytes=40, seed=5, **RANDOM)
+    batch_bytes = predictor.last_bytes
+    assert len(texts) == len(batch_bytes) == len(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        for use_kv_cache in (True, False):
+            predictor.use_kv_cache = use_kv_cache
+            assert predictor.generate(prompt, max_new_bytes=40, seed=5 + i, **RANDOM) == texts[i]
+            assert predictor.last_bytes == batch_bytes[i]
+        batch_bytes[i].decode("utf-8")  # valid UTF-8, or this raises
+    assert len(set(texts)) == len(texts)  # each prompt its own stream
+
+
+def test_a_batch_leaves_the_global_rng_alone(tmp_path):
+    predictor = make_predictor(tmp_path)
+    before = torch.get_rng_state()
+    predictor.generate_batch(["a", "bc"], max_new_bytes=10, seed=None, **RANDOM)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sampling_noise_depends_on_seed_step_and_byte_only():
+    from predictor import hashed_uniforms
+    seeds = torch.tensor([1, 2, 1])
+    u = hashed_uniforms(seeds, torch.tensor(7), "cpu")
+    assert u.shape == (3, 256) and (u > 0).all() and (u < 1).all()
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert not torch.equal(u, hashed_uniforms(seeds, torch.tensor(8), "cpu"))
+    many = hashed_uniforms(torch.arange(400), torch.tensor(0), "cpu").flatten()
+    assert abs(many.mean().item() - 0.5) < 0.01  # uniform: mean 1/2, variance 1/12
+    assert abs(many.var().item() - 1 / 12) < 0.005
+
+
+def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path):
+    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one."""
+    predictor = make_predictor(tmp_path, sequence_length=32, generation_compile="always")
+    compiled = predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM)
+    assert predictor._compiled_step not in (None, False)  # it did compile
+    predictor.compile = "never"
+    assert predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM) == compiled
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    import predictor as predictor_module
+
+    def broken(function, **options):
+        def fails(*args):
+            raise RuntimeError("no working C++ compiler found")
+        return fails
+    monkeypatch.setattr(predictor_module.torch, "compile", broken)
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    with pytest.warns(UserWarning, match="no working C\\+\\+ compiler found"):
+        text = predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM)
+    predictor.compile = "never"
+    assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text

@@ -364,7 +364,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bitwise_the_uninterrupted_w
     rows = metrics_rows(ckpt)
     logged = training_steps(rows)
     assert sorted(logged) == list(range(1, steps + 1)), (logged, history)  # each once
-    assert len([row for row in rows if row["event"]]) == resumes_since_fresh, history
+    assert len([row for row in rows if row["event"] == "resume"]) == resumes_since_fresh, history
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""The evaluator: known predictions give known bits, the sliding plan scores every byte
+exactly once with enough context, per-file figures add up, and `main.py --evaluate`
+on folders, short files and invalid UTF-8 under each policy."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main as main_module
+from evaluate import SlidingPlan, Totals, score_text, score_windows
+from tests.conftest import make_tiny_config
+from tests.test_main import TINY_MODEL
+from utils import ConfigError, UserError
+
+CPU = torch.device("cpu")
+
+
+class CertainModel(torch.nn.Module):
+    """Predicts byte b + 1 after byte b with (all but) certainty."""
+
+    def forward(self, x):
+        return 100.0 * F.one_hot((x + 1) % 256, 256).float()  # (B, T, 256)
+
+
+class UniformModel(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(*x.shape, 256)
+
+
+class BigramModel(torch.nn.Module):
+    """Logits from the last byte alone, so each byte's cross-entropy is known without
+    knowing which window scored it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(256, 256)
+
+    def forward(self, x):
+        return self.table(x)
+
+    def reference_nats(self, data, position):
+        """-log p(data[position] | data[position - 1])."""
+        logits = self.table.weight[int(data[position - 1])].detach()
+        return -torch.log_softmax(logits.double(), dim=0)[int(data[position])].item()
+
+
+def test_a_certain_model_scores_zero_bits_and_a_uniform_one_eight():
+    data = (np.arange(1000) % 256).astype(np.uint8)  # every byte is the previous one + 1
+    plan = SlidingPlan(0, len(data), context_length=32, stride=8)
+    certain, _ = score_text(CertainModel(), data, plan, CPU, batch_size=7)
+    uniform, _ = score_text(UniformModel(), data, plan, CPU, batch_size=7)
+    assert certain.count == uniform.count == len(data) - 1
+    assert certain.bits_per_byte == pytest.approx(0.0, abs=1e-6)
+    assert uniform.bits_per_byte == pytest.approx(8.0)
+    assert uniform.perplexity == pytest.approx(256.0)
+    windows = score_windows(UniformModel(), data, [0, 100], 32, CPU)  # the trainer's path
+    assert windows.count == 64 and windows.bits_per_byte == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("begin,end,length,stride", [
+    (0, 1000, 64, 64), (0, 1000, 64, 1), (0, 1000, 64, 10), (37, 500, 16, 5),
+    (0, 65, 64, 64),  # exactly one window
+    (3, 13, 64, 64),  # shorter than one window: one window of 9 bytes of context
+])
+def test_the_sliding_plan_scores_every_byte_once_with_enough_context(begin, end, length,
+                                                                      stride):
+    plan = SlidingPlan(begin, end, length, stride)
+    starts, score_from = plan.windows(0, len(plan))
+    scored = []
+    for start, first in zip(starts, score_from):
+        assert begin <= start and start + plan.context_length + 1 <= end  # inside the span
+        for target in range(first, plan.context_length):
+            position = start + 1 + target
+            scored.append(position)
+            if start > begin:  # after the first window: at least length - stride of context
+                assert position - start >= plan.context_length - plan.stride + 1
+    assert sorted(scored) == list(range(begin + 1, end))  # every byte but the first, once
+    assert plan.context_length == min(length, end - begin - 1)
+    # A plan never holds its windows: one over a terabyte costs what a small one does.
+    huge = SlidingPlan(0, 10**12, length, stride)
+    last_start, _ = huge.windows(len(huge) - 1, len(huge))
+    assert last_start[0] == 10**12 - 1 - length
+
+
+def test_per_file_figures_match_a_reference_and_add_up_to_the_total():
+    torch.manual_seed(0)
+    model = BigramModel()
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 700).astype(np.uint8)
+    files = [[0, 300], [302, 310], [312, 700]]  # two bytes of separator between files
+    plan = SlidingPlan(0, len(data), context_length=16, stride=4)
+    total, per_file = score_text(model, data, plan, CPU, batch_size=5, parts=files)
+    for (start, end), part in zip(files, per_file):
+        positions = range(max(start, 1), end)  # the very first byte has nothing before it
+        assert part.count == len(positions)
+        expected = sum(model.reference_nats(data, p) for p in positions)
+        assert part.nats == pytest.approx(expected, rel=1e-5)
+    assert total.count == sum(p.count for p in per_file) == 700 - 1 - 4  # no separators
+    assert total.nats == pytest.approx(sum(p.nats for p in per_file))
+    # Ranks scoring their shares of the windows add up to one process's figures.
+    shares = [score_text(model, data, plan, CPU, parts=files, windows=plan.share(r, 3))[0]
+              for r in range(3)]
+    combined = sum(shares, Totals())
+    assert combined.count == total.count
+    assert combined.nats == pytest.approx(total.nats, rel=1e-6)
+
+
+def test_a_stride_longer_than_the_window_is_a_config_error(tmp_path):
+    config = make_tiny_config(str(tmp_path), evaluation_stride=17)  # sequence_length 16
+    with pytest.raises(ConfigError, match="evaluation_stride"):
+        main_module.check_config(config)
+    main_module.check_config({**config, "evaluation_stride": 16})
+
+
+# ---------------------------------------------------------------------------
+# main.py --evaluate, in process on a model trained once
+
+def arguments(root, *extra):
+    return [f"--data_dir={root}/data", f"--processed_data_dir={root}/processed",
+            f"--checkpoint_dir={root}/ckpt", f"--profiler_log_dir={root}/prof",
+            *TINY_MODEL, "--test_every_batches=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    os.makedirs(root / "data")
+    (root / "data" / "train.txt").write_text("the cat sat on the mat. " * 300)
+    assert main_module.main(arguments(root, "--max_steps=3", "--DO_PREDICTION=False")) == 0
+    return root
+
+
+def evaluate(root, path, *extra):
+    """--evaluate=path with --json; the figures it wrote."""
+    figures = f"{root}/figures.json"
+    if os.path.exists(figures):
+        os.remove(figures)
+    assert main_module.main(arguments(root, f"--evaluate={path}", f"--json={figures}",
+                                      *extra)) == 0
+    with open(figures, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(content)
+
+
+def test_evaluating_a_folder_gives_each_file_and_the_total(trained, capsys):
+    folder = trained / "held_out"
+    write(f"{folder}/a.txt", b"the dog sat on the log. " * 40)
+    write(f"{folder}/sub/b.txt", b"zq xv jk " * 30)
+    write(f"{folder}/tiny.txt", b"Hi.")  # shorter than one window
+    latest = os.path.getmtime(f"{trained}/ckpt/grug_v3_latest.pth")
+    training_cache = os.path.getmtime(f"{trained}/processed/all_bytes_grug_v3.npy")
+
+    figures = evaluate(trained, folder)
+    files = {entry["file"]: entry for entry in figures["files"]}
+    assert set(files) == {"a.txt", "sub/b.txt", "tiny.txt"}
+    assert files["a.txt"]["bytes"] == 960 - 1  # its first byte is the text's first
+    assert files["sub/b.txt"]["bytes"] == 270 and files["tiny.txt"]["bytes"] == 3
+    total = figures["total"]
+    assert total["bytes"] == sum(entry["bytes"] for entry in files.values())
+    weighted = sum(e["bits_per_byte"] * e["bytes"] for e in files.values()) / total["bytes"]
+    assert total["bits_per_byte"] == pytest.approx(weighted)
+    assert total["perplexity"] == pytest.approx(math.exp(total["nats_per_byte"]))
+    bits = [entry["bits_per_byte"] for entry in figures["files"]]
+    assert bits == sorted(bits, reverse=True)  # hardest first
+    printed = capsys.readouterr().out
+    assert "total" in printed and "sub/b.txt" in printed and "evaluating with" in printed
+    # Evaluation changes no checkpoint and leaves the training cache alone.
+    assert os.path.getmtime(f"{trained}/ckpt/grug_v3_latest.pth") == latest
+    assert os.path.getmtime(f"{trained}/processed/all_bytes_grug_v3.npy") == training_cache
+
+
+def test_a_text_shorter_than_one_window_is_one_short_window(trained):
+    write(f"{trained}/short.txt", b"the mat.")  # 8 bytes, window 16
+    figures = evaluate(trained, f"{trained}/short.txt")
+    assert figures["context_length"] == 7 and figures["total"]["bytes"] == 7
+    assert 0 < figures["total"]["bits_per_byte"] < 16
+    write(f"{trained}/one.txt", b"x")
+    with pytest.raises(UserError, match="nothing to predict"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/one.txt"))
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip", "keep", "error"])
+def test_invalid_utf8_follows_the_training_policy(trained, policy):
+    folder = trained / f"mixed_{policy}"
+    write(f"{folder}/good.txt", b"the cat sat. " * 20)
+    write(f"{folder}/bad.txt", b"the mat \xff\xfe sat. " * 10)
+    if policy == "error":
+        with pytest.raises(UserError, match="bad.txt"):
+            evaluate(trained, folder, "--utf8_error_policy=error")
+        return
+    figures = evaluate(trained, folder, f"--utf8_error_policy={policy}")
+    files = {entry["file"]: entry["bytes"] for entry in figures["files"]}
+    if policy == "skip":
+        assert figures["skipped"] == ["bad.txt"] and list(files) == ["good.txt"]
+        return
+    assert figures["invalid_utf8"] == {"bad.txt": 20}  # \xff and \xfe, 10 times
+    # "replace" turns each bad byte into U+FFFD's 3 bytes; "keep" keeps them as they are.
+    bad_bytes = 160 - 1 + (40 if policy == "replace" else 0)
+    assert files == {"bad.txt": bad_bytes, "good.txt": 260}
+
+
+def test_evaluate_errors_are_clear(trained):
+    with pytest.raises(UserError, match="no such file"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/missing"))
+    with pytest.raises(ConfigError, match="--evaluate"):
+        main_module.main(arguments(trained, "--json=out.json"))
