@@ -26,7 +26,7 @@ from stat import S_ISREG
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from config import RULES
 from utils import (TEMPORARY_PREFIX, ConfigError, UserError, atomic_output, config_problems,
@@ -672,6 +672,15 @@ class BatchOrder:
                 yield permutation(np.arange(start, start + self.batch_size)).tolist()
             epoch, first = epoch + 1, 0
 
+    def loader(self, dataset, num_workers=0, pin_memory=False):
+        """An iterator over this rank's micro-batches (x, y) of `dataset`, from the current
+        position on, across epochs; num_workers > 0 gathers them in background processes."""
+        order = self.micro_batches(self.epoch, self.micro_batch)
+        # A private generator: the loader must not draw from the global RNG.
+        return iter(DataLoader(dataset, batch_sampler=order, collate_fn=_identity,
+                               num_workers=num_workers, pin_memory=pin_memory,
+                               generator=torch.Generator().manual_seed(self.seed)))
+
     def advance(self):
         """Count one optimizer step's micro-batches; True when that ended an epoch."""
         self.epoch_of_last_step = self.epoch + 1
@@ -694,3 +703,7 @@ class BatchOrder:
             log(f"note: the checkpoint stopped {state['windows_in_epoch']} windows into the "
                 f"epoch, not a multiple of this run's {windows_per_batch} per micro-batch; "
                 f"continuing from micro-batch {self.micro_batch}")
+
+
+def _identity(batch):
+    return batch  # the dataset's __getitems__ already returns the batch as (x, y)

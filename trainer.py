@@ -18,7 +18,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint_path,
@@ -144,10 +143,6 @@ class LearningRateSchedule:
         self.measured = state.get("horizon_probe")  # absent in checkpoints before it existed
 
 
-def _identity(batch):
-    return batch
-
-
 # ---------------------------------------------------------------------------
 # Building blocks of the Trainer
 
@@ -243,6 +238,8 @@ def compile_or_fall_back(model, probe, log):
         log(f"warning: torch.compile failed ({type(error).__name__}: {reason}); "
             f"training uncompiled")
         return model
+    finally:
+        model.zero_grad(set_to_none=True)  # the probe's gradients are not a step's
 
 
 class StopRequests:
@@ -454,6 +451,14 @@ def validate_final_model(trainer):
     return totals
 
 
+def gradient_norm(model, clip=None):
+    """The global norm of the gradients, clipped to `clip` first when given."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters])
+
+
 def check_weights_are_finite(model, step):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingDiverged(f"the weights became NaN or infinite by step {step}; nothing "
@@ -520,11 +525,8 @@ class Trainer:
 
     def _probe_step(self, compiled):
         x, y = self.train_dataset.__getitems__([0])
-        try:
-            with self._autocast():
-                compiled(x.to(self.device), y.to(self.device)).backward()
-        finally:
-            self.raw_model.zero_grad(set_to_none=True)
+        with self._autocast():
+            compiled(x.to(self.device), y.to(self.device)).backward()
 
     def _log(self, message):
         if self.is_main:
@@ -640,10 +642,7 @@ class Trainer:
             total_loss += loss.item()
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        parameters = [p for p in self.raw_model.parameters() if p.grad is not None]
-        clip = self.config["clip_grad_norm_value"]
-        norm = (torch.nn.utils.clip_grad_norm_(parameters, clip) if clip
-                else torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        norm = gradient_norm(self.raw_model, self.config["clip_grad_norm_value"])
         # With fp16 the scaler skips a step whose gradients overflowed; otherwise such
         # a step would write NaN into the weights, so it is not taken.
         if self.scaler.is_enabled() or torch.isfinite(norm):
@@ -654,15 +653,6 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total_loss / len(micro_batches)
-
-    def _batches(self):
-        """This rank's micro-batches from the current position on, across epochs."""
-        order = self.order.micro_batches(self.order.epoch, self.order.micro_batch)
-        # A private generator: the loader must not draw from the global RNG.
-        return iter(DataLoader(self.train_dataset, batch_sampler=order, collate_fn=_identity,
-                               num_workers=self.config["num_workers"],
-                               generator=torch.Generator().manual_seed(self.config["seed"]),
-                               pin_memory=self.device.type == "cuda"))
 
     def _stop_reason(self, loss=0.0):
         """Why training ends after this step, or None, agreed by every rank (one rank
@@ -705,7 +695,8 @@ class Trainer:
                                                  if self.time_budget else ""))
         self._start_time = time.perf_counter()
         self.model.train()
-        batches = self._batches()
+        batches = self.order.loader(self.train_dataset, self.config["num_workers"],
+                                    pin_memory=self.device.type == "cuda")
         with self.stop.installed(), profiler_context(c, self.device) as profiler:
             reason, steps_run = self._stop_reason(), 0
             while reason is None:
