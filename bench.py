@@ -84,13 +84,38 @@ RECIPE_CHANGES = {
     "Muon for the layer matrices": ({"optimizer_type": "Muon"}, True),
     "rotary positions": ({"positional_encoding_type": "rotary"}, True),
     "QK-norm": ({"qk_norm": True}, True),
-    "wsd schedule": ({"scheduler_type": "wsd"}, True),
-    "zero-init output projections": ({"zero_init_output_projections": True}, True),
+    "windows every 64 bytes, not every byte": ({"data_stride": 64}, True),
+    "wsd schedule": ({"scheduler_type": "wsd"}, False),
+    "zero-init output projections": ({"zero_init_output_projections": True}, False),
     "RMSNorm": ({"norm_type": "rmsnorm"}, False),
     "ReLU²": ({"ffn_activation": "relu2"}, False),
     "SwiGLU": ({"ffn_activation": "swiglu"}, False),
     "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
 }
+
+# The parallel-stream designs tried beside the single stream (--parallel-designs), as
+# overrides of config.py's defaults; the defaults' parallel keys are the best of them.
+PARALLEL_BASE = {"use_parallel_stream_model": True, "agg_cnn_kernel_size": 8}
+PARALLEL_DESIGNS = {
+    "seed design: 2 byte + 1 patch layer, concat at output": {
+        "parallel_fusion": "concat_output", "num_byte_stream_layers": 2,
+        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
+    "patches added to the byte input": {
+        "parallel_fusion": "add_input", "num_byte_stream_layers": 2,
+        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
+    "patches added before the middle byte layer": {
+        "parallel_fusion": "add_middle", "num_byte_stream_layers": 2,
+        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
+    "1 byte layer + 2 patch layers of 256, input": {
+        "parallel_fusion": "add_input", "num_byte_stream_layers": 1,
+        "num_agg_stream_layers": 2, "agg_cnn_out_dim": 256, "agg_cnn_stride": 4},
+    "1 byte layer + 2 patch layers of 256, patches of 8, input": {
+        "parallel_fusion": "add_input", "num_byte_stream_layers": 1,
+        "num_agg_stream_layers": 2, "agg_cnn_out_dim": 256, "agg_cnn_stride": 8},
+}
+# Longer windows with the bytes per step held equal (64 x 16): single vs parallel stream.
+LONG_WINDOWS = {256: 4, 1024: 1}  # window -> batch_size
+PARALLEL_GAIN_BPB = 0.03  # the parallel stream must beat the single stream by this much
 
 TARGETS = {  # (comparison, threshold) for each target of the issue
     "quality_bpb": ("<=", 2.25),
@@ -119,6 +144,9 @@ GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
     "single-stream": {"use_parallel_stream_model": False},
     "parallel-stream": {"use_parallel_stream_model": True},
 }
+# Every parallel design is also timed eagerly and without the cache (issue 11's 10x).
+PARALLEL_GENERATION_DESIGNS = {f"parallel: {name}": {**PARALLEL_BASE, **overrides}
+                               for name, overrides in PARALLEL_DESIGNS.items()}
 ARCHITECTURES = {"single-stream": False, "parallel-stream": True}  # -> use_parallel_stream_model
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # -> autocast dtype
 DATA_FILES = 8  # files of the generated corpus of the data section
@@ -367,7 +395,7 @@ def quality_config(name, seconds, device, workdir, **overrides):
                         checkpoint_every_batches=10**9, eval_max_batches=1, device=str(device))
 
 
-def quality_variants(ablation):
+def quality_variants(ablation, parallel_designs=False):
     """{name: overrides of config.py's defaults} of the quality section's runs."""
     variants = {
         "best": {},
@@ -380,18 +408,30 @@ def quality_variants(ablation):
     if ablation:
         variants.update({f"seed + {name}": {**SEED_RECIPE, **overrides}
                          for name, (overrides, _) in RECIPE_CHANGES.items()})
+    if parallel_designs:
+        variants.update({f"parallel: {name}": {**PARALLEL_BASE, **overrides}
+                         for name, overrides in PARALLEL_DESIGNS.items()})
+        for window, batch_size in LONG_WINDOWS.items():
+            shape = {"sequence_length": window, "data_stride": window, "batch_size": batch_size}
+            variants[f"window {window}: single-stream"] = {
+                **shape, "use_parallel_stream_model": False}
+            variants[f"window {window}: parallel-stream"] = {
+                **shape, "use_parallel_stream_model": True}
     return variants
 
 
-def bench_quality(device, scale, data_path, seconds, repeats, ablation=False):
+def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
+                  parallel_designs=False):
     """Validation bits/byte after `seconds` of training: config.py's recipe, its single-
     and parallel-stream versions, its all_positions and last_byte versions, and the seed
-    recipe; with `ablation`, the seed recipe with each change alone. Runs with the same
-    configuration are trained once; `repeats` runs of each, interleaved, give medians."""
+    recipe; with `ablation`, the seed recipe with each change alone; with
+    `parallel_designs`, each of PARALLEL_DESIGNS, and both streams at LONG_WINDOWS. Runs
+    with the same configuration are trained once; `repeats` runs of each, interleaved,
+    give medians."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)
         runs = {}  # configuration (as JSON) -> (names, config)
-        for name, overrides in quality_variants(ablation).items():
+        for name, overrides in quality_variants(ablation, parallel_designs).items():
             config = quality_config(name, seconds, device, workdir, **overrides)
             key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
                              sort_keys=True)
@@ -406,11 +446,12 @@ def bench_quality(device, scale, data_path, seconds, repeats, ablation=False):
     for (names, config), (label, results) in zip(runs.values(), samples.items()):
         result = median_result(results)
         model = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
-        rows.append({"runs": label, "model": model, "objective": config["training_objective"],
-                     **result, "each_run_bpb": " ".join(f"{r['val_bpb']:.3f}" for r in results),
+        rows.append({"runs": label, "model": model, "window": config["sequence_length"],
+                     "objective": config["training_objective"], **result, "each_run_bpb": " ".join(f"{r['val_bpb']:.3f}" for r in results),
                      "vs_nanogpt": ratio(result["val_bpb"], NANOGPT["val_bpb"])})
         by_variant.update({name: result for name in names})
-    rows.append({"runs": "nanoGPT (reference)", "model": "nanoGPT", "objective": "all_positions",
+    rows.append({"runs": "nanoGPT (reference)", "model": "nanoGPT", "window": 64,
+                 "objective": "all_positions",
                  "params": None, "steps": NANOGPT["steps"], "train_s": NANOGPT["seconds"],
                  "bytes_per_s": NANOGPT["steps"] * REFERENCE_SHAPE["batch_size"]
                  * REFERENCE_SHAPE["sequence_length"] / NANOGPT["seconds"],
@@ -433,13 +474,23 @@ def quality_comparisons(by_variant):
              versus(objectives, "last_byte", "all_positions", "last_byte_bpb")]
     found += [versus(f"{name} alone vs the seed recipe", name, "seed recipe")
               for name in by_variant if name.startswith("seed + ")]
+    found += [versus(f"{name} vs single-stream", name, "single-stream")
+              for name in by_variant if name.startswith("parallel: ")]
+    found += [versus(f"window {window}: parallel vs single-stream",
+                     f"window {window}: parallel-stream", f"window {window}: single-stream")
+              for window in LONG_WINDOWS if f"window {window}: single-stream" in by_variant]
     return found
 
 
 def quality_targets(by_variant, seconds):
     op, threshold = TARGETS["quality_bpb"]
+    single = by_variant["single-stream"]["val_bpb"]
     return [check_target(f"best config val bits/byte in {seconds:g} s",
-                         by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
+                         by_variant["best"]["val_bpb"], op, threshold, "bits/byte"),
+            check_target(f"parallel-stream val bits/byte in {seconds:g} s (single-stream "
+                         f"{single:.3f} - {PARALLEL_GAIN_BPB})",
+                         by_variant["parallel-stream"]["val_bpb"], "<=",
+                         single - PARALLEL_GAIN_BPB, "bits/byte")]
 
 
 # ---------------------------------------------------------------------------
@@ -480,11 +531,11 @@ def first_call_seconds(predictor, prompt, new_bytes):
                       predictor.device)()
 
 
-def generation_models(device):
-    """{name: (model, config)}: the default model at a 1024-byte window, single-stream and
-    each parallel design (untrained weights: speed does not depend on them)."""
+def generation_models(device, designs):
+    """{name: (model, config)}: the default model at a 1024-byte window with each of
+    `designs` (untrained weights: speed does not depend on them)."""
     models = {}
-    for name, overrides in GENERATION_DESIGNS.items():
+    for name, overrides in designs.items():
         config = model_config(**overrides, sequence_length=max(GENERATION_CONTEXTS))
         seed_everything(config["seed"])
         models[name] = ByteLLM_GrugV3(config).to(device).eval(), config
@@ -499,36 +550,39 @@ def bench_generation(device, scale):
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
     compiled = "always" if scale["gen_compile"] else "never"
     measures, compile_seconds = {}, {}
-    for name, (model, config) in generation_models(device).items():
+    designs = {**GENERATION_DESIGNS, **PARALLEL_GENERATION_DESIGNS}
+    for name, (model, config) in generation_models(device, designs).items():
         paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
-                 "eager": Predictor(model, device, config, compile="never"),
-                 "compiled": Predictor(model, device, config, compile=compiled)}
-        compile_seconds[name] = first_call_seconds(paths["compiled"], printable_prompt(64), 2)
+                 "eager": Predictor(model, device, config, compile="never")}
+        if name in GENERATION_DESIGNS:  # the others share its code paths: compile costs
+            paths["compiled"] = Predictor(model, device, config, compile=compiled)
+            compile_seconds[name] = first_call_seconds(paths["compiled"],
+                                                       printable_prompt(64), 2)
         for context in GENERATION_CONTEXTS:
             prompt = [printable_prompt(context - new_bytes[context])]
             for path, predictor in paths.items():
                 measures[name, context, path] = (
                     lambda p=predictor, q=prompt, n=new_bytes[context], s=path == "eager":
                     generation_speed(p, q, n, streamed=s))
-        batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
-        measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
-                                        generation_speed(p, q, new_bytes[1024]))
+        if name in GENERATION_DESIGNS:
+            batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
+            measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
+                                            generation_speed(p, q, new_bytes[1024]))
     log(f"generation: timing {len(measures)} settings")
     speed = side_by_side(measures, scale["gen_rounds"])
     rows = [generation_row(name, context, new_bytes[context], speed)
-            for name in GENERATION_DESIGNS for context in GENERATION_CONTEXTS]
+            for name in designs for context in GENERATION_CONTEXTS]
     extra = generation_extras(device, scale, compile_seconds, speed)
     return {"rows": rows, **extra}, generation_targets(rows, extra["batches"])
 
 
 def generation_row(name, context, new_bytes, speed):
-    eager, compiled = speed[name, context, "eager"], speed[name, context, "compiled"]
-    uncached = speed[name, context, "uncached"]
+    eager, compiled = speed[name, context, "eager"], speed.get((name, context, "compiled"))
+    uncached, cached = speed[name, context, "uncached"], max(eager, compiled or 0)
     return {"model": name, "context": context, "new_bytes": new_bytes,
             "uncached_bytes_per_s": uncached, "eager_bytes_per_s": eager,
             "compiled_bytes_per_s": compiled, "compiled_vs_eager": ratio(compiled, eager),
-            "cached_vs_uncached": ratio(max(eager, compiled), uncached),
-            "ms_per_byte": 1000 / max(eager, compiled)}
+            "cached_vs_uncached": ratio(cached, uncached), "ms_per_byte": 1000 / cached}
 
 
 def generation_extras(device, scale, compile_seconds, speed):
@@ -537,12 +591,16 @@ def generation_extras(device, scale, compile_seconds, speed):
                 "one_prompt_bytes_per_s": speed[name, 1024, "compiled"],
                 "batch_vs_one": ratio(speed[name, "batch of 8"], speed[name, 1024, "compiled"])}
                for name in GENERATION_DESIGNS]
-    model, config = generation_models(device)["single-stream"]
+    model, config = generation_models(device, GENERATION_DESIGNS)["single-stream"]
     eager = Predictor(model, device, config, compile="never")
     first_call_seconds(eager, printable_prompt(1000), 1)  # warm-up
     latency = [{"what": "time to first byte, 1,000-byte prompt (eager)",
-                "seconds": first_call_seconds(eager, printable_prompt(1000), 1)}]
-    latency += [{"what": f"compile time of the decode step, {name}", "seconds": seconds}
+                "seconds": first_call_seconds(eager, printable_prompt(1000), 1), "bytes": None}]
+    latency += [{"what": f"compile time of the decode step, {name}", "seconds": seconds,
+                 "bytes": None} for name, seconds in compile_seconds.items()]
+    latency += [{"what": f"bytes after which compiling pays, {name} (1024 context)",
+                 "seconds": None, "bytes": break_even_bytes(
+                     seconds, speed[name, 1024, "eager"], speed[name, 1024, "compiled"])}
                 for name, seconds in compile_seconds.items()]
     nano = check_config({**CONFIG_V3, **REFERENCE_SHAPE})
     seed_everything(nano["seed"])
@@ -557,6 +615,13 @@ def generation_extras(device, scale, compile_seconds, speed):
             "nanogpt_shape": [{"path": k, "bytes_per_s": v} for k, v in shape.items()]}
 
 
+def break_even_bytes(compile_seconds, eager_bytes_per_s, compiled_bytes_per_s):
+    """Bytes a call must generate for compiling first to finish sooner than eager
+    decoding (predictor.COMPILE_PAYS_AFTER_BYTES comes from this); None if it never does."""
+    saved_per_byte = 1 / eager_bytes_per_s - 1 / compiled_bytes_per_s
+    return round(compile_seconds / saved_per_byte) if saved_per_byte > 0 else None
+
+
 def generation_targets(rows, batches):
     op, threshold = TARGETS["kv_cache_speedup_1024"]
     targets = [check_target(f"KV cache speed-up at 1024, {row['model']}",
@@ -565,7 +630,7 @@ def generation_targets(rows, batches):
     op, threshold = TARGETS["compiled_vs_eager_1024"]
     targets += [check_target(f"compiled vs eager decoding at 1024, {row['model']}",
                              row["compiled_vs_eager"], op, threshold, "x")
-                for row in rows if row["context"] == 1024]
+                for row in rows if row["context"] == 1024 and row["model"] in GENERATION_DESIGNS]
     op, threshold = TARGETS["batch_of_8_vs_one"]
     targets += [check_target(f"8 prompts vs one, total bytes/s, {batch['model']}",
                              batch["batch_vs_one"], op, threshold, "x") for batch in batches]
@@ -707,6 +772,9 @@ def parse_args(argv):
     parser.add_argument("--quality-ablation", action="store_true",
                         help="quality section: also train the seed recipe with each change "
                              "of RECIPE_CHANGES alone (about 2 minutes per change and repeat)")
+    parser.add_argument("--parallel-designs", action="store_true",
+                        help="quality section: also train each of PARALLEL_DESIGNS, and both "
+                             "streams at windows of 256 and 1024 bytes (2 minutes per run)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -733,13 +801,15 @@ def main(argv):
               "settings": {"quick": args.quick, "sections": args.only, "data": args.data,
                            "quality_seconds": quality_seconds,
                            "quality_repeats": args.quality_repeats,
-                           "quality_ablation": args.quality_ablation, "scale": scale},
+                           "quality_ablation": args.quality_ablation,
+                           "parallel_designs": args.parallel_designs, "scale": scale},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
         "training": lambda: bench_training(device, scale),
         "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
-                                         args.quality_repeats, args.quality_ablation),
+                                         args.quality_repeats, args.quality_ablation,
+                                         args.parallel_designs),
         "generation": lambda: bench_generation(device, scale),
         "data": lambda: bench_data(scale),
     }

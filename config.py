@@ -53,7 +53,7 @@ CONFIG_V3 = {
     "cnn_activation": "gelu",  # frontend activation: "gelu" | "relu"
     "cnn_dropout": 0.0,  # dropout after each frontend convolution, probability
     "cnn_use_layernorm": True,  # LayerNorm over channels after each frontend convolution
-    "positional_encoding_type": "sinusoidal",  # "sinusoidal" | "learnable" (added) | "rotary" (RoPE)
+    "positional_encoding_type": "rotary",  # "rotary" (RoPE) | "sinusoidal" | "learnable" (added)
     "max_positional_encoding_len": 1024,  # positions in the encoding table (learnable: hard limit)
     "pe_dropout": 0.0,  # dropout after adding positional encodings, probability
     "attention_d_model": 160,  # width of the transformer layers
@@ -62,7 +62,7 @@ CONFIG_V3 = {
     "transformer_dropout": 0.0,  # dropout inside attention and feed-forward, probability
     "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
     "norm_type": "layernorm",  # norms of the transformer: "layernorm" | "rmsnorm"
-    "qk_norm": False,  # normalise queries and keys per head before attention (with norm_type)
+    "qk_norm": True,  # normalise queries and keys per head before attention (with norm_type)
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
@@ -85,7 +85,7 @@ CONFIG_V3 = {
     "max_steps": 8000,  # optimizer steps at most (None = no limit)
     "max_train_minutes": 3.0,  # wall-clock training budget, minutes (None = no limit)
     "learning_rate": 3e-3,  # peak learning rate
-    "optimizer_type": "AdamW",  # "AdamW" | "Adam" | "Muon" (layer matrices; AdamW for the rest)
+    "optimizer_type": "Muon",  # "Muon" (layer matrices; AdamW for the rest) | "AdamW" | "Adam"
     "muon_learning_rate": 0.02,  # Muon: peak rate of the layer matrices (scheduled like the rest)
     "muon_momentum": 0.95,  # Muon: momentum (Nesterov)
     "adam_beta1": 0.9,  # Adam beta1

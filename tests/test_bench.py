@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from config import CONFIG_V3
 from tests.conftest import REPO_ROOT, make_tiny_config, write_text_corpus
 from dataset import ByteSequenceDataset, dummy_corpus_text
 from model import ByteLLM_GrugV3
@@ -70,14 +71,17 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert all(c["ratio"] > 0 for c in quality["comparisons"])
 
     generation = report["sections"]["generation"]
+    designs = {**bench.GENERATION_DESIGNS, **bench.PARALLEL_GENERATION_DESIGNS}
     assert {(r["model"], r["context"]) for r in generation["rows"]} == {
-        (d, c) for d in bench.GENERATION_DESIGNS for c in bench.GENERATION_CONTEXTS}
+        (d, c) for d in designs for c in bench.GENERATION_CONTEXTS}
     for row in generation["rows"]:
-        for path in ("uncached", "eager", "compiled"):
+        compiled = row["model"] in bench.GENERATION_DESIGNS
+        for path in ("uncached", "eager") + (("compiled",) if compiled else ()):
             assert row[f"{path}_bytes_per_s"] > 0
+        assert (row["compiled_bytes_per_s"] is None) != compiled
     assert {b["model"] for b in generation["batches"]} == set(bench.GENERATION_DESIGNS)
     assert all(b["bytes_per_s"] > 0 for b in generation["batches"])
-    assert all(row["seconds"] > 0 for row in generation["latency"])
+    assert all(row["seconds"] > 0 for row in generation["latency"] if row["seconds"] is not None)
     assert all(row["bytes_per_s"] > 0 for row in generation["nanogpt_shape"])
 
     data = report["sections"]["data"]["rows"][0]
@@ -85,8 +89,9 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert data["peak_rss_mb"] >= data["baseline_rss_mb"] > 0
     assert data["content_hash_mb_per_s"] > 0
 
-    # training 2, quality 1, generation 6 (cache, compile, batch x 2 designs), data 2
-    assert len(report["targets"]) == 11
+    # training 2, quality 2, data 2, generation: the cache for every design, compile and
+    # batch for the two compiled ones
+    assert len(report["targets"]) == 6 + len(designs) + 2 * len(bench.GENERATION_DESIGNS)
     for target in report["targets"]:
         assert isinstance(target["passed"], bool) and target["measured"] > 0
 
@@ -161,6 +166,42 @@ def test_side_by_side_interleaves_blocks_after_warmup():
                                  warmup=1)
     assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
     assert medians == {"a": np.median([3, 4, 7, 8]), "b": np.median([5, 6, 9, 10])}
+
+
+def test_config_defaults_are_the_seed_recipe_with_the_adopted_changes():
+    # One definition of the recipe: config.py's defaults. bench's seed recipe plus every
+    # change marked adopted must give them back, and no rejected change may be in them.
+    adopted = {}
+    for overrides, taken in bench.RECIPE_CHANGES.values():
+        assert set(overrides) <= set(CONFIG_V3)
+        if taken:
+            adopted.update(overrides)
+    recipe = {**bench.SEED_RECIPE, **adopted}
+    assert set(recipe) <= set(CONFIG_V3)
+    assert {key: CONFIG_V3[key] for key in recipe} == recipe
+    for overrides, taken in bench.RECIPE_CHANGES.values():
+        if not taken:
+            assert any(CONFIG_V3[key] != value for key, value in overrides.items())
+
+
+def test_every_quality_variant_is_a_valid_config_and_long_windows_keep_bytes_per_step():
+    variants = bench.quality_variants(ablation=True, parallel_designs=True)
+    for name, overrides in variants.items():
+        config = bench.model_config(**overrides)  # raises ConfigError on a bad variant
+        assert config["use_parallel_stream_model"] == (
+            name.startswith("parallel") or name.endswith("parallel-stream")), name
+    bytes_per_step = CONFIG_V3["batch_size"] * CONFIG_V3["sequence_length"]
+    for window in bench.LONG_WINDOWS:
+        for stream in ("single-stream", "parallel-stream"):
+            config = bench.model_config(**variants[f"window {window}: {stream}"])
+            assert config["sequence_length"] == window
+            assert config["batch_size"] * window == bytes_per_step
+
+
+def test_compiling_pays_after_the_bytes_its_compile_time_buys_back():
+    # 10 s of compile, 1 ms a byte saved (500 -> 1000 bytes/s): 10,000 bytes.
+    assert bench.break_even_bytes(10.0, 500.0, 1000.0) == 10_000
+    assert bench.break_even_bytes(10.0, 1000.0, 900.0) is None
 
 
 def test_section_list_accepts_known_names_only():

@@ -75,7 +75,9 @@ def make_trainer(config, model=None, **kwargs):
 
 
 def tiny(tmp_path, **overrides):
-    config = make_tiny_config(str(tmp_path), **overrides)
+    # AdamW: the stand-in model has no transformer matrices for Muon (the Muon tests pass
+    # a real model and optimizer_type="Muon").
+    config = make_tiny_config(str(tmp_path), **{"optimizer_type": "AdamW", **overrides})
     config["width"] = 16  # an "architecture key" of the stand-in model
     return config
 
@@ -531,7 +533,8 @@ def test_a_non_finite_validation_loss_stops_training_unsaved(tmp_path, monkeypat
 
 def test_a_huge_learning_rate_ends_in_an_error_and_a_finite_latest(tmp_path):
     from model import ByteLLM_GrugV3
-    config = make_tiny_config(str(tmp_path), learning_rate=1e6, lr_warmup_steps=0,
+    config = make_tiny_config(str(tmp_path), learning_rate=1e6, muon_learning_rate=1e6,
+                              lr_warmup_steps=0,
                               clip_grad_norm_value=None, max_steps=60, checkpoint_every_batches=2,
                               validate_and_checkpoint_best_every_batches=2, weight_decay=0.0)
     trainer = make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
@@ -748,7 +751,8 @@ def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path
     that says otherwise is refused naming the keys."""
     from main import load_model_for_prediction
     from model import LEGACY_ARCHITECTURE
-    old = real_trainer(tmp_path, max_steps=2, **LEGACY_ARCHITECTURE)
+    # Format 1 knew one optimizer: AdamW.
+    old = real_trainer(tmp_path, max_steps=2, optimizer_type="AdamW", **LEGACY_ARCHITECTURE)
     old.train()
     path = checkpoint_path(old.config, "latest")
     state = torch.load(path, weights_only=True)
@@ -766,6 +770,6 @@ def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path
     with pytest.raises(UserError, match="norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"):
         real_trainer(tmp_path, **{k: v for k, v in modern.items()
                                   if k in ("norm_type", "ffn_activation")}).resume(path)
-    same = real_trainer(tmp_path, max_steps=3, **LEGACY_ARCHITECTURE)
+    same = real_trainer(tmp_path, max_steps=3, optimizer_type="AdamW", **LEGACY_ARCHITECTURE)
     same.resume(path)  # the old meaning, asked for explicitly: resumes
     assert same.train()["steps"] == 3
