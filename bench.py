@@ -96,22 +96,22 @@ RECIPE_CHANGES = {
 # The parallel-stream designs tried beside the single stream (--parallel-designs), as
 # overrides of config.py's defaults; the defaults' parallel keys are the best of them.
 PARALLEL_BASE = {"use_parallel_stream_model": True, "agg_cnn_kernel_size": 8}
+
+
+def parallel_design(fusion, byte_layers, patch_layers, patch_width, patch_bytes):
+    return {"parallel_fusion": fusion, "num_byte_stream_layers": byte_layers,
+            "num_agg_stream_layers": patch_layers, "agg_cnn_out_dim": patch_width,
+            "agg_cnn_stride": patch_bytes}
+
+
 PARALLEL_DESIGNS = {
-    "seed design: 2 byte + 1 patch layer, concat at output": {
-        "parallel_fusion": "concat_output", "num_byte_stream_layers": 2,
-        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
-    "patches added to the byte input": {
-        "parallel_fusion": "add_input", "num_byte_stream_layers": 2,
-        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
-    "patches added before the middle byte layer": {
-        "parallel_fusion": "add_middle", "num_byte_stream_layers": 2,
-        "num_agg_stream_layers": 1, "agg_cnn_out_dim": 160, "agg_cnn_stride": 4},
-    "1 byte layer + 2 patch layers of 256, input": {
-        "parallel_fusion": "add_input", "num_byte_stream_layers": 1,
-        "num_agg_stream_layers": 2, "agg_cnn_out_dim": 256, "agg_cnn_stride": 4},
-    "1 byte layer + 2 patch layers of 256, patches of 8, input": {
-        "parallel_fusion": "add_input", "num_byte_stream_layers": 1,
-        "num_agg_stream_layers": 2, "agg_cnn_out_dim": 256, "agg_cnn_stride": 8},
+    "seed design: 2 byte + 1 patch layer, concat at output":
+        parallel_design("concat_output", 2, 1, 160, 4),
+    "patches added to the byte input": parallel_design("add_input", 2, 1, 160, 4),
+    "patches added before the middle byte layer": parallel_design("add_middle", 2, 1, 160, 4),
+    "1 byte layer + 2 patch layers of 256, input": parallel_design("add_input", 1, 2, 256, 4),
+    "1 byte layer + 2 patch layers of 256, patches of 8, input":
+        parallel_design("add_input", 1, 2, 256, 8),
 }
 # Longer windows with the bytes per step held equal (64 x 16): single vs parallel stream.
 LONG_WINDOWS = {256: 4, 1024: 1}  # window -> batch_size
@@ -289,8 +289,9 @@ def matmul_peak(device, size, rounds):
 
 
 def bench_training(device, scale):
-    """ms per optimizer step of the reference shape (the Trainer's own step: forward,
-    backward, clipping, AdamW), single/parallel stream x fp32/bf16 autocast, interleaved."""
+    """ms per optimizer step of the reference shape with config.py's recipe (the
+    Trainer's own step: forward, backward, clipping, Muon + AdamW), single/parallel
+    stream x fp32/bf16 autocast, interleaved."""
     data = np.random.default_rng(0).integers(0, 256, size=64 * 1024, dtype=np.uint8)
     steps, configs = {}, {}
     for arch, parallel in ARCHITECTURES.items():
@@ -447,7 +448,8 @@ def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
         result = median_result(results)
         model = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
         rows.append({"runs": label, "model": model, "window": config["sequence_length"],
-                     "objective": config["training_objective"], **result, "each_run_bpb": " ".join(f"{r['val_bpb']:.3f}" for r in results),
+                     "objective": config["training_objective"], **result,
+                     "each_run_bpb": " ".join(f"{r['val_bpb']:.3f}" for r in results),
                      "vs_nanogpt": ratio(result["val_bpb"], NANOGPT["val_bpb"])})
         by_variant.update({name: result for name in names})
     rows.append({"runs": "nanoGPT (reference)", "model": "nanoGPT", "window": 64,

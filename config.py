@@ -5,13 +5,16 @@ Any key can also be overridden for one run from the command line, e.g.
 `python3 main.py --help` lists every key with its default and comment.
 
 The defaults train a small model (0.7M parameters) on a 2-core laptop CPU in three minutes:
-they are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance).
+they are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance):
+Muon for the layer matrices, rotary positions, QK-norm, 2 layers of width 160.
 
-Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else.
+Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
+wider and deeper (not yet measured on a GPU by bench.py; lower the rates if it diverges):
     batch_size=64, sequence_length=256, embedding_dim=384, attention_d_model=384,
     attention_num_heads=6, num_attention_layers=6, transformer_dropout=0.1,
-    learning_rate=6e-4, max_steps=5000, max_train_minutes=None,
-    eval_max_batches=50, amp_dtype="auto", use_torch_compile=True.
+    learning_rate=1e-3, muon_learning_rate=0.02, lr_warmup_steps=200,
+    max_steps=5000, max_train_minutes=None, eval_max_batches=50,
+    amp_dtype="auto", use_torch_compile=True, generation_compile="always"
 Several GPUs or machines: see "Scaling out" in README.md (torchrun, no edit needed).
 
 Below CONFIG_V3, RULES declares what each key accepts (type, range, choices, None or

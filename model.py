@@ -110,7 +110,8 @@ class GenerationCache:
                                     capacity // model.agg_stride + 1)
             # the aggregator's last k-1 inputs, and the state of the newest complete patch
             self.agg_past = torch.zeros(batch_size, model.agg_kernel - 1,
-                                        model.aggregator_cnn.in_channels, dtype=dtype, device=device)
+                                        model.aggregator_cnn.in_channels, dtype=dtype,
+                                        device=device)
             self.no_patch_state = model.no_patch_state.detach().to(dtype)
             self.agg_state = self.no_patch_state.expand(batch_size, 1, agg_dim).clone()
 

@@ -27,9 +27,10 @@ from utils import autocast_context, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step takes ~20-40 s on a CPU and saves about 1 ms a byte at the
-# default size (bench.py, generation): "auto" compiles only calls that make this many bytes.
-COMPILE_PAYS_AFTER_BYTES = 50_000
+# Compiling the decode step took 19-21 s on the 2-core CPU and saved about 1 ms a byte at
+# the default size, so it paid after 18,000-23,000 bytes (bench.py, generation: "bytes
+# after which compiling pays"): "auto" compiles only calls that make this many bytes.
+COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
 SETTING_KEYS = {

@@ -179,3 +179,15 @@ def test_a_model_too_big_for_memory_is_a_config_error():
     with pytest.raises(ConfigError, match=r"would have [\d,]+ parameters, about [\d.]+ GB"):
         main.check_model_fits({**DEFAULTS, "embedding_dim": 100_000_000}, torch.device("cpu"))
     main.check_model_fits(dict(DEFAULTS), torch.device("cpu"))
+
+
+def test_the_gpu_preset_in_config_docstring_is_a_valid_config():
+    # The preset a user copies from config.py's docstring must pass the config check.
+    import ast
+    import re
+    text = config_module.__doc__.split("Scaling up for a GPU")[1].split("Several GPUs")[0]
+    preset = {key: ast.literal_eval(value.strip()) for key, value in
+              re.findall(r"(\w+)=([^,\n]+)", text)}
+    assert len(preset) >= 10 and "muon_learning_rate" in preset
+    checked = check_config({**config_module.CONFIG_V3, **preset})
+    assert all(checked[key] == value for key, value in preset.items())

@@ -43,9 +43,10 @@ def final_validation(root):
     return float(rows[0]["val_bits_per_byte"])
 
 
-@pytest.mark.parametrize("recipe", [[], ["--optimizer_type=Muon", "--scheduler_type=wsd",
-                                      "--positional_encoding_type=rotary", "--qk_norm=True"]],
-                         ids=["adamw", "muon"])
+@pytest.mark.parametrize("recipe", [[], ["--optimizer_type=AdamW", "--scheduler_type=wsd",
+                                      "--positional_encoding_type=sinusoidal",
+                                      "--qk_norm=False"]],
+                         ids=["default-recipe-muon", "seed-recipe-adamw-wsd"])
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     for name in ("ddp", "single"):
         write_text_corpus(f"{tmp_path}/{name}/data", CORPUS)

@@ -32,6 +32,17 @@ def run_main(root, *args, timeout=240):
                           timeout=timeout)
 
 
+def interrupt_after_rows(process, metrics, rows):
+    """Ctrl-C `process` once `metrics` has more than `rows` lines; its output."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) > rows:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    return process.communicate(timeout=120)[0]
+
+
 def test_fresh_run_on_dummy_data_trains_generates_and_resumes(tmp_path):
     root = str(tmp_path)
     os.makedirs(f"{root}/data")  # an existing, empty data folder gets the demo corpus
@@ -63,14 +74,8 @@ def test_sigint_saves_latest_and_says_how_to_resume(tmp_path):
          "--max_steps=100000", "--checkpoint_every_batches=100000", "--test_every_batches=0",
          "--validate_and_checkpoint_best_every_batches=100000"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = f"{root}/ckpt/metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training steps are being logged
-        if os.path.exists(metrics) and len(open(metrics).readlines()) > 2:
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
+    # Interrupt once training steps are being logged.
+    output = interrupt_after_rows(process, f"{root}/ckpt/metrics.csv", 2)
     assert process.returncode == 130, output[-3000:]
     assert "--resume_from_checkpoint=latest" in output
     state = load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")
@@ -152,14 +157,9 @@ def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
         [sys.executable, os.path.join(REPO_ROOT, "main.py"), *paths(root), *TINY_MODEL,
          "--max_steps=100000", "--metrics_every=1", "--test_every_batches=0"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Interrupt after a validation (step 3) and a few steps more.
     metrics = f"{root}/ckpt/metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a validation (step 3) and a few steps more
-        if os.path.exists(metrics) and len(open(metrics).readlines()) > 6:
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
+    output = interrupt_after_rows(process, metrics, 6)
     assert process.returncode == 130, output[-3000:]
     assert f"report: {root}/ckpt/report.html" in output  # an interrupted run has one too
     stopped = load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"]

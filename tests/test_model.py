@@ -95,18 +95,20 @@ def leaking_positions(forward, x):
     return leaks
 
 
-@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
-def test_future_bytes_do_not_change_logits(overrides):
-    model = tiny_model(**overrides)
+@pytest.fixture(params=ARCH_OVERRIDES, ids=ARCH_IDS)
+def model(request):
+    """A tiny model of each architecture variant (the tests below run once for each)."""
+    return tiny_model(**request.param)
+
+
+def test_future_bytes_do_not_change_logits(model):
     x = torch.randint(0, 256, (2, 13))
     assert leaking_positions(model, x) == []
     # The same check catches a model that peeks one byte ahead.
     assert leaking_positions(lambda x: model(torch.roll(x, -1, dims=1)), x) != []
 
 
-@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
-def test_present_and_past_bytes_do_change_logits(overrides):
-    model = tiny_model(**overrides)
+def test_present_and_past_bytes_do_change_logits(model):
     x = torch.randint(0, 256, (1, 13))
     with torch.no_grad():
         base = model(x)
@@ -145,11 +147,9 @@ def incremental_logits(model, x, chunks):
     return torch.cat(outputs, dim=1)
 
 
-@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
 @pytest.mark.parametrize("chunks", [[1] * 13, [5] + [1] * 8, [3, 4, 1, 2, 3], [13]],
                          ids=["bytewise", "prompt5", "uneven", "whole"])
-def test_incremental_logits_equal_full_forward(overrides, chunks):
-    model = tiny_model(**overrides)
+def test_incremental_logits_equal_full_forward(model, chunks):
     x = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
         full = model(x)
@@ -175,9 +175,7 @@ def decoded_logits(model, x, prompt_lengths, steps, step=None):
     return torch.stack(logits, 1), torch.stack(at, 1)
 
 
-@pytest.mark.parametrize("overrides", ARCH_OVERRIDES, ids=ARCH_IDS)
-def test_decoding_streams_at_different_positions_equals_full_forward(overrides):
-    model = tiny_model(**overrides)
+def test_decoding_streams_at_different_positions_equals_full_forward(model):
     x = torch.randint(0, 256, (3, 16))
     with torch.no_grad():
         full = model(x)
