@@ -11,7 +11,8 @@ Muon for the layer matrices, rotary positions, QK-norm, 2 layers of width 160.
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
 wider and deeper (not yet measured on a GPU by bench.py; lower the rates if it diverges):
     batch_size=64, sequence_length=256, embedding_dim=384, attention_d_model=384,
-    attention_num_heads=6, num_attention_layers=6, transformer_dropout=0.1,
+    attention_num_heads=6, num_attention_layers=6, agg_cnn_out_dim=384,
+    transformer_dropout=0.1,
     learning_rate=1e-3, muon_learning_rate=0.02, lr_warmup_steps=200,
     max_steps=5000, max_train_minutes=None, eval_max_batches=50,
     amp_dtype="auto", use_torch_compile=True, generation_compile="always"
@@ -120,7 +121,7 @@ CONFIG_V3 = {
     "lr_warmup_steps": 50,  # warmup length, optimizer steps
     "lr_warmup_init_factor": 0.01,  # warmup starts at learning_rate * this
     "use_amp": True,  # mixed precision (autocast) for matrix work
-    "amp_dtype": "auto",  # "auto" (bf16 on CPU / capable GPUs, else fp16) | "bfloat16" | "float16"
+    "amp_dtype": "auto",  # "auto" (bf16 where fast, fp32 on other CPUs, fp16 on older GPUs) | "bfloat16" | "float16"
 
     # --- checkpoints ---
     "checkpoint_every_batches": 500,  # save {model_name}_latest.pth every N steps

@@ -29,7 +29,8 @@ EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a 
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
 # Compiling the decode step took 19-21 s on the 2-core CPU and saved about 1 ms a byte at
 # the default size, so it paid after 18,000-23,000 bytes (bench.py, generation: "bytes
-# after which compiling pays"): "auto" compiles only calls that make this many bytes.
+# after which compiling pays"): "auto" compiles only calls that make this many bytes per
+# prompt. (bench's eager figure streams each byte back, so this slightly favours compiling.)
 COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
@@ -368,7 +369,7 @@ class Predictor:
             last_logits.append(self.model.forward_incremental(view, cache.row(b))[:, -1])
         chosen = sampler.choose(torch.cat(last_logits))  # (B,)
         positions = torch.tensor([len(s.context) - s.start for s in streams], device=self.device)
-        step = self._step_function(len(streams) * count)
+        step = self._step_function(count)
         generated = [chosen]
         for _ in range(count - 1):
             if on_text is not None:  # streaming reads each byte back; a batch need not
@@ -403,13 +404,14 @@ class Predictor:
             self.model.forward_incremental(self._as_input(view), cache.row(b))
             positions[b] = len(view)
 
-    def _step_function(self, total_bytes):
+    def _step_function(self, steps):
         """decode_step + choose, compiled where it pays (compile "auto": calls of at
-        least COMPILE_PAYS_AFTER_BYTES bytes; "always"; "never"), else eager."""
+        least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per prompt: a batch saves the same
+        time per step as one prompt; "always"; "never"), else eager."""
         def step(byte, cache, positions, sampler):
             return sampler.choose(self.model.decode_step(byte, cache, positions))
         wanted = self.compile == "always" or (self.compile == "auto"
-                                               and total_bytes >= COMPILE_PAYS_AFTER_BYTES)
+                                               and steps >= COMPILE_PAYS_AFTER_BYTES)
         if not wanted or self._compiled_step is False:
             return step
         if self._compiled_step is None:

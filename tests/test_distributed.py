@@ -46,7 +46,7 @@ def final_validation(root):
 @pytest.mark.parametrize("recipe", [[], ["--optimizer_type=AdamW", "--scheduler_type=wsd",
                                       "--positional_encoding_type=sinusoidal",
                                       "--qk_norm=False"]],
-                         ids=["default-recipe-muon", "seed-recipe-adamw-wsd"])
+                         ids=["default-recipe-muon", "adamw-sinusoidal-wsd"])
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     for name in ("ddp", "single"):
         write_text_corpus(f"{tmp_path}/{name}/data", CORPUS)

@@ -28,7 +28,10 @@ def tiny_config(**overrides):
     config.update(embedding_dim=32, attention_d_model=32, attention_num_heads=2,
                   ffn_dim_multiply=2, num_attention_layers=2, num_byte_stream_layers=2,
                   num_agg_stream_layers=1, agg_cnn_out_dim=16, sequence_length=16,
-                  max_positional_encoding_len=64)
+                  max_positional_encoding_len=64,
+                  # The seed's layers unless a case asks otherwise: old checkpoints load with
+                  # them (LEGACY_ARCHITECTURE), so they keep their own causality/cache cases.
+                  positional_encoding_type="sinusoidal", qk_norm=False)
     config.update(overrides)
     return config
 
@@ -48,6 +51,8 @@ CNN = dict(use_cnn_frontend=True, cnn_out_channels_list=[24, 32], cnn_kernel_siz
 PARALLEL = dict(use_parallel_stream_model=True)
 MODERN = dict(positional_encoding_type="rotary", norm_type="rmsnorm", qk_norm=True,
               ffn_activation="relu2")
+DEFAULT_LAYERS = {key: CONFIG_V3[key] for key in ("positional_encoding_type", "qk_norm",
+                                                  "norm_type", "ffn_activation")}
 
 # (name, overrides): both architectures, frontend on/off, even and odd kernels, and
 # aggregator kernels below, at and above the stride, strides that do not divide T = 13.
@@ -61,7 +66,10 @@ ARCHITECTURES = [
     ("parallel-k1s3", dict(PARALLEL, agg_cnn_kernel_size=1, agg_cnn_stride=3)),
     ("parallel-k5s2-cnn-postnorm", dict(PARALLEL, **CNN, agg_cnn_kernel_size=5, agg_cnn_stride=2,
                                         transformer_norm_first=False)),
-    # The modern options, alone and together, in both architectures.
+    # config.py's default layers, then the other modern options, in both architectures.
+    ("single-default-layers", DEFAULT_LAYERS),
+    ("parallel-default-layers-k3s2", dict(PARALLEL, **DEFAULT_LAYERS, agg_cnn_kernel_size=3,
+                                          agg_cnn_stride=2)),
     ("single-rotary-rmsnorm-qknorm-swiglu", {**MODERN, "ffn_activation": "swiglu"}),
     ("single-cnn-rotary-relu2-softcap", dict(CNN, positional_encoding_type="rotary",
                                              ffn_activation="relu2", logit_softcap=5.0)),

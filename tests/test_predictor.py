@@ -429,3 +429,21 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
         text = predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM)
     predictor.compile = "never"
     assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text
+
+
+def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path, monkeypatch):
+    # A batch saves the same time per step as one prompt, so "auto" counts bytes per
+    # prompt: 8 prompts of 10 bytes stay eager where one prompt of 20 compiles.
+    import predictor as predictor_module
+    compiled = []
+
+    def recording(function, **options):
+        compiled.append(function)
+        return function
+    monkeypatch.setattr(predictor_module.torch, "compile", recording)
+    monkeypatch.setattr(predictor_module, "COMPILE_PAYS_AFTER_BYTES", 20)
+    predictor = make_predictor(tmp_path, generation_compile="auto")
+    predictor.generate_batch(["ab"] * 8, max_new_bytes=10, seed=1, **RANDOM)
+    assert compiled == []
+    predictor.generate("ab", max_new_bytes=20, seed=1, **RANDOM)
+    assert len(compiled) == 1
