@@ -76,7 +76,7 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
         (d, c) for d in designs for c in bench.GENERATION_CONTEXTS}
     for row in generation["rows"]:
         compiled = row["model"] in bench.GENERATION_DESIGNS
-        for path in ("uncached", "eager") + (("compiled",) if compiled else ()):
+        for path in ("uncached", "eager") + (("streamed", "compiled") if compiled else ()):
             assert row[f"{path}_bytes_per_s"] > 0
         assert (row["compiled_bytes_per_s"] is None) != compiled
     assert {b["model"] for b in generation["batches"]} == set(bench.GENERATION_DESIGNS)
