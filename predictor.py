@@ -368,15 +368,19 @@ class Predictor:
             view = self._as_input(stream.context[stream.start:])
             last_logits.append(self.model.forward_incremental(view, cache.row(b))[:, -1])
         chosen = sampler.choose(torch.cat(last_logits))  # (B,)
-        positions = torch.tensor([len(s.context) - s.start for s in streams], device=self.device)
+        # Each stream's position, kept on the host too, so that deciding when a window
+        # is full reads nothing back from the device.
+        at = [len(s.context) - s.start for s in streams]
+        positions = torch.tensor(at, device=self.device)
         step = self._step_function(count)
         generated = [chosen]
         for _ in range(count - 1):
             if on_text is not None:  # streaming reads each byte back; a batch need not
                 streams[0].emit([int(chosen[0])], on_text)
-            self._slide_full_windows(cache, streams, positions, generated)
+            self._slide_full_windows(cache, streams, at, positions, generated)
             chosen = step(chosen, cache, positions, sampler)
             positions += 1
+            at = [p + 1 for p in at]
             generated.append(chosen)
         if on_text is not None:
             streams[0].emit([int(chosen[0])], on_text)
@@ -385,13 +389,12 @@ class Predictor:
             if b > 0 or on_text is None:
                 streams[b].emit(data)
 
-    def _slide_full_windows(self, cache, streams, positions, generated):
+    def _slide_full_windows(self, cache, streams, at, positions, generated):
         """A stream whose next byte would not fit its window keeps the last
         KEEP_FRACTION of it: its row is refilled with that part (all of it but the byte
         the next step feeds), as the uncached path's view slides (window_start)."""
         window = self.model.context_length
-        full = [b for b, p in enumerate(positions.tolist()) if p >= window] if \
-            int(positions.max()) >= window else []
+        full = [b for b, p in enumerate(at) if p >= window]
         if not full:
             return
         recent = torch.stack(generated, 1).tolist()
@@ -402,7 +405,7 @@ class Predictor:
             cache.reset_row(b)
             view = context[stream.start:-1]
             self.model.forward_incremental(self._as_input(view), cache.row(b))
-            positions[b] = len(view)
+            at[b] = positions[b] = len(view)
 
     def _step_function(self, steps):
         """decode_step + choose, compiled where it pays (compile "auto": calls of at
