@@ -20,6 +20,7 @@ repeats) and reported as a ratio beside the absolute figures. stdout carries the
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import operator
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -124,6 +126,7 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
     "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
     "kv_cache_speedup_1024": (">=", 10.0),
     "compiled_vs_eager_1024": (">=", 5.0),
+    "cached_vs_seed_path_1024": (">=", 5.0),
     "batch_of_8_vs_one": (">=", 4.0),
     "data_mb_per_s": (">=", 100.0),
     "data_peak_mb": ("<", 300.0),
@@ -133,12 +136,12 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
 SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
-                 gen_max_new_bytes=256, gen_rounds=3, gen_compile=True, data_bytes=200 * MB,
-                 data_rounds=3),
+                 gen_max_new_bytes=256, gen_rounds=3, gen_compile=True, gen_seed_path=True,
+                 data_bytes=200 * MB, data_rounds=3),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
-                  gen_max_new_bytes=4, gen_rounds=1, gen_compile=False, data_bytes=20 * MB,
-                  data_rounds=1),
+                  gen_max_new_bytes=4, gen_rounds=1, gen_compile=False, gen_seed_path=False,
+                  data_bytes=20 * MB, data_rounds=1),
 }
 GENERATION_CONTEXTS = (64, 256, 1024)
 GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
@@ -581,7 +584,9 @@ def bench_generation(device, scale):
     rows = [generation_row(name, context, new_bytes[context], speed)
             for name in designs for context in GENERATION_CONTEXTS]
     extra = generation_extras(device, scale, compile_seconds, speed)
-    return {"rows": rows, **extra}, generation_targets(rows, extra["batches"])
+    seed_rows = seed_generation_rows(device) if scale["gen_seed_path"] else None
+    extra["seed_path"] = versus_seed_path(rows, seed_rows) if seed_rows else []
+    return {"rows": rows, **extra}, generation_targets(rows, extra["batches"], extra["seed_path"])
 
 
 def generation_row(name, context, new_bytes, speed):
@@ -633,7 +638,53 @@ def break_even_bytes(compile_seconds, eager_bytes_per_s, compiled_bytes_per_s):
     return round(compile_seconds / saved_per_byte) if saved_per_byte > 0 else None
 
 
-def generation_targets(rows, batches):
+SEED_COMMIT = "6c4571e"  # the project's first commit, whose cached path issue 12 measures against
+
+
+def seed_generation_rows(device):
+    """The seed's cached and uncached paths at contexts 64-1024, measured by the seed's own
+    bench (its default model: 2 layers x 160, sinusoidal positions) in a child process, from
+    a copy of that commit out of git history: the old path, kept runnable for the side by
+    side comparison. None, with a log line, where the history or the run is not there."""
+    threads = ["--threads", str(torch.get_num_threads())]
+    with tempfile.TemporaryDirectory(prefix="grug_bench_seed_") as workdir:
+        try:
+            archive = subprocess.run(["git", "-C", REPO, "archive", SEED_COMMIT],
+                                     capture_output=True, check=True).stdout
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(workdir, **safe)
+        except (OSError, subprocess.CalledProcessError, tarfile.TarError) as error:
+            log(f"generation: the seed's path cannot be run here ({error}); left out")
+            return None
+        log("generation: timing the seed's path (its own bench, from git history)")
+        output = os.path.join(workdir, "seed.json")
+        done = subprocess.run([sys.executable, "bench.py", "--only", "generation", "--device",
+                               str(device), *threads, "--json", output],
+                              cwd=workdir, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"generation: the seed's bench failed; left out:\n{done.stderr[-2000:]}")
+            return None
+        with open(output, encoding="utf-8") as file:
+            return json.load(file)["sections"]["generation"]["rows"]
+
+
+def versus_seed_path(rows, seed_rows):
+    """Ours (the faster of eager and compiled) beside the seed's cached path, per model and
+    context."""
+    seed = {(row["model"], row["context"]): row["cached_bytes_per_s"] for row in seed_rows}
+    compared = []
+    for row in rows:
+        old = seed.get((row["model"], row["context"]))
+        if old is not None:
+            ours = max(row["eager_bytes_per_s"], row["compiled_bytes_per_s"] or 0)
+            compared.append({"model": row["model"], "context": row["context"],
+                             "seed_cached_bytes_per_s": old, "ours_bytes_per_s": ours,
+                             "ours_vs_seed": ratio(ours, old)})
+    return compared
+
+
+def generation_targets(rows, batches, seed_path=()):
     op, threshold = TARGETS["kv_cache_speedup_1024"]
     targets = [check_target(f"KV cache speed-up at 1024, {row['model']}",
                             row["cached_vs_uncached"], op, threshold, "x")
@@ -645,6 +696,10 @@ def generation_targets(rows, batches):
     op, threshold = TARGETS["batch_of_8_vs_one"]
     targets += [check_target(f"8 prompts vs one, total bytes/s, {batch['model']}",
                              batch["batch_vs_one"], op, threshold, "x") for batch in batches]
+    op, threshold = TARGETS["cached_vs_seed_path_1024"]
+    targets += [check_target(f"cached decoding vs the seed's path at 1024, {row['model']}",
+                             row["ours_vs_seed"], op, threshold, "x")
+                for row in seed_path if row["context"] == 1024]
     return targets
 
 

@@ -78,10 +78,12 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def write_at(self, k, v, positions):
-        """Write (B, nh, 1, hs) at each stream's own position (B,); return the whole cache."""
-        index = positions.view(-1, 1, 1, 1).expand_as(k)
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
+        """Write (B, nh, 1, hs) at each stream's own position (B,); return the whole cache.
+        Index assignment, not scatter_: torch.compile writes it in place, where a scatter_
+        into the cache became a copy of the whole cache and a copy back, every step."""
+        rows = torch.arange(k.size(0), device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
+        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
         return self.k, self.v
 
 

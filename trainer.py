@@ -214,15 +214,37 @@ class Muon(torch.optim.Muon):
 
 def orthogonalize(matrix, coefficients, steps, eps):
     """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (U V^T of the
-    SVD), in the matrix's own dtype; as torch.optim.Muon's, which runs in bf16."""
+    SVD), in the matrix's own dtype; as torch.optim.Muon's, which runs in bf16.
+
+    For a wide x (m x n, m <= n) each step is x <- M x with M = a I + b G + c G^2, a
+    polynomial of the Gram matrix G = x x^T, so x_k = Q_k x_0 and every step can run on
+    m x m matrices: Q <- M Q, and G <- M G M^T = M^2 G (M commutes with G). That costs
+    8 m^3 per step instead of 4 m^2 n + 2 m^3, and 2 m^2 n once at the end: 37-49 % fewer
+    operations for the 1:3 and 1:4 matrices of attention and feed-forward layers. Square
+    matrices take the direct iteration, which is cheaper for them."""
     a, b, c = coefficients
     tall = matrix.size(0) > matrix.size(1)
     x = matrix.T if tall else matrix
     x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if 8 * x.size(0) < 5 * x.size(1):  # n > 1.6 m: the Gram form does less work
+        x = gram_newton_schulz(x, a, b, c, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def gram_newton_schulz(x, a, b, c, steps):
+    """The Newton-Schulz steps of orthogonalize() on the Gram matrix of x (m x n, m < n)."""
+    gram = x @ x.T
+    identity = torch.eye(x.size(0), dtype=x.dtype, device=x.device)
+    q = None
+    for _ in range(steps):
+        m = torch.addmm(identity, gram, gram, beta=a, alpha=c).add_(gram, alpha=b)
+        q = m if q is None else m @ q
+        gram = m @ (m @ gram)
+    return q @ x
 
 
 def compile_or_fall_back(model, probe, log):

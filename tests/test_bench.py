@@ -204,6 +204,28 @@ def test_compiling_pays_after_the_bytes_its_compile_time_buys_back():
     assert bench.break_even_bytes(10.0, 1000.0, 900.0) is None
 
 
+def test_ours_beside_the_seed_path_takes_the_faster_of_our_paths():
+    ours = [{"model": "single-stream", "context": 1024, "eager_bytes_per_s": 300.0,
+             "compiled_bytes_per_s": 900.0},
+            {"model": "parallel-stream", "context": 1024, "eager_bytes_per_s": 250.0,
+             "compiled_bytes_per_s": None},
+            {"model": "parallel: add_input", "context": 1024, "eager_bytes_per_s": 200.0,
+             "compiled_bytes_per_s": None}]  # a design the seed did not have: no row
+    seed = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 450.0},
+            {"model": "parallel-stream", "context": 1024, "cached_bytes_per_s": 500.0}]
+    compared = bench.versus_seed_path(ours, seed)
+    assert [(r["model"], r["ours_bytes_per_s"], r["ours_vs_seed"]) for r in compared] == [
+        ("single-stream", 900.0, 2.0), ("parallel-stream", 250.0, 0.5)]
+    targets = bench.generation_targets([], [], compared)
+    assert [t["passed"] for t in targets] == [False, False]
+    assert "seed's path" in targets[0]["target"]
+
+
+def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository
+    assert bench.seed_generation_rows(torch.device("cpu")) is None
+
+
 def test_section_list_accepts_known_names_only():
     assert bench.section_list("quality, data") == ["quality", "data"]
     with pytest.raises(Exception, match="unknown section"):
