@@ -661,7 +661,7 @@ def seed_generation_rows(device):
         output = os.path.join(workdir, "seed.json")
         done = subprocess.run([sys.executable, "bench.py", "--only", "generation", "--device",
                                str(device), *threads, "--json", output],
-                              cwd=workdir, capture_output=True, text=True)
+                              cwd=workdir, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             log(f"generation: the seed's bench failed; left out:\n{done.stderr[-2000:]}")
             return None
