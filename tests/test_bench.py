@@ -207,23 +207,60 @@ def test_compiling_pays_after_the_bytes_its_compile_time_buys_back():
 def test_ours_beside_the_seed_path_takes_the_faster_of_our_paths():
     ours = [{"model": "single-stream", "context": 1024, "eager_bytes_per_s": 300.0,
              "compiled_bytes_per_s": 900.0},
+            {"model": "single-stream", "context": 256, "eager_bytes_per_s": 3000.0,
+             "compiled_bytes_per_s": 2000.0},
             {"model": "parallel-stream", "context": 1024, "eager_bytes_per_s": 250.0,
              "compiled_bytes_per_s": None},
             {"model": "parallel: add_input", "context": 1024, "eager_bytes_per_s": 200.0,
              "compiled_bytes_per_s": None}]  # a design the seed did not have: no row
     seed = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 450.0},
-            {"model": "parallel-stream", "context": 1024, "cached_bytes_per_s": 500.0}]
+            {"model": "single-stream", "context": 256, "cached_bytes_per_s": 500.0},
+            {"model": "parallel-stream", "context": 1024, "cached_bytes_per_s": 50.0}]
     compared = bench.versus_seed_path(ours, seed)
-    assert [(r["model"], r["ours_bytes_per_s"], r["ours_vs_seed"]) for r in compared] == [
-        ("single-stream", 900.0, 2.0), ("parallel-stream", 250.0, 0.5)]
-    targets = bench.generation_targets([], [], compared)
-    assert [t["passed"] for t in targets] == [False, False]
-    assert "seed's path" in targets[0]["target"]
+    assert [(r["model"], r["context"], r["ours_bytes_per_s"], r["ours_vs_seed"])
+            for r in compared] == [("single-stream", 1024, 900.0, 2.0),
+                                   ("single-stream", 256, 3000.0, 6.0),
+                                   ("parallel-stream", 1024, 250.0, 5.0)]
+    targets = bench.generation_targets([], [], compared)  # the 1024 rows only
+    assert [(t["measured"], t["passed"]) for t in targets] == [(2.0, False), (5.0, True)]
+    assert all("seed's path" in t["target"] for t in targets)
 
 
 def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository
+    monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository,
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # nor inside one
     assert bench.seed_generation_rows(torch.device("cpu")) is None
+
+
+def fake_seed_bench(report):
+    """subprocess.run standing in for git archive (a tar of one file) and for the seed's
+    bench (which writes `report` to its --json path, or fails if report is None)."""
+    real_run = subprocess.run
+
+    def run(command, **options):
+        if command[0] == "git":
+            return real_run(["tar", "-c", "-f", "-", "-C", os.path.dirname(__file__),
+                             "conftest.py"], capture_output=True, check=True)
+        if report is None:
+            raise subprocess.CalledProcessError(1, command, stderr="Traceback: boom")
+        with open(command[command.index("--json") + 1], "w", encoding="utf-8") as file:
+            json.dump(report, file)
+        return subprocess.CompletedProcess(command, 0)
+    return run
+
+
+def test_the_seed_path_rows_come_from_the_seed_bench_report(monkeypatch):
+    rows = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 355.0}]
+    monkeypatch.setattr(bench.subprocess, "run",
+                        fake_seed_bench({"sections": {"generation": {"rows": rows}}}))
+    assert bench.seed_generation_rows(torch.device("cpu")) == rows
+
+
+@pytest.mark.parametrize("report", [None, {"sections": {}}])
+def test_a_failing_or_odd_seed_bench_leaves_its_rows_out(monkeypatch, report, capsys):
+    monkeypatch.setattr(bench.subprocess, "run", fake_seed_bench(report))
+    assert bench.seed_generation_rows(torch.device("cpu")) is None
+    assert "left out" in capsys.readouterr().err
 
 
 def test_section_list_accepts_known_names_only():

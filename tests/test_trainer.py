@@ -716,10 +716,18 @@ def test_muon_takes_the_layer_matrices_and_adamw_the_rest(tmp_path):
     assert muon.param_groups[0]["lr"] == pytest.approx(adamw.param_groups[0]["lr"] * 25)
 
 
-@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (16, 64), (24, 24), (20, 30)])
-def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(shape):
-    """Wide and tall matrices take the Gram-matrix form, square ones the direct form: each
-    must give what the direct quintic iteration (torch's Muon, in float64 here) gives."""
+@pytest.mark.parametrize("shape, gram_form", [
+    ((48, 16), True), ((16, 48), True), ((16, 64), True), ((16, 26), True),  # n > 1.5 m
+    ((20, 30), False), ((24, 24), False), ((30, 20), False)])
+def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(
+        shape, gram_form, monkeypatch):
+    """Matrices more than 1.5 times as wide as tall (or the reverse) take the Gram-matrix
+    form, the others the direct form: each must give what the direct quintic iteration
+    (torch's Muon, in float64 here) gives."""
+    calls = []
+    real = trainer_module.gram_newton_schulz
+    monkeypatch.setattr(trainer_module, "gram_newton_schulz",
+                        lambda *args: calls.append(args[0].shape) or real(*args))
     coefficients, steps = (3.4445, -4.7750, 2.0315), 5
     update = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     a, b, c = coefficients
@@ -730,6 +738,7 @@ def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(sha
         x = a * x + (b * gram + c * gram @ gram) @ x
     expected = x.T if shape[0] > shape[1] else x
     result = trainer_module.orthogonalize(update, coefficients, steps, eps=1e-7)
+    assert bool(calls) == gram_form
     assert result.dtype == update.dtype and result.shape == update.shape
     torch.testing.assert_close(result.double(), expected, atol=2e-5, rtol=1e-4)
     # and it does orthogonalize: the singular values end near 1 (the quintic leaves them
@@ -737,6 +746,18 @@ def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(sha
     # singular value a random square matrix has, so one in ten may stay below)
     singular = torch.linalg.svdvals(result.double())
     assert (singular > 0.6).double().mean() >= 0.9 and singular.max() < 1.3
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_orthogonalize_with_few_steps_matches_the_direct_form(steps):
+    update = torch.randn(16, 64, generator=torch.Generator().manual_seed(steps))
+    coefficients = (3.4445, -4.7750, 2.0315)
+    x = update / update.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = coefficients[0] * x + (coefficients[1] * gram + coefficients[2] * gram @ gram) @ x
+    torch.testing.assert_close(trainer_module.orthogonalize(update, coefficients, steps, 1e-7),
+                               x, atol=2e-5, rtol=1e-4)
 
 
 def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
