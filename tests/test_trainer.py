@@ -716,6 +716,21 @@ def test_muon_takes_the_layer_matrices_and_adamw_the_rest(tmp_path):
     assert muon.param_groups[0]["lr"] == pytest.approx(adamw.param_groups[0]["lr"] * 25)
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's
+
+
+def direct_newton_schulz(update, steps):
+    """The reference: the quintic iteration as torch's Muon writes it, in update's dtype."""
+    a, b, c = NS_COEFFICIENTS
+    tall = update.size(0) > update.size(1)
+    x = update.T if tall else update
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
 @pytest.mark.parametrize("shape, gram_form", [
     ((48, 16), True), ((16, 48), True), ((16, 64), True), ((16, 26), True),  # n > 1.5 m
     ((20, 30), False), ((24, 24), False), ((30, 20), False)])
@@ -728,16 +743,9 @@ def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(
     real = trainer_module.gram_newton_schulz
     monkeypatch.setattr(trainer_module, "gram_newton_schulz",
                         lambda *args: calls.append(args[0].shape) or real(*args))
-    coefficients, steps = (3.4445, -4.7750, 2.0315), 5
     update = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
-    a, b, c = coefficients
-    x = update.double().T if shape[0] > shape[1] else update.double()
-    x = x / x.norm()
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    expected = x.T if shape[0] > shape[1] else x
-    result = trainer_module.orthogonalize(update, coefficients, steps, eps=1e-7)
+    expected = direct_newton_schulz(update.double(), steps=5)
+    result = trainer_module.orthogonalize(update, NS_COEFFICIENTS, 5, eps=1e-7)
     assert bool(calls) == gram_form
     assert result.dtype == update.dtype and result.shape == update.shape
     torch.testing.assert_close(result.double(), expected, atol=2e-5, rtol=1e-4)
@@ -751,13 +759,8 @@ def test_orthogonalize_is_the_newton_schulz_iteration_whichever_form_it_runs(
 @pytest.mark.parametrize("steps", [0, 1, 2])
 def test_orthogonalize_with_few_steps_matches_the_direct_form(steps):
     update = torch.randn(16, 64, generator=torch.Generator().manual_seed(steps))
-    coefficients = (3.4445, -4.7750, 2.0315)
-    x = update / update.norm()
-    for _ in range(steps):
-        gram = x @ x.T
-        x = coefficients[0] * x + (coefficients[1] * gram + coefficients[2] * gram @ gram) @ x
-    torch.testing.assert_close(trainer_module.orthogonalize(update, coefficients, steps, 1e-7),
-                               x, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(trainer_module.orthogonalize(update, NS_COEFFICIENTS, steps, 1e-7),
+                               direct_newton_schulz(update, steps), atol=2e-5, rtol=1e-4)
 
 
 def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
