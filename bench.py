@@ -79,6 +79,7 @@ SEED_RECIPE = {
     "ffn_activation": "gelu", "zero_init_output_projections": False, "logit_softcap": 0.0,
     "embedding_dim": 160, "attention_d_model": 160, "attention_num_heads": 4,
     "num_attention_layers": 2, "batch_size": 16, "sequence_length": 64, "data_stride": 1,
+    "ngram_orders": [],
 }
 # Each change tried on the seed recipe, alone: (overrides, adopted into config.py). The
 # seed recipe with every adopted change is config.py's defaults (tests/test_bench.py).
@@ -87,6 +88,7 @@ RECIPE_CHANGES = {
     "rotary positions": ({"positional_encoding_type": "rotary"}, True),
     "QK-norm": ({"qk_norm": True}, True),
     "windows every 64 bytes, not every byte": ({"data_stride": 64}, True),
+    "hashed 2- to 6-byte embeddings": ({"ngram_orders": [2, 3, 4, 5, 6]}, True),
     "wsd schedule": ({"scheduler_type": "wsd"}, False),
     "zero-init output projections": ({"zero_init_output_projections": True}, False),
     "RMSNorm": ({"norm_type": "rmsnorm"}, False),

@@ -4,15 +4,18 @@ Any key can also be overridden for one run from the command line, e.g.
     python3 main.py --batch_size=32 --use_parallel_stream_model=True --DO_PREDICTION=False
 `python3 main.py --help` lists every key with its default and comment.
 
-The defaults train a small model (0.7M parameters) on a 2-core laptop CPU in three minutes:
-they are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance):
-Muon for the layer matrices, rotary positions, QK-norm, 2 layers of width 160.
+The defaults train a small model (4.6M parameters, 3.9M of them in the hashed n-gram tables,
+which cost lookups, not matrix work) on a 2-core laptop CPU in three minutes: they are the
+best 100-second recipe bench.py found on tiny Shakespeare (README, Performance): Muon for
+the layer matrices, rotary positions, QK-norm, hashed 2-4-byte embeddings, 2 layers of
+width 160.
 
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
-wider and deeper (not yet measured on a GPU by bench.py; lower the rates if it diverges):
+wider and deeper, with larger n-gram tables for the many more bytes a GPU reads (not yet
+measured on a GPU by bench.py; lower the rates if it diverges):
     batch_size=64, sequence_length=256, embedding_dim=384, attention_d_model=384,
     attention_num_heads=6, num_attention_layers=6, agg_cnn_out_dim=384,
-    transformer_dropout=0.1,
+    transformer_dropout=0.1, ngram_buckets=32768,
     learning_rate=1e-3, muon_learning_rate=0.02, lr_warmup_steps=200,
     max_steps=5000, max_train_minutes=None, eval_max_batches=50,
     amp_dtype="auto", use_torch_compile=True, generation_compile="always"
@@ -51,6 +54,8 @@ CONFIG_V3 = {
 
     # --- model ---
     "embedding_dim": 160,  # width of the byte embedding
+    "ngram_orders": [2, 3, 4, 5, 6],  # add hashed embeddings of the last n bytes, each n ([] = off)
+    "ngram_buckets": 8192,  # rows of each n-gram's hash table (more: fewer collisions, more memory)
     "use_cnn_frontend": False,  # causal 1-D convolutions over the embeddings before attention
     "cnn_out_channels_list": [160],  # output channels of each frontend convolution
     "cnn_kernel_sizes": [3],  # kernel size of each frontend convolution, bytes
@@ -204,6 +209,8 @@ RULES = {
     "vocab_size": POSITIVE,
     # model
     "embedding_dim": POSITIVE,
+    "ngram_orders": list_of(int, low=2),  # distinct: structure_problems in model.py
+    "ngram_buckets": POSITIVE,
     "use_cnn_frontend": flag(),
     "cnn_out_channels_list": list_of(int, low=1),
     "cnn_kernel_sizes": list_of(int, low=1),

@@ -203,3 +203,52 @@ class CNNFrontend(nn.Module):
             if pasts is not None:
                 pasts[i].copy_(past)
         return x
+
+
+# ---------------------------------------------------------------------------
+# Hashed n-gram embeddings
+
+NO_BYTE = 256  # stands for the bytes before the start of a view: it has none before it
+MASK32 = 0xFFFFFFFF
+
+
+def ngram_hashes(joined, orders, length):
+    """{n: (B, length) int64 hash in [0, 2^32) of the n bytes ending at each of the last
+    `length` positions of `joined` (B, max(orders)-1+length), for each order n.
+
+    FNV-1a over the bytes from the newest back, so the hash of n bytes extends the hash
+    of n-1, then a multiply-xorshift finish: the low bits that pick a bucket depend on
+    every byte. Every product stays below 2^63, so int64 never overflows."""
+    context = joined.size(1) - length
+    hashed = torch.full_like(joined[:, context:], 0x811C9DC5)  # FNV offset basis
+    out = {}
+    for back in range(max(orders)):
+        byte = joined[:, context - back:joined.size(1) - back]  # byte t-back of each t
+        hashed = ((hashed ^ (byte + 1)) * 0x01000193) & MASK32  # FNV prime
+        if back + 1 in orders:
+            mixed = hashed
+            for multiplier in (0x7FEB352D, 0x5BD1E995):
+                mixed = mixed ^ (mixed >> 15)
+                mixed = (mixed * multiplier) & MASK32
+            out[back + 1] = mixed ^ (mixed >> 16)
+    return out
+
+
+class HashedNgramEmbedding(nn.Module):
+    """For each order n, a table of `buckets` vectors indexed by a hash of the n bytes
+    ending at each position (the byte and the n-1 before it), summed (BLT's hash n-gram
+    embeddings). Added to the byte embedding, they tell the first layer which n-gram it
+    reads, which attention would otherwise spend its first layers assembling; a lookup
+    costs next to nothing, so at this size they buy more than extra layers do."""
+
+    def __init__(self, orders, buckets, width):
+        super().__init__()
+        self.orders, self.buckets = tuple(orders), buckets
+        self.context = max(orders) - 1  # earlier bytes the newest n-gram reaches back to
+        self.embeddings = nn.ModuleList(nn.Embedding(buckets, width) for _ in self.orders)
+
+    def forward(self, x, past):
+        """x (B, T) bytes; past (B, context) the bytes just before x (NO_BYTE where there
+        are none) -> (B, T, width)."""
+        hashes = ngram_hashes(torch.cat([past, x], dim=1), self.orders, x.size(1))
+        return sum(table(hashes[n] % self.buckets) for n, table in zip(self.orders, self.embeddings))

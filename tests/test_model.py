@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from config import CONFIG_V3
 from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, EncoderLayer, count_parameters,
                    estimate_flops_per_byte)
-from model_components import CNNFrontend, LearnablePositionalEncoding, SinusoidalPositionalEncoding
+from model_components import (NO_BYTE, CNNFrontend, LearnablePositionalEncoding,
+                              SinusoidalPositionalEncoding, ngram_hashes)
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def tiny_config(**overrides):
                   max_positional_encoding_len=64,
                   # The seed's layers unless a case asks otherwise: old checkpoints load with
                   # them (LEGACY_ARCHITECTURE), so they keep their own causality/cache cases.
-                  positional_encoding_type="sinusoidal", qk_norm=False)
+                  positional_encoding_type="sinusoidal", qk_norm=False, ngram_orders=[])
     config.update(overrides)
     return config
 
@@ -52,7 +53,10 @@ PARALLEL = dict(use_parallel_stream_model=True)
 MODERN = dict(positional_encoding_type="rotary", norm_type="rmsnorm", qk_norm=True,
               ffn_activation="relu2")
 DEFAULT_LAYERS = {key: CONFIG_V3[key] for key in ("positional_encoding_type", "qk_norm",
-                                                  "norm_type", "ffn_activation")}
+                                                  "norm_type", "ffn_activation",
+                                                  "ngram_orders", "ngram_buckets")}
+# Hashed n-grams with a small table (collisions happen) and orders with a gap.
+NGRAMS = dict(ngram_orders=[2, 3, 5], ngram_buckets=61)
 
 # (name, overrides): both architectures, frontend on/off, even and odd kernels, and
 # aggregator kernels below, at and above the stride, strides that do not divide T = 13.
@@ -82,6 +86,13 @@ ARCHITECTURES = [
     ("parallel-k2s3-cnn-rotary-postnorm", {**PARALLEL, **CNN, **MODERN, "agg_cnn_kernel_size": 2,
                                            "agg_cnn_stride": 3, "transformer_norm_first": False,
                                            "ffn_activation": "swiglu"}),
+    # Hashed n-gram embeddings: alone, before the CNN frontend, into the patch stream.
+    ("single-ngrams", NGRAMS),
+    ("single-cnn-ngrams-rotary", {**CNN, **MODERN, **NGRAMS}),
+    ("parallel-ngrams-k3s2", dict(PARALLEL, **NGRAMS, agg_cnn_kernel_size=3, agg_cnn_stride=2)),
+    ("parallel-add-input-ngram-4-k4s4", dict(PARALLEL, parallel_fusion="add_input",
+                                             ngram_orders=[4], ngram_buckets=97,
+                                             agg_cnn_kernel_size=4, agg_cnn_stride=4)),
 ]
 ARCH_IDS = [name for name, _ in ARCHITECTURES]
 ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
@@ -139,6 +150,60 @@ def test_cnn_frontend_is_causal_and_keeps_length(kernels):
     changed[:, 5:] += 1.0
     assert torch.equal(frontend(changed)[:, :5], y[:, :5])
     assert not torch.equal(frontend(changed)[:, 5], y[:, 5])
+
+
+# ---------------------------------------------------------------------------
+# Hashed n-grams
+
+def test_an_ngram_hash_reads_exactly_its_n_bytes():
+    """The hash of order n at position t changes with each of bytes t-n+1 .. t, and with
+    nothing else; "no byte" (before the view) counts as a byte of its own."""
+    torch.manual_seed(0)
+    orders, length = (1, 2, 3, 5), 12
+    joined = torch.randint(0, 256, (1, 4 + length))
+    joined[0, :3] = NO_BYTE  # the view starts at joined[3]
+    base = ngram_hashes(joined, orders, length)
+    for n in orders:
+        assert base[n].shape == (1, length) and 0 <= base[n].min() and base[n].max() < 2**32
+    for where in range(joined.size(1)):
+        changed = joined.clone()
+        changed[0, where] = (changed[0, where] + 1) % 257  # also turns a byte into NO_BYTE
+        hashes = ngram_hashes(changed, orders, length)
+        for n in orders:
+            for t in range(length):
+                newest = 4 + t  # position of byte t in joined
+                reads = newest - n < where <= newest
+                assert (hashes[n][0, t] != base[n][0, t]) == reads, (n, t, where)
+
+
+def test_ngram_buckets_fill_like_a_random_function():
+    """19,683 distinct trigrams over 27 letters, hashed into 4,096 buckets, fill as many
+    buckets as a random function would (a hash with structure, such as a weighted sum
+    of the bytes, leaves many empty and piles similar n-grams together)."""
+    letters = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz "))
+    trigrams = torch.cartesian_prod(letters, letters, letters)  # (19683, 3)
+    buckets, count = 4096, trigrams.size(0)
+    hashed = ngram_hashes(trigrams, (3,), 1)[3][:, 0] % buckets
+    random_fill = buckets * (1 - (1 - 1 / buckets) ** count)  # expected distinct buckets
+    assert hashed.unique().numel() >= 0.98 * random_fill
+    # Case pairs ("a" vs "A": bytes 32 apart) do not share buckets more than chance.
+    upper = ngram_hashes(trigrams - 32 * (trigrams != 32), (3,), 1)[3][:, 0] % buckets
+    assert (upper == hashed).float().mean() < 5 / buckets
+
+
+def test_ngram_embeddings_add_to_the_byte_embedding_at_their_positions():
+    """Moving the table row of one trigram moves the first-layer input exactly where
+    that trigram ends, and nowhere else."""
+    model = tiny_model(ngram_orders=[3], ngram_buckets=61)
+    x = torch.tensor([list(b"abcabxabc")])
+    before = model._embed(x)
+    row = int(ngram_hashes(torch.cat([torch.full((1, 2), NO_BYTE), x], 1), (3,), 9)[3][0, 2]) % 61
+    with torch.no_grad():
+        model.ngram_embedding.embeddings[0].weight[row] += 1.0
+    moved = (model._embed(x) - before).abs().sum(-1)[0] > 0
+    hashes = ngram_hashes(torch.cat([torch.full((1, 2), NO_BYTE), x], 1), (3,), 9)[3][0] % 61
+    assert moved.tolist() == (hashes == row).tolist()
+    assert moved[2] and moved[8] and not moved[5]  # "abc" ends at 2 and 8; "abx" at 5
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +443,11 @@ def test_architecture_keys_are_config_keys():
     (dict(use_cnn_frontend=True, cnn_out_channels_list=[8], cnn_kernel_sizes=[3],
           cnn_activation="tanh"), ["cnn_activation", "tanh"]),
     (dict(positional_encoding_type="rope"), ["positional_encoding_type", "rope"]),
+    (dict(ngram_orders=[2, 1]), ["ngram_orders", "1"]),
+    (dict(ngram_orders=[3, 2, 3]), ["ngram_orders", "twice", "[3, 2, 3]"]),
+    (dict(ngram_buckets=0), ["ngram_buckets", "0"]),
 ], ids=["heads", "agg-heads", "kernel-list", "channels", "embedding", "layers", "stride",
-        "activation", "pe-type"])
+        "activation", "pe-type", "ngram-order", "ngram-repeat", "ngram-buckets"])
 def test_bad_configs_raise_clear_errors(overrides, names):
     with pytest.raises(ValueError) as error:
         ByteLLM_GrugV3(tiny_config(**overrides))

@@ -706,7 +706,7 @@ def test_muon_takes_the_layer_matrices_and_adamw_the_rest(tmp_path):
     for inside in (layer.attn.qkv.weight, layer.ffn.linear2.weight):
         assert id(inside) in in_muon
     for outside in (model.embedding.weight, model.fc_out.weight, layer.attn.qkv.bias,
-                    layer.norm1.weight):
+                    layer.norm1.weight, *model.ngram_embedding.parameters()):
         assert id(outside) not in in_muon
     in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
     assert in_adamw | in_muon == {id(p) for p in model.parameters()}
@@ -793,9 +793,10 @@ def test_exact_resume_with_muon_and_wsd(tmp_path):
 
 
 def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path):
-    """A checkpoint saved without norm_type, qk_norm, ffn_activation and logit_softcap was
-    a LayerNorm/GELU model: rebuilt for generation it is one, and a resume under a config
-    that says otherwise is refused naming the keys."""
+    """A checkpoint saved without norm_type, qk_norm, ffn_activation, logit_softcap,
+    parallel_fusion and the n-gram keys was a LayerNorm/GELU model without n-gram tables:
+    rebuilt for generation it is one, and a resume under a config that says otherwise is
+    refused naming the keys."""
     from main import load_model_for_prediction
     from model import LEGACY_ARCHITECTURE
     # Format 1 knew one optimizer: AdamW.
@@ -809,9 +810,10 @@ def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path
     state["optimizer_state"] = state["optimizer_state"][0]  # format 1: one optimizer
     save_checkpoint(state, path)
     os.remove(checkpoint_path(old.config, "best"))
-    modern = dict(old.config, norm_type="rmsnorm", ffn_activation="relu2")
+    modern = dict(old.config, norm_type="rmsnorm", ffn_activation="relu2", ngram_orders=[2, 3])
     model = load_model_for_prediction(modern, torch.device("cpu"))
     assert isinstance(model.final_norm, torch.nn.LayerNorm)
+    assert model.ngram_embedding is None
     x = torch.randint(0, 256, (1, 8))
     assert torch.equal(model(x), old.raw_model.eval()(x))
     with pytest.raises(UserError, match="norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"):
