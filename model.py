@@ -213,9 +213,10 @@ class CausalSelfAttention(nn.Module):
 def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
     (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Written out instead
-    of SDPA: torch.compile fuses these few operations into its own loops, where the CPU
-    flash-attention kernel it would call instead made the compiled decode step about
-    20 % slower (isolated step timings at context 1024). Scores and softmax in fp32."""
+    of SDPA: torch.compile fuses these few operations into its own loops, where the call
+    to the CPU flash-attention kernel it kept for SDPA cost about a fifth of the compiled
+    decode step (1.23 vs 0.96 ms, isolated step timings at context 1024). Scores and
+    softmax in fp32."""
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
