@@ -178,22 +178,23 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:
             q, k = apply_rotation(q, rotation), apply_rotation(k, rotation)
-        mask, is_causal = None, True
         if positions is not None:  # a stream sees its own positions 0 .. positions[b]
             k, v = kv_cache.write_at(k, v, positions)  # (B, nh, capacity, hs)
             slots = torch.arange(kv_cache.capacity, device=x.device)
             y = one_query_attention(q, k, v, (slots <= positions[:, None])[:, None, None])
-            return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-        if kv_cache is not None:
-            past = kv_cache.length
-            k, v = kv_cache.append(k, v)  # (B, nh, past+T, hs)
-            if past > 0:
-                # is_causal aligns its mask top-left, wrong once keys precede the queries:
-                # query i sits at position past+i and sees keys 0 .. past+i.
-                is_causal = False
-                if T > 1:
-                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = self._attend(q, k, v, mask, is_causal)
+        else:
+            mask, is_causal = None, True
+            if kv_cache is not None:
+                past = kv_cache.length
+                k, v = kv_cache.append(k, v)  # (B, nh, past+T, hs)
+                if past > 0:
+                    # is_causal aligns its mask top-left, wrong once keys precede the
+                    # queries: query i sits at position past+i and sees keys 0 .. past+i.
+                    is_causal = False
+                    if T > 1:
+                        mask = torch.ones(T, past + T, dtype=torch.bool,
+                                          device=x.device).tril(past)
+            y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.out_proj(y)
 
@@ -429,11 +430,6 @@ class ByteLLM_GrugV3(nn.Module):
         # Unit scale, like the sin/cos table: at 0.02 the positions drown out the bytes and
         # learning stalls for the first hundred steps.
         nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
-        # The n-gram tables start at zero: the model starts as the byte-embedding model and
-        # each row grows as its n-gram is seen (unit-scale rows, like the byte embedding's,
-        # drown the byte out: 0.04 bits/byte worse after 100 s in trial runs).
-        for table in self.ngram_embedding.embeddings if self.ngram_embedding is not None else []:
-            nn.init.zeros_(table.weight)
         # Residual projections shrink with depth (GPT-2): the sum of L layers' updates to the
         # residual stream starts equally small whatever L is. Or they start at zero, so
         # every layer starts as the identity (modded-nanogpt).
@@ -458,10 +454,10 @@ class ByteLLM_GrugV3(nn.Module):
             return h
         past = (x.new_full((x.size(0), self.ngram_embedding.context), NO_BYTE) if cache is None
                 else cache.ngram_past)
-        h = h + self.ngram_embedding(x, past)
+        joined = torch.cat([past, x], dim=1)
         if cache is not None:
-            cache.ngram_past.copy_(torch.cat([past, x], dim=1)[:, x.size(1):])
-        return h
+            cache.ngram_past.copy_(joined[:, x.size(1):])
+        return h + self.ngram_embedding(joined)
 
     def _hidden_states(self, x, cache=None):
         """x (B, T) bytes at positions start .. start+T-1 -> (B, T, out_width) states before

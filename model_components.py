@@ -247,9 +247,14 @@ class HashedNgramEmbedding(nn.Module):
         self.orders, self.buckets = tuple(orders), buckets
         self.context = max(orders) - 1  # earlier bytes the newest n-gram reaches back to
         self.embeddings = nn.ModuleList(nn.Embedding(buckets, width) for _ in self.orders)
+        # The tables start at zero: the model starts as the byte-embedding model and each
+        # row grows as its n-gram is seen (unit-scale rows, like the byte embedding's,
+        # drown the byte out: 0.04 bits/byte worse after 100 s in trial runs).
+        for table in self.embeddings:
+            nn.init.zeros_(table.weight)
 
-    def forward(self, x, past):
-        """x (B, T) bytes; past (B, context) the bytes just before x (NO_BYTE where there
-        are none) -> (B, T, width)."""
-        hashes = ngram_hashes(torch.cat([past, x], dim=1), self.orders, x.size(1))
+    def forward(self, joined):
+        """joined (B, context + T): the `context` bytes before T new ones (NO_BYTE where
+        there are none), then the new ones -> (B, T, width), one vector per new byte."""
+        hashes = ngram_hashes(joined, self.orders, joined.size(1) - self.context)
         return sum(table(hashes[n] % self.buckets) for n, table in zip(self.orders, self.embeddings))

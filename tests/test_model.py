@@ -197,11 +197,11 @@ def test_ngram_embeddings_add_to_the_byte_embedding_at_their_positions():
     model = tiny_model(ngram_orders=[3], ngram_buckets=61)
     x = torch.tensor([list(b"abcabxabc")])
     before = model._embed(x)
-    row = int(ngram_hashes(torch.cat([torch.full((1, 2), NO_BYTE), x], 1), (3,), 9)[3][0, 2]) % 61
+    hashes = ngram_hashes(torch.cat([torch.full((1, 2), NO_BYTE), x], 1), (3,), 9)[3][0] % 61
+    row = int(hashes[2])
     with torch.no_grad():
         model.ngram_embedding.embeddings[0].weight[row] += 1.0
     moved = (model._embed(x) - before).abs().sum(-1)[0] > 0
-    hashes = ngram_hashes(torch.cat([torch.full((1, 2), NO_BYTE), x], 1), (3,), 9)[3][0] % 61
     assert moved.tolist() == (hashes == row).tolist()
     assert moved[2] and moved[8] and not moved[5]  # "abc" ends at 2 and 8; "abx" at 5
 
