@@ -150,8 +150,8 @@ GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
     "single-stream": {"use_parallel_stream_model": False},
     "parallel-stream": {"use_parallel_stream_model": True},
 }
-# Every other parallel design is also timed eagerly and without the cache (issue 11's
-# 10x); the one config.py's parallel keys already give is "parallel-stream" above.
+# Every other parallel design is also timed without the cache, eagerly and compiled
+# (issue 11's 10x); the one config.py's parallel keys already give is "parallel-stream" above.
 PARALLEL_GENERATION_DESIGNS = {
     f"parallel: {name}": {**PARALLEL_BASE, **overrides}
     for name, overrides in PARALLEL_DESIGNS.items()
@@ -565,10 +565,10 @@ def bench_generation(device, scale):
     designs = {**GENERATION_DESIGNS, **PARALLEL_GENERATION_DESIGNS}
     for name, (model, config) in generation_models(device, designs).items():
         paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
-                 "eager": Predictor(model, device, config, compile="never")}
-        if name in GENERATION_DESIGNS:  # the others share its code paths: compile costs
+                 "eager": Predictor(model, device, config, compile="never"),
+                 "compiled": Predictor(model, device, config, compile=compiled)}
+        if name in GENERATION_DESIGNS:  # the others share their streaming code
             paths["streamed"] = paths["eager"]
-            paths["compiled"] = Predictor(model, device, config, compile=compiled)
             compile_seconds[name] = first_call_seconds(paths["compiled"],
                                                        printable_prompt(64), 2)
         for context in GENERATION_CONTEXTS:

@@ -506,15 +506,19 @@ class ByteLLM_GrugV3(nn.Module):
         positions = torch.arange(start, start + T, device=h.device)
         return states[:, (positions + 1) // s - done]  # index 0 = patch done-1 (or none)
 
-    def _patch_state_at(self, h, cache, positions):
+    def _patch_state_at(self, h, cache, positions, patch_due=None):
         """decode_step's _patch_state_per_byte: one frontend output per stream, h (B, 1, C),
         at per-stream positions. To keep one shape for every step, the patch stream runs
         for every stream on the patch its byte belongs to; a stream whose patch is not
         complete keeps its previous state (what it wrote into the patch cache is
-        overwritten when the patch completes, and read by no one before)."""
+        overwritten when the patch completes, and read by no one before). patch_due=False
+        (no stream completes a patch at this byte) skips the patch stream: nothing it
+        would compute is kept."""
         s = self.agg_stride
         window = torch.cat([cache.agg_past, h.to(cache.agg_past.dtype)], dim=1)  # last k inputs
         cache.agg_past.copy_(window[:, 1:])
+        if patch_due is False:
+            return cache.agg_state
         patch = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, 1, D_agg)
         index = positions // s  # the patch each byte belongs to
         patch = self.agg_pos_encoding.at(patch, index)
@@ -561,17 +565,21 @@ class ByteLLM_GrugV3(nn.Module):
         return GenerationCache(self, batch_size, capacity, dtype, device)
 
     @torch.no_grad()
-    def decode_step(self, byte, cache, positions):
+    def decode_step(self, byte, cache, positions, patch_due=None):
         """Logits (B, 256) after one new byte per stream: byte (B,) at positions (B,),
         each stream's own. Writes the cache in place, and has the same shapes at every
         call, so torch.compile turns it into a few kernels once. Equals the full
-        forward's logits at those positions."""
+        forward's logits at those positions. Parallel stream: `patch_due`, where the
+        caller knows it without reading the device, says whether any stream's byte
+        completes a patch (False: the patch stream is skipped, as it is for most bytes;
+        None: it runs every step, the fixed work a compiled step wants)."""
         h = self._embed(byte[:, None], cache)  # (B, 1, E)
         if self.cnn_frontend is not None:
             h = self.cnn_frontend(h, cache.conv_pasts)
         z = self.pos_encoding.at(self.projection(h), positions)  # (B, 1, d_model)
         rotation = rotation_at(self.pos_encoding, positions)
-        patches = self._patch_state_at(h, cache, positions) if self.parallel else None
+        patches = (self._patch_state_at(h, cache, positions, patch_due) if self.parallel
+                   else None)
         for i, layer in enumerate(self.byte_layers):
             if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
                 z = z + self.patch_to_bytes(patches.to(z.dtype))

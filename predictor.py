@@ -378,7 +378,7 @@ class Predictor:
             if on_text is not None:  # streaming reads each byte back; a batch need not
                 streams[0].emit([int(chosen[0])], on_text)
             self._slide_full_windows(cache, streams, at, positions, generated)
-            chosen = step(chosen, cache, positions, sampler)
+            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
             positions += 1
             at = [p + 1 for p in at]
             generated.append(chosen)
@@ -407,12 +407,19 @@ class Predictor:
             self.model.forward_incremental(self._as_input(view), cache.row(b))
             at[b] = positions[b] = len(view)
 
+    def _patch_due(self, at):
+        """Parallel stream: whether a byte fed at the host-side positions `at` completes
+        a patch in some stream (only then does the patch stream need to run); else None."""
+        if not self.model.parallel:
+            return None
+        return any((p + 1) % self.model.agg_stride == 0 for p in at)
+
     def _step_function(self, steps):
         """decode_step + choose, compiled where it pays (compile "auto": calls of at
         least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per prompt: a batch saves the same
         time per step as one prompt; "always"; "never"), else eager."""
-        def step(byte, cache, positions, sampler):
-            return sampler.choose(self.model.decode_step(byte, cache, positions))
+        def step(byte, cache, positions, sampler, patch_due=None):
+            return sampler.choose(self.model.decode_step(byte, cache, positions, patch_due))
         wanted = self.compile == "always" or (self.compile == "auto"
                                                and steps >= COMPILE_PAYS_AFTER_BYTES)
         if not wanted or self._compiled_step is False:
@@ -423,17 +430,20 @@ class Predictor:
         return self._fall_back_if_compiling_fails(step)
 
     def _fall_back_if_compiling_fails(self, eager_step):
-        def step(*args):
+        def step(byte, cache, positions, sampler, patch_due=None):
             if self._compiled_step is False:
-                return eager_step(*args)
+                return eager_step(byte, cache, positions, sampler, patch_due)
             try:
-                return self._compiled_step(*args)
+                # patch_due left out: the compiled step does the same work at every byte,
+                # one graph (a second one for the bytes that complete no patch would
+                # double the compile time)
+                return self._compiled_step(byte, cache, positions, sampler)
             except Exception as error:  # no compiler, or an unsupported platform
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
                               f"{reason}); generating uncompiled")
                 self._compiled_step = False
-                return eager_step(*args)
+                return eager_step(byte, cache, positions, sampler, patch_due)
         return step
 
 

@@ -48,8 +48,8 @@ def spy_on_model(model):
         record["cache_lengths"].append(cache.length)
         return logits
 
-    def spy_decode(byte, cache, positions):
-        logits = decode(byte, cache, positions)
+    def spy_decode(byte, cache, positions, patch_due=None):
+        logits = decode(byte, cache, positions, patch_due)
         record["incremental"].append(1)
         record["cache_lengths"].append(int(positions.max()) + 1)
         return logits
@@ -74,6 +74,28 @@ def test_cache_feeds_prompt_once_then_one_byte_per_step(tmp_path):
     predictor.generate("abcdef", max_new_bytes=10, seed=1, **RANDOM)
     assert record["incremental"] == [6] + [1] * 9
     assert record["cache_lengths"][-1] == 15
+
+
+@pytest.mark.parametrize("fusion", ["concat_output", "add_input"])
+def test_eager_decoding_runs_the_patch_stream_only_for_bytes_that_complete_a_patch(
+        tmp_path, fusion):
+    """The predictor tells decode_step, from positions it keeps on the host, when no
+    stream completes a patch; then the patch stream is skipped, and the bytes stay those of
+    the full forward."""
+    predictor = make_predictor(tmp_path, True, sequence_length=32, parallel_fusion=fusion,
+                               agg_cnn_stride=4, agg_cnn_kernel_size=8)
+    calls = []
+    predictor.model.aggregator_cnn.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[-1]))
+    cached, uncached = generate_both_ways(predictor, "abcdef", max_new_bytes=10, seed=3,
+                                          **RANDOM)
+    assert cached == uncached
+    # cached: the prompt pass (bytes 0-5; patch 0 completes at byte 3), then bytes 6-14
+    # one per step, of which 7 and 11 complete patches 1 and 2; the rest are the uncached
+    # passes, one per byte
+    cached_calls = calls[:3]
+    assert cached_calls == [8, 8, 8]  # one patch of 8 inputs each time
+    assert len(calls) == 3 + 10
 
 
 def test_use_kv_cache_switch_comes_from_config_and_constructor(tmp_path):
@@ -407,9 +429,12 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
     assert abs(many.var().item() - 1 / 12) < 0.005
 
 
-def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path):
-    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one."""
-    predictor = make_predictor(tmp_path, sequence_length=32, generation_compile="always")
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path, parallel):
+    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one, which
+    skips the patch stream where no patch completes (the compiled one never does)."""
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32,
+                               generation_compile="always")
     compiled = predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM)
     assert predictor._compiled_step not in (None, False)  # it did compile
     predictor.compile = "never"
