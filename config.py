@@ -4,11 +4,11 @@ Any key can also be overridden for one run from the command line, e.g.
     python3 main.py --batch_size=32 --use_parallel_stream_model=True --DO_PREDICTION=False
 `python3 main.py --help` lists every key with its default and comment.
 
-The defaults train a small model (4.6M parameters, 3.9M of them in the hashed n-gram tables,
-which cost lookups, not matrix work) on a 2-core laptop CPU in three minutes: they are the
-best 100-second recipe bench.py found on tiny Shakespeare (README, Performance): Muon for
-the layer matrices, rotary positions, QK-norm, hashed 2-4-byte embeddings, 2 layers of
-width 160.
+The defaults train a small model (7.25M parameters, 6.55M of them in the hashed n-gram
+tables, which cost lookups, not matrix work) on a 2-core laptop CPU in three minutes: they
+are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance):
+Muon for the layer matrices, rotary positions, QK-norm, hashed 2-6-byte embeddings,
+2 layers of width 160.
 
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
 wider and deeper, with larger n-gram tables for the many more bytes a GPU reads (not yet

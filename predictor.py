@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import sys
+import types
 import warnings
 
 import torch
@@ -259,6 +260,15 @@ class Stream:
                 on_text(piece)
 
 
+def own_copy(function):
+    """`function` with a code object of its own. torch.compile keeps at most 8 graphs
+    (recompile_limit) per code object, then runs it uncompiled: with one step shared by
+    every predictor, the ninth model shape or batch size compiled in a process (bench.py
+    compiles a dozen) silently decoded eagerly. A copy per predictor gives each its own 8."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__,
+                              function.__name__, function.__defaults__, function.__closure__)
+
+
 class Predictor:
     """Generates text from `model` (already on `device`) with the config's generation_*
     settings as defaults. `use_kv_cache`, `valid_utf8_only` and `compile` ("auto",
@@ -426,7 +436,7 @@ class Predictor:
             return step
         if self._compiled_step is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-            self._compiled_step = torch.compile(step, mode=mode, dynamic=False)
+            self._compiled_step = torch.compile(own_copy(step), mode=mode, dynamic=False)
         return self._fall_back_if_compiling_fails(step)
 
     def _fall_back_if_compiling_fails(self, eager_step):

@@ -456,6 +456,24 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
     assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text
 
 
+def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
+    """torch.compile keeps 8 graphs per code object, then runs it uncompiled: nine
+    predictors each needing its own graph (a batch size each here; in bench.py, models of
+    different shapes) must still give nine compiled graphs in one process."""
+    import predictor as predictor_module
+    graphs, real_compile = [], torch.compile
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
+                        real_compile(function, backend=counting_backend, dynamic=False))
+    for batch_size in range(1, 10):
+        predictor = make_predictor(tmp_path, generation_compile="always")
+        predictor.generate_batch(["ab"] * batch_size, max_new_bytes=3, seed=1, **RANDOM)
+    assert len(graphs) == 9
+
+
 def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path, monkeypatch):
     # A batch saves the same time per step as one prompt, so "auto" counts bytes per
     # prompt: 8 prompts of 10 bytes stay eager where one prompt of 20 compiles.
