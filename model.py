@@ -571,8 +571,9 @@ class ByteLLM_GrugV3(nn.Module):
         call, so torch.compile turns it into a few kernels once. Equals the full
         forward's logits at those positions. Parallel stream: `patch_due`, where the
         caller knows it without reading the device, says whether any stream's byte
-        completes a patch (False: the patch stream is skipped, as it is for most bytes;
-        None: it runs every step, the fixed work a compiled step wants)."""
+        completes a patch (False: the patch stream is skipped, as it can be for most
+        bytes; None: it runs at every byte). A compiled step makes one graph for each
+        value it is given."""
         h = self._embed(byte[:, None], cache)  # (B, 1, E)
         if self.cnn_frontend is not None:
             h = self.cnn_frontend(h, cache.conv_pasts)

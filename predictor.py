@@ -444,10 +444,9 @@ class Predictor:
             if self._compiled_step is False:
                 return eager_step(byte, cache, positions, sampler, patch_due)
             try:
-                # patch_due left out: the compiled step does the same work at every byte,
-                # one graph (a second one for the bytes that complete no patch would
-                # double the compile time)
-                return self._compiled_step(byte, cache, positions, sampler)
+                # patch_due, a Python bool, gives the parallel stream two graphs: one
+                # with the patch stream, one (for most bytes) without
+                return self._compiled_step(byte, cache, positions, sampler, patch_due)
             except Exception as error:  # no compiler, or an unsupported platform
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
