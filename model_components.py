@@ -1,11 +1,13 @@
 """Building blocks of GrugV3 that are not attention: positional encodings (added to the
-inputs, or rotary: applied to queries and keys), norms and the causal convolutional
-frontend. Modules over sequences take and return (B, T, C)."""
+inputs, or rotary: applied to queries and keys), norms, the causal convolutional frontend
+and the hashed n-gram embeddings. Modules over sequences take and return (B, T, C)."""
 
 import math
 
 import torch
 import torch.nn as nn
+
+from utils import MASK32
 
 
 def sinusoidal_table(length, d_model):
@@ -209,7 +211,6 @@ class CNNFrontend(nn.Module):
 # Hashed n-gram embeddings
 
 NO_BYTE = 256  # stands for the bytes before the start of a view: it has none before it
-MASK32 = 0xFFFFFFFF
 
 
 def ngram_hashes(joined, orders, length):
@@ -257,4 +258,5 @@ class HashedNgramEmbedding(nn.Module):
         """joined (B, context + T): the `context` bytes before T new ones (NO_BYTE where
         there are none), then the new ones -> (B, T, width), one vector per new byte."""
         hashes = ngram_hashes(joined, self.orders, joined.size(1) - self.context)
-        return sum(table(hashes[n] % self.buckets) for n, table in zip(self.orders, self.embeddings))
+        return sum(table(hashes[n] % self.buckets)
+                   for n, table in zip(self.orders, self.embeddings))

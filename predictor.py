@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from config import RULES
-from utils import autocast_context, resolve_amp_dtype
+from utils import MASK32, autocast_context, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
@@ -83,9 +83,6 @@ def top_p_filter(logits, p):
 def is_greedy(temperature):
     """Temperature 0, or one too small to divide by in float32 (say 1e-300), is greedy."""
     return temperature == 0 or not math.isfinite(float(torch.tensor(1.0 / temperature)))
-
-
-MASK32 = 0xFFFFFFFF
 
 
 def hashed_uniforms(seeds, step, device):

@@ -22,6 +22,11 @@ import time
 import numpy as np
 import torch
 
+# The low 32 bits: the counter-based hashes (sampling noise in predictor.py, n-gram buckets
+# in model_components.py) keep their values below 2**32 in int64 tensors, so every product
+# stays below 2**63 on every device.
+MASK32 = 0xFFFFFFFF
+
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing data, bad checkpoint).

@@ -431,8 +431,9 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
 
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
 def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path, parallel):
-    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one, which
-    skips the patch stream where no patch completes (the compiled one never does)."""
+    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one; with
+    the parallel stream both skip the patch stream where no patch completes (compiled:
+    a second graph)."""
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always")
     compiled = predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM)
