@@ -581,13 +581,21 @@ def bench_generation(device, scale):
             batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
             measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
                                             generation_speed(p, q, new_bytes[1024]))
-    log(f"generation: timing {len(measures)} settings")
-    speed = side_by_side(measures, scale["gen_rounds"])
+    with seed_path(device) if scale["gen_seed_path"] else contextlib.nullcontext() as seed:
+        if seed is not None:  # the seed's cached path takes its turn in every round
+            measures.update({("seed", name, context): lambda n=name, c=context:
+                             seed(n, c, new_bytes[c])
+                             for name in ARCHITECTURES for context in GENERATION_CONTEXTS})
+        log(f"generation: timing {len(measures)} settings")
+        speed = side_by_side(measures, scale["gen_rounds"])
     rows = [generation_row(name, context, new_bytes[context], speed)
             for name in designs for context in GENERATION_CONTEXTS]
     extra = generation_extras(device, scale, compile_seconds, speed)
-    seed_rows = seed_generation_rows(device) if scale["gen_seed_path"] else None
-    extra["seed_path"] = versus_seed_path(rows, seed_rows) if seed_rows else []
+    seed_rows = [{"model": name, "context": context,
+                  "cached_bytes_per_s": speed["seed", name, context]}
+                 for name in ARCHITECTURES for context in GENERATION_CONTEXTS
+                 if ("seed", name, context) in speed]
+    extra["seed_path"] = versus_seed_path(rows, seed_rows)
     return {"rows": rows, **extra}, generation_targets(rows, extra["batches"], extra["seed_path"])
 
 
@@ -646,40 +654,90 @@ def break_even_bytes(compile_seconds, eager_bytes_per_s, compiled_bytes_per_s):
 
 
 SEED_COMMIT = "6c4571e"  # the commit issue 12 started from: its cached path is the baseline
-SEED_BENCH_TIMEOUT_S = 1800  # it takes 2-3 minutes on a 2-core CPU
+# Runs in a copy of the seed's tree: its models built as its bench built them, then one
+# timing of its cached path (its own measure_generation_speed) per request line.
+SEED_DRIVER = """
+import json, sys, torch
+import bench
+from model import ByteLLM_GrugV3
+from predictor import measure_generation_speed
+from utils import seed_everything
+device = torch.device(sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
+models = {}
+for arch, parallel in bench.ARCHITECTURES.items():
+    config = bench.model_config(use_parallel_stream_model=parallel,
+                                sequence_length=max(bench.GENERATION_CONTEXTS))
+    seed_everything(config["seed"])
+    models[arch] = ByteLLM_GrugV3(config).to(device).eval(), config
+print(json.dumps(sorted(models)), flush=True)
+for line in sys.stdin:
+    arch, context, new_bytes = json.loads(line)
+    model, config = models[arch]
+    speed = measure_generation_speed(model, context, new_bytes, True, config)
+    print(json.dumps(speed), flush=True)
+"""
 
 
-def seed_generation_rows(device):
-    """The seed's cached and uncached paths at contexts 64-1024, measured by the seed's own
-    bench (its default model: 2 layers x 160, sinusoidal positions) in a child process, from
-    a copy of that commit out of git history, right after ours in the same bench run: the old
-    path, kept runnable for the comparison. None, with a log line, where the history is not
-    there or the seed's bench fails."""
-    threads = ["--threads", str(torch.get_num_threads())]
+def extract_seed(workdir):
+    """A copy of SEED_COMMIT's tree in workdir, from git history; False, with a log line,
+    where the history is not there."""
+    try:
+        archive = subprocess.run(["git", "-C", REPO, "archive", SEED_COMMIT],
+                                 capture_output=True, check=True).stdout
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(workdir, **safe)
+        return True
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as error:
+        log(f"generation: the seed's path cannot be run here ({error}); left out")
+        return False
+
+
+@contextlib.contextmanager
+def seed_path(device):
+    """The seed's cached path, kept runnable for the comparison: yields
+    measure(model, context, new_bytes) -> its bytes/s, timed by the seed's own code in a
+    child process that stays up, so that its timings take turns with ours in the rounds
+    of one side_by_side; or None, with a log line, where the history is not there or the
+    seed's code does not start."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_seed_") as workdir:
-        try:
-            archive = subprocess.run(["git", "-C", REPO, "archive", SEED_COMMIT],
-                                     capture_output=True, check=True).stdout
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
-            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-                tar.extractall(workdir, **safe)
-        except (OSError, subprocess.CalledProcessError, tarfile.TarError) as error:
-            log(f"generation: the seed's path cannot be run here ({error}); left out")
-            return None
-        log("generation: timing the seed's path (its own bench, from git history)")
-        output = os.path.join(workdir, "seed.json")
-        try:
-            subprocess.run([sys.executable, "bench.py", "--only", "generation", "--device",
-                            str(device), *threads, "--json", output], cwd=workdir,
-                           capture_output=True, text=True, check=True,
-                           timeout=SEED_BENCH_TIMEOUT_S)
-            with open(output, encoding="utf-8") as file:
-                return json.load(file)["sections"]["generation"]["rows"]
-        except subprocess.CalledProcessError as error:
-            log(f"generation: the seed's bench failed; left out:\n{error.stderr[-2000:]}")
-        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as error:
-            log(f"generation: no figures from the seed's bench ({error!r}); left out")
-        return None
+        if not extract_seed(workdir):
+            yield None
+            return
+        with open(os.path.join(workdir, "stderr.txt"), "w+", encoding="utf-8") as errors:
+            child = subprocess.Popen(
+                [sys.executable, "-c", SEED_DRIVER, str(device), str(torch.get_num_threads())],
+                cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                text=True)
+
+            def child_errors():
+                errors.seek(0)
+                return errors.read()[-2000:]
+
+            def ask(request):
+                try:
+                    child.stdin.write(json.dumps(request) + "\n")
+                    child.stdin.flush()
+                    reply = child.stdout.readline()
+                except BrokenPipeError:
+                    reply = ""
+                if not reply:
+                    raise RuntimeError(f"the seed's code stopped:\n{child_errors()}")
+                return json.loads(reply)
+            try:
+                if json.loads(child.stdout.readline() or "null") != sorted(ARCHITECTURES):
+                    log(f"generation: the seed's code did not start; left out:\n"
+                        f"{child_errors()}")
+                    yield None
+                else:
+                    yield lambda model, context, new_bytes: ask([model, context, new_bytes])
+            finally:
+                child.kill()
+                child.wait()
+                with contextlib.suppress(OSError):  # a request still buffered for a dead child
+                    child.stdin.close()
+                child.stdout.close()
 
 
 def versus_seed_path(rows, seed_rows):

@@ -14,6 +14,7 @@ step (`window_start`), so with the same seed they produce the same output.
 """
 
 import codecs
+import contextlib
 import functools
 import math
 import os
@@ -28,10 +29,10 @@ from utils import MASK32, autocast_context, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step took 19-21 s on the 2-core CPU and saved about 1 ms a byte at
-# the default size, so it paid after 18,000-23,000 bytes (bench.py, generation: "bytes
-# after which compiling pays"): "auto" compiles only calls that make this many bytes per
-# prompt. (bench's eager figure streams each byte back, so this slightly favours compiling.)
+# Compiling the decode step with a cold inductor cache took 35 s (single stream) and 65 s
+# (parallel stream: two graphs) on the 2-core CPU and saved 3.4 and 3.7 ms a byte at
+# context 1024 (bench.py, generation), so it paid after about 10,000 and 18,000 bytes:
+# "auto" compiles only calls that make this many bytes per prompt.
 COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
@@ -266,6 +267,19 @@ def own_copy(function):
                               function.__name__, function.__defaults__, function.__closure__)
 
 
+def unguarded():
+    """Context in which compiled code skips its guards but those that tell its graphs
+    apart. Before each call torch.compile checks every tensor, module attribute and
+    setting the step read (some 350 guards, 0.1-0.4 ms a byte on a 2-core CPU); within
+    one generate call none of them changes, so after a call's first step with each
+    patch_due (run with every guard) the others need not check them again. A no-op on
+    a torch without set_stance's skip_guard_eval_unsafe."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 class Predictor:
     """Generates text from `model` (already on `device`) with the config's generation_*
     settings as defaults. `use_kv_cache`, `valid_utf8_only` and `compile` ("auto",
@@ -385,8 +399,7 @@ class Predictor:
             if on_text is not None:  # streaming reads each byte back; a batch need not
                 streams[0].emit([int(chosen[0])], on_text)
             self._slide_full_windows(cache, streams, at, positions, generated)
-            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
-            positions += 1
+            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))  # moves positions on
             at = [p + 1 for p in at]
             generated.append(chosen)
         if on_text is not None:
@@ -422,28 +435,41 @@ class Predictor:
         return any((p + 1) % self.model.agg_stride == 0 for p in at)
 
     def _step_function(self, steps):
-        """decode_step + choose, compiled where it pays (compile "auto": calls of at
-        least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per prompt: a batch saves the same
-        time per step as one prompt; "always"; "never"), else eager."""
+        """decode_step + choose (+ moving every position on), compiled where it pays
+        (compile "auto": calls of at least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per
+        prompt: a batch saves the same time per step as one prompt; "always"; "never"),
+        else eager. One function per generate call."""
         def step(byte, cache, positions, sampler, patch_due=None):
-            return sampler.choose(self.model.decode_step(byte, cache, positions, patch_due))
+            chosen = sampler.choose(self.model.decode_step(byte, cache, positions, patch_due))
+            positions += 1
+            return chosen
         wanted = self.compile == "always" or (self.compile == "auto"
                                                and steps >= COMPILE_PAYS_AFTER_BYTES)
         if not wanted or self._compiled_step is False:
             return step
         if self._compiled_step is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-            self._compiled_step = torch.compile(own_copy(step), mode=mode, dynamic=False)
+            if self.device.type == "cuda":
+                options = {"mode": "reduce-overhead"}  # CUDA graphs
+            else:  # a C++ wrapper calls the kernels: about 0.2 ms a byte less than Python's
+                options = {"options": {"cpp_wrapper": True}}
+            self._compiled_step = torch.compile(own_copy(step), dynamic=False, **options)
         return self._fall_back_if_compiling_fails(step)
 
     def _fall_back_if_compiling_fails(self, eager_step):
+        guarded = set()  # the patch_due values this call has run with all guards checked
+
         def step(byte, cache, positions, sampler, patch_due=None):
             if self._compiled_step is False:
                 return eager_step(byte, cache, positions, sampler, patch_due)
             try:
                 # patch_due, a Python bool, gives the parallel stream two graphs: one
                 # with the patch stream, one (for most bytes) without
-                return self._compiled_step(byte, cache, positions, sampler, patch_due)
+                if patch_due in guarded:
+                    with unguarded():
+                        return self._compiled_step(byte, cache, positions, sampler, patch_due)
+                chosen = self._compiled_step(byte, cache, positions, sampler, patch_due)
+                guarded.add(patch_due)
+                return chosen
             except Exception as error:  # no compiler, or an unsupported platform
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "

@@ -226,41 +226,85 @@ def test_ours_beside_the_seed_path_takes_the_faster_of_our_paths():
     assert all("seed's path" in t["target"] for t in targets)
 
 
-def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch):
+def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository,
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # nor inside one
-    assert bench.seed_generation_rows(torch.device("cpu")) is None
+    with bench.seed_path(torch.device("cpu")) as seed:
+        assert seed is None
+    assert "left out" in capsys.readouterr().err
 
 
-def fake_seed_bench(report):
-    """subprocess.run standing in for git archive (a tar of one file) and for the seed's
-    bench (which writes `report` to its --json path, or fails if report is None)."""
+def has_seed_commit():
+    return subprocess.run(["git", "-C", REPO_ROOT, "cat-file", "-e", bench.SEED_COMMIT],
+                          capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not has_seed_commit(), reason="a clone without the seed's commit")
+def test_the_seed_path_is_timed_by_the_seed_code_from_history():
+    with bench.seed_path(torch.device("cpu")) as seed:
+        speeds = [seed(model, 64, 4) for model in bench.ARCHITECTURES]
+    assert all(speed > 0 for speed in speeds)
+
+
+# The seed's modules, as far as the driver uses them; predictor's timing is `timing`.
+FAKE_SEED = {
+    "bench.py": "ARCHITECTURES = {'single-stream': False, 'parallel-stream': True}\n"
+                "GENERATION_CONTEXTS = (64, 256, 1024)\n"
+                "def model_config(**overrides):\n    return {'seed': 0, **overrides}\n",
+    "model.py": "class ByteLLM_GrugV3:\n"
+                "    def __init__(self, config):\n        self.config = config\n"
+                "    def to(self, device):\n        return self\n"
+                "    def eval(self):\n        return self\n",
+    "utils.py": "def seed_everything(seed):\n    pass\n",
+}
+
+
+def fake_seed_history(monkeypatch, tmp_path, timing):
+    """git archive of SEED_COMMIT replaced by a tar of FAKE_SEED whose
+    measure_generation_speed has the body `timing`."""
+    tree = tmp_path / "seed"
+    tree.mkdir()
+    files = {**FAKE_SEED, "predictor.py": "import os\n"
+             "def measure_generation_speed(model, context, new_bytes, cached, config):\n"
+             f"    {timing}\n"}
+    for name, text in files.items():
+        (tree / name).write_text(text)
     real_run = subprocess.run
 
     def run(command, **options):
-        if command[0] == "git":
-            return real_run(["tar", "-c", "-f", "-", "-C", os.path.dirname(__file__),
-                             "conftest.py"], capture_output=True, check=True)
-        if report is None:
-            raise subprocess.CalledProcessError(1, command, stderr="Traceback: boom")
-        with open(command[command.index("--json") + 1], "w", encoding="utf-8") as file:
-            json.dump(report, file)
-        return subprocess.CompletedProcess(command, 0)
-    return run
+        assert command[:2] == ["git", "-C"] and bench.SEED_COMMIT in command
+        return real_run(["tar", "-c", "-f", "-", "-C", str(tree), *files],
+                        capture_output=True, check=True)
+    monkeypatch.setattr(bench.subprocess, "run", run)
 
 
-def test_the_seed_path_rows_come_from_the_seed_bench_report(monkeypatch):
-    rows = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 355.0}]
-    monkeypatch.setattr(bench.subprocess, "run",
-                        fake_seed_bench({"sections": {"generation": {"rows": rows}}}))
-    assert bench.seed_generation_rows(torch.device("cpu")) == rows
+def test_the_seed_path_asks_the_seed_code_in_a_child_that_stays_up(monkeypatch, tmp_path):
+    fake_seed_history(monkeypatch, tmp_path, "return [context, new_bytes, cached, "
+                      "config['use_parallel_stream_model'], config['sequence_length'], "
+                      "os.getpid()]")
+    with bench.seed_path(torch.device("cpu")) as seed:
+        single, parallel = seed("single-stream", 64, 16), seed("parallel-stream", 1024, 256)
+    assert single[:5] == [64, 16, True, False, 1024]  # the cached path, the seed's model
+    assert parallel[:5] == [1024, 256, True, True, 1024]
+    assert single[5] == parallel[5] != os.getpid()  # one child for every timing
 
 
-@pytest.mark.parametrize("report", [None, {"sections": {}}])
-def test_a_failing_or_odd_seed_bench_leaves_its_rows_out(monkeypatch, report, capsys):
-    monkeypatch.setattr(bench.subprocess, "run", fake_seed_bench(report))
-    assert bench.seed_generation_rows(torch.device("cpu")) is None
-    assert "left out" in capsys.readouterr().err
+def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, tmp_path,
+                                                                  capsys):
+    fake_seed_history(monkeypatch, tmp_path, "pass")
+    (tmp_path / "seed" / "utils.py").write_text("raise ImportError('no seed_everything here')\n")
+    with bench.seed_path(torch.device("cpu")) as seed:
+        assert seed is None
+    err = capsys.readouterr().err
+    assert "did not start; left out" in err and "no seed_everything here" in err
+
+
+def test_seed_code_that_stops_mid_run_says_so(monkeypatch, tmp_path):
+    fake_seed_history(monkeypatch, tmp_path, "print('out of memory', file=__import__('sys')"
+                      ".stderr, flush=True); os._exit(3)")
+    with (pytest.raises(RuntimeError, match="(?s)seed's code stopped.*out of memory"),
+          bench.seed_path(torch.device("cpu")) as seed):
+        seed("single-stream", 64, 16)
 
 
 def test_section_list_accepts_known_names_only():

@@ -2,6 +2,7 @@
 forward, the sliding window, RNG hygiene and the interactive loop."""
 
 import codecs
+import warnings
 
 import pytest
 import torch
@@ -473,6 +474,51 @@ def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
         predictor = make_predictor(tmp_path, generation_compile="always")
         predictor.generate_batch(["ab"] * batch_size, max_new_bytes=3, seed=1, **RANDOM)
     assert len(graphs) == 9
+
+
+def test_unguarded_skips_the_guards_of_compiled_code():
+    from predictor import unguarded
+    scale = [2.0]
+    compiled = torch.compile(lambda x: x * scale[0], backend="eager")
+    x = torch.ones(2)
+    assert compiled(x).tolist() == [2.0, 2.0]
+    scale[0] = 3.0  # a guard on the constant would recompile
+    with unguarded():
+        assert compiled(x).tolist() == [2.0, 2.0]
+    assert compiled(x).tolist() == [3.0, 3.0]
+
+
+def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch):
+    """After its first step a compiled call skips the guards; the next call, with another
+    batch size, sampling mode or UTF-8 rule, still gets a graph of its own (no fallback
+    to eager, the eager bytes)."""
+    import predictor as predictor_module
+    graphs, skipped, real_compile = [], [], torch.compile
+    real_unguarded = predictor_module.unguarded
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def counting_unguarded():
+        skipped.append(1)
+        return real_unguarded()
+    monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
+                        real_compile(function, backend=counting_backend, dynamic=False))
+    monkeypatch.setattr(predictor_module, "unguarded", counting_unguarded)
+    compiled = make_predictor(tmp_path, generation_compile="always")
+    eager = make_predictor(tmp_path, generation_compile="never")
+    calls = [(["ab"], RANDOM, True), (["ab", "c", "déf"], RANDOM, True),
+             (["ab"], {**RANDOM, "temperature": 0}, True), (["ab"], RANDOM, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for prompts, settings, valid_utf8_only in calls:
+            compiled.valid_utf8_only = eager.valid_utf8_only = valid_utf8_only
+            texts = compiled.generate_batch(prompts, max_new_bytes=12, seed=3, **settings)
+            assert texts == eager.generate_batch(prompts, max_new_bytes=12, seed=3, **settings)
+            assert compiled.last_bytes == eager.last_bytes
+    assert len(graphs) == len(calls)
+    assert len(skipped) == len(calls) * 10  # 11 steps a call, the first with its guards
 
 
 def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path, monkeypatch):
