@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -581,6 +582,7 @@ def bench_generation(device, scale):
             batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
             measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
                                             generation_speed(p, q, new_bytes[1024]))
+    seed_rows = []
     with seed_path(device) if scale["gen_seed_path"] else contextlib.nullcontext() as seed:
         if seed is not None:  # the seed's cached path takes its turn in every round
             measures.update({("seed", name, context): lambda n=name, c=context:
@@ -588,13 +590,13 @@ def bench_generation(device, scale):
                              for name in ARCHITECTURES for context in GENERATION_CONTEXTS})
         log(f"generation: timing {len(measures)} settings")
         speed = side_by_side(measures, scale["gen_rounds"])
+        if seed is not None and not seed.stopped:
+            seed_rows = [{"model": name, "context": context,
+                          "cached_bytes_per_s": speed["seed", name, context]}
+                         for name in ARCHITECTURES for context in GENERATION_CONTEXTS]
     rows = [generation_row(name, context, new_bytes[context], speed)
             for name in designs for context in GENERATION_CONTEXTS]
     extra = generation_extras(device, scale, compile_seconds, speed)
-    seed_rows = [{"model": name, "context": context,
-                  "cached_bytes_per_s": speed["seed", name, context]}
-                 for name in ARCHITECTURES for context in GENERATION_CONTEXTS
-                 if ("seed", name, context) in speed]
     extra["seed_path"] = versus_seed_path(rows, seed_rows)
     return {"rows": rows, **extra}, generation_targets(rows, extra["batches"], extra["seed_path"])
 
@@ -658,6 +660,7 @@ SEED_COMMIT = "6c4571e"  # the commit issue 12 started from: its cached path is 
 # timing of its cached path (its own measure_generation_speed) per request line.
 SEED_DRIVER = """
 import json, sys, torch
+replies, sys.stdout = sys.stdout, sys.stderr  # nothing the seed's code prints is a reply
 import bench
 from model import ByteLLM_GrugV3
 from predictor import measure_generation_speed
@@ -670,13 +673,15 @@ for arch, parallel in bench.ARCHITECTURES.items():
                                 sequence_length=max(bench.GENERATION_CONTEXTS))
     seed_everything(config["seed"])
     models[arch] = ByteLLM_GrugV3(config).to(device).eval(), config
-print(json.dumps(sorted(models)), flush=True)
+print(json.dumps(sorted(models)), file=replies, flush=True)
 for line in sys.stdin:
     arch, context, new_bytes = json.loads(line)
     model, config = models[arch]
     speed = measure_generation_speed(model, context, new_bytes, True, config)
-    print(json.dumps(speed), flush=True)
+    print(json.dumps(speed), file=replies, flush=True)
 """
+SEED_START_TIMEOUT_S = 600  # it starts in seconds (torch, two small models) ...
+SEED_REPLY_TIMEOUT_S = 600  # ... and times one setting in seconds: a child this slow is stuck
 
 
 def extract_seed(workdir):
@@ -699,8 +704,8 @@ def seed_path(device):
     """The seed's cached path, kept runnable for the comparison: yields
     measure(model, context, new_bytes) -> its bytes/s, timed by the seed's own code in a
     child process that stays up, so that its timings take turns with ours in the rounds
-    of one side_by_side; or None, with a log line, where the history is not there or the
-    seed's code does not start."""
+    of one side_by_side (NaN once the child has stopped: measure.stopped); or None, with
+    a log line, where the history is not there or the seed's code does not start."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_seed_") as workdir:
         if not extract_seed(workdir):
             yield None
@@ -715,23 +720,40 @@ def seed_path(device):
                 errors.seek(0)
                 return errors.read()[-2000:]
 
-            def ask(request):
+            def reply(request=None, timeout=SEED_START_TIMEOUT_S):
+                """The child's next reply (to `request`, if given), or None if it stopped
+                or took more than `timeout` seconds (then it is killed)."""
+                timer = threading.Timer(timeout, child.kill)
+                timer.start()
                 try:
-                    child.stdin.write(json.dumps(request) + "\n")
-                    child.stdin.flush()
-                    reply = child.stdout.readline()
+                    if request is not None:
+                        child.stdin.write(json.dumps(request) + "\n")
+                        child.stdin.flush()
+                    line = child.stdout.readline()
                 except BrokenPipeError:
-                    reply = ""
-                if not reply:
-                    raise RuntimeError(f"the seed's code stopped:\n{child_errors()}")
-                return json.loads(reply)
+                    line = ""
+                finally:
+                    timer.cancel()
+                return json.loads(line) if line else None
+
+            def measure(model, context, new_bytes):
+                """The seed's bytes/s; NaN once its child has stopped (logged once)."""
+                if not measure.stopped:
+                    speed = reply([model, context, new_bytes], SEED_REPLY_TIMEOUT_S)
+                    if speed is not None:
+                        return speed
+                    measure.stopped = True
+                    log(f"generation: the seed's code stopped; its rows are left out:\n"
+                        f"{child_errors()}")
+                return math.nan
+            measure.stopped = False
             try:
-                if json.loads(child.stdout.readline() or "null") != sorted(ARCHITECTURES):
+                if reply() != sorted(ARCHITECTURES):
                     log(f"generation: the seed's code did not start; left out:\n"
                         f"{child_errors()}")
                     yield None
                 else:
-                    yield lambda model, context, new_bytes: ask([model, context, new_bytes])
+                    yield measure
             finally:
                 child.kill()
                 child.wait()

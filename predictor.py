@@ -30,9 +30,10 @@ from utils import MASK32, autocast_context, resolve_amp_dtype
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
 # Compiling the decode step with a cold inductor cache took 35 s (single stream) and 65 s
-# (parallel stream: two graphs) on the 2-core CPU and saved 3.4 and 3.7 ms a byte at
-# context 1024 (bench.py, generation), so it paid after about 10,000 and 18,000 bytes:
-# "auto" compiles only calls that make this many bytes per prompt.
+# (parallel stream: two graphs) on the 2-core CPU and saved 3.4-3.8 and 3.1-3.7 ms a byte
+# at context 1024 (two runs of bench.py's generation section), so it paid after about
+# 9,000-10,000 and 18,000-21,000 bytes: "auto" compiles calls that make this many bytes
+# per prompt.
 COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
@@ -268,12 +269,12 @@ def own_copy(function):
 
 
 def unguarded():
-    """Context in which compiled code skips its guards but those that tell its graphs
-    apart. Before each call torch.compile checks every tensor, module attribute and
-    setting the step read (some 350 guards, 0.1-0.4 ms a byte on a 2-core CPU); within
-    one generate call none of them changes, so after a call's first step with each
-    patch_due (run with every guard) the others need not check them again. A no-op on
-    a torch without set_stance's skip_guard_eval_unsafe."""
+    """Context in which compiled code checks only the guards on its tensors' shapes and
+    those that tell its graphs apart. Before each call torch.compile checks every tensor,
+    module attribute and setting the step read (some 350 guards); within one generate
+    call none of them changes, so after a call's first step with each patch_due (run
+    with every guard) the others need not check them again. A no-op on a torch without
+    set_stance's skip_guard_eval_unsafe."""
     try:
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     except (AttributeError, TypeError):
@@ -448,12 +449,15 @@ class Predictor:
         if not wanted or self._compiled_step is False:
             return step
         if self._compiled_step is None:
-            if self.device.type == "cuda":
-                options = {"mode": "reduce-overhead"}  # CUDA graphs
-            else:  # a C++ wrapper calls the kernels: about 0.2 ms a byte less than Python's
-                options = {"options": {"cpp_wrapper": True}}
-            self._compiled_step = torch.compile(own_copy(step), dynamic=False, **options)
+            self._compiled_step = self._compile(step)
         return self._fall_back_if_compiling_fails(step)
+
+    def _compile(self, step):
+        if self.device.type == "cuda":
+            options = {"mode": "reduce-overhead"}  # CUDA graphs, where the step allows them
+        else:  # kernels called from C++ rather than from generated Python
+            options = {"options": {"cpp_wrapper": True}}
+        return torch.compile(own_copy(step), dynamic=False, **options)
 
     def _fall_back_if_compiling_fails(self, eager_step):
         guarded = set()  # the patch_due values this call has run with all guards checked
@@ -467,7 +471,8 @@ class Predictor:
                 if patch_due in guarded:
                     with unguarded():
                         return self._compiled_step(byte, cache, positions, sampler, patch_due)
-                chosen = self._compiled_step(byte, cache, positions, sampler, patch_due)
+                chosen = self._guarded_call(eager_step, byte, cache, positions, sampler,
+                                            patch_due)
                 guarded.add(patch_due)
                 return chosen
             except Exception as error:  # no compiler, or an unsupported platform
@@ -477,6 +482,22 @@ class Predictor:
                 self._compiled_step = False
                 return eager_step(byte, cache, positions, sampler, patch_due)
         return step
+
+    def _guarded_call(self, eager_step, *args):
+        """The compiled step with every guard checked. Once it holds as many graphs as
+        torch.compile keeps (recompile_limit), torch would run a new setting eagerly, and
+        the unguarded calls after it would pick one of the old graphs, made for other
+        settings: a fresh copy of the step is compiled instead."""
+        import torch._dynamo  # here, not at the top: loading it takes seconds
+        limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+        if limit_hit is None:  # an older torch, which has no unguarded calls either
+            return self._compiled_step(*args)
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self._compiled_step(*args)
+        except limit_hit:
+            self._compiled_step = self._compile(eager_step)
+            return self._compiled_step(*args)
 
 
 # ---------------------------------------------------------------------------

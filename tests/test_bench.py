@@ -279,14 +279,16 @@ def fake_seed_history(monkeypatch, tmp_path, timing):
 
 
 def test_the_seed_path_asks_the_seed_code_in_a_child_that_stays_up(monkeypatch, tmp_path):
-    fake_seed_history(monkeypatch, tmp_path, "return [context, new_bytes, cached, "
-                      "config['use_parallel_stream_model'], config['sequence_length'], "
-                      "os.getpid()]")
+    fake_seed_history(monkeypatch, tmp_path, "print(99999); return [context, new_bytes, "
+                      "cached, config['use_parallel_stream_model'], config['sequence_length'], "
+                      "os.getpid()]")  # what the seed's code prints is not taken for a reply
     with bench.seed_path(torch.device("cpu")) as seed:
         single, parallel = seed("single-stream", 64, 16), seed("parallel-stream", 1024, 256)
     assert single[:5] == [64, 16, True, False, 1024]  # the cached path, the seed's model
     assert parallel[:5] == [1024, 256, True, True, 1024]
     assert single[5] == parallel[5] != os.getpid()  # one child for every timing
+    with pytest.raises(ProcessLookupError):
+        os.kill(single[5], 0)  # and it is gone
 
 
 def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, tmp_path,
@@ -299,12 +301,20 @@ def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, t
     assert "did not start; left out" in err and "no seed_everything here" in err
 
 
-def test_seed_code_that_stops_mid_run_says_so(monkeypatch, tmp_path):
-    fake_seed_history(monkeypatch, tmp_path, "print('out of memory', file=__import__('sys')"
-                      ".stderr, flush=True); os._exit(3)")
-    with (pytest.raises(RuntimeError, match="(?s)seed's code stopped.*out of memory"),
-          bench.seed_path(torch.device("cpu")) as seed):
-        seed("single-stream", 64, 16)
+@pytest.mark.parametrize("timing", [
+    "print('out of memory', file=__import__('sys').stderr, flush=True); os._exit(3)",
+    ("print('out of memory', file=__import__('sys').stderr, flush=True); "
+     "__import__('time').sleep(60)")])  # stuck: killed after SEED_REPLY_TIMEOUT_S
+def test_seed_code_that_stops_mid_run_gives_nan_and_says_so(monkeypatch, tmp_path, capsys,
+                                                             timing):
+    fake_seed_history(monkeypatch, tmp_path, timing)
+    monkeypatch.setattr(bench, "SEED_REPLY_TIMEOUT_S", 2)
+    with bench.seed_path(torch.device("cpu")) as seed:
+        assert math.isnan(seed("single-stream", 64, 16)) and seed.stopped
+        assert math.isnan(seed("single-stream", 64, 16))  # no second wait
+    err = capsys.readouterr().err
+    assert err.count("the seed's code stopped; its rows are left out") == 1
+    assert "out of memory" in err
 
 
 def test_section_list_accepts_known_names_only():

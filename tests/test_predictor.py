@@ -2,6 +2,7 @@
 forward, the sliding window, RNG hygiene and the interactive loop."""
 
 import codecs
+import inspect
 import warnings
 
 import pytest
@@ -432,7 +433,7 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
 
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
 def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path, parallel):
-    """The compiled path (inductor; CUDA graphs on a GPU) against the eager one; with
+    """The compiled path (inductor; on a GPU mode "reduce-overhead") against the eager one; with
     the parallel stream both skip the patch stream where no patch completes (compiled:
     a second graph)."""
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
@@ -476,6 +477,13 @@ def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
     assert len(graphs) == 9
 
 
+def can_skip_guards():
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance is not None and "skip_guard_eval_unsafe" in str(
+        inspect.signature(set_stance))
+
+
+@pytest.mark.skipif(not can_skip_guards(), reason="this torch cannot skip guards")
 def test_unguarded_skips_the_guards_of_compiled_code():
     from predictor import unguarded
     scale = [2.0]
@@ -488,28 +496,22 @@ def test_unguarded_skips_the_guards_of_compiled_code():
     assert compiled(x).tolist() == [3.0, 3.0]
 
 
-def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch):
-    """After its first step a compiled call skips the guards; the next call, with another
-    batch size, sampling mode or UTF-8 rule, still gets a graph of its own (no fallback
-    to eager, the eager bytes)."""
+def counting_compiles(monkeypatch):
+    """torch.compile in predictor.py with a backend that records each graph: the list."""
     import predictor as predictor_module
-    graphs, skipped, real_compile = [], [], torch.compile
-    real_unguarded = predictor_module.unguarded
+    graphs, real_compile = [], torch.compile
 
     def counting_backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
-
-    def counting_unguarded():
-        skipped.append(1)
-        return real_unguarded()
     monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
                         real_compile(function, backend=counting_backend, dynamic=False))
-    monkeypatch.setattr(predictor_module, "unguarded", counting_unguarded)
-    compiled = make_predictor(tmp_path, generation_compile="always")
-    eager = make_predictor(tmp_path, generation_compile="never")
-    calls = [(["ab"], RANDOM, True), (["ab", "c", "déf"], RANDOM, True),
-             (["ab"], {**RANDOM, "temperature": 0}, True), (["ab"], RANDOM, False)]
+    return graphs
+
+
+def generates_like_eager(compiled, eager, calls):
+    """Each (prompts, settings, valid_utf8_only) call gives the compiled predictor the
+    eager one's texts and bytes, with no warning (no fallback to eager decoding)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for prompts, settings, valid_utf8_only in calls:
@@ -517,8 +519,45 @@ def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch):
             texts = compiled.generate_batch(prompts, max_new_bytes=12, seed=3, **settings)
             assert texts == eager.generate_batch(prompts, max_new_bytes=12, seed=3, **settings)
             assert compiled.last_bytes == eager.last_bytes
-    assert len(graphs) == len(calls)
-    assert len(skipped) == len(calls) * 10  # 11 steps a call, the first with its guards
+    assert compiled._compiled_step not in (None, False)
+
+
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch, parallel):
+    """After its first step of each graph a compiled call skips the guards; the next call,
+    with another batch size, sampling mode or UTF-8 rule, still gets graphs of its own."""
+    import predictor as predictor_module
+    graphs, skipped = counting_compiles(monkeypatch), []
+    real_unguarded = predictor_module.unguarded
+
+    def counting_unguarded():
+        skipped.append(1)
+        return real_unguarded()
+    monkeypatch.setattr(predictor_module, "unguarded", counting_unguarded)
+    compiled = make_predictor(tmp_path, parallel, generation_compile="always")
+    eager = make_predictor(tmp_path, parallel, generation_compile="never")
+    calls = [(["ab"], RANDOM, True), (["ab", "c", "déf"], RANDOM, True),
+             (["ab"], {**RANDOM, "temperature": 0}, True), (["ab"], RANDOM, False)]
+    generates_like_eager(compiled, eager, calls)
+    graphs_per_call = 2 if parallel else 1  # the parallel stream: with and without patches
+    assert len(graphs) == len(calls) * graphs_per_call
+    # 11 steps a call; the first of each graph checks the guards
+    assert len(skipped) == len(calls) * (11 - graphs_per_call)
+
+
+def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, monkeypatch):
+    """torch.compile runs a function that needs more graphs than recompile_limit
+    eagerly; the unguarded steps after it would then pick an old graph made for other
+    settings. The predictor compiles a fresh copy of its step instead."""
+    import torch._dynamo
+    graphs = counting_compiles(monkeypatch)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    compiled = make_predictor(tmp_path, generation_compile="always")
+    eager = make_predictor(tmp_path, generation_compile="never")
+    calls = [(["ab"], RANDOM, True), (["ab", "cd"], RANDOM, True),
+             (["ab"], {**RANDOM, "top_k": 3}, True)]
+    generates_like_eager(compiled, eager, calls)
+    assert len(graphs) == 3  # the third in a fresh copy of the step
 
 
 def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path, monkeypatch):
