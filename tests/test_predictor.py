@@ -459,10 +459,8 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
     assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text
 
 
-def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
-    """torch.compile keeps 8 graphs per code object, then runs it uncompiled: nine
-    predictors each needing its own graph (a batch size each here; in bench.py, models of
-    different shapes) must still give nine compiled graphs in one process."""
+def counting_compiles(monkeypatch):
+    """torch.compile in predictor.py with a backend that records each graph: the list."""
     import predictor as predictor_module
     graphs, real_compile = [], torch.compile
 
@@ -471,6 +469,14 @@ def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
         return graph_module.forward
     monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
                         real_compile(function, backend=counting_backend, dynamic=False))
+    return graphs
+
+
+def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
+    """torch.compile keeps 8 graphs per code object, then runs it uncompiled: nine
+    predictors each needing its own graph (a batch size each here; in bench.py, models of
+    different shapes) must still give nine compiled graphs in one process."""
+    graphs = counting_compiles(monkeypatch)
     for batch_size in range(1, 10):
         predictor = make_predictor(tmp_path, generation_compile="always")
         predictor.generate_batch(["ab"] * batch_size, max_new_bytes=3, seed=1, **RANDOM)
@@ -494,19 +500,6 @@ def test_unguarded_skips_the_guards_of_compiled_code():
     with unguarded():
         assert compiled(x).tolist() == [2.0, 2.0]
     assert compiled(x).tolist() == [3.0, 3.0]
-
-
-def counting_compiles(monkeypatch):
-    """torch.compile in predictor.py with a backend that records each graph: the list."""
-    import predictor as predictor_module
-    graphs, real_compile = [], torch.compile
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-    monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
-                        real_compile(function, backend=counting_backend, dynamic=False))
-    return graphs
 
 
 def generates_like_eager(compiled, eager, calls):
