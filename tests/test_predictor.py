@@ -544,12 +544,14 @@ def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, mo
     settings. The predictor compiles a fresh copy of its step instead."""
     import torch._dynamo
     graphs = counting_compiles(monkeypatch)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     compiled = make_predictor(tmp_path, generation_compile="always")
     eager = make_predictor(tmp_path, generation_compile="never")
     calls = [(["ab"], RANDOM, True), (["ab", "cd"], RANDOM, True),
              (["ab"], {**RANDOM, "top_k": 3}, True)]
-    generates_like_eager(compiled, eager, calls)
+    # config.patch, not monkeypatch: undoing a monkeypatch.setattr left the setting
+    # hidden ("recompile_limit does not exist") for every later compile in the process
+    with torch._dynamo.config.patch(recompile_limit=2):
+        generates_like_eager(compiled, eager, calls)
     assert len(graphs) == 3  # the third in a fresh copy of the step
 
 
