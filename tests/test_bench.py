@@ -226,6 +226,27 @@ def test_ours_beside_the_seed_path_takes_the_faster_of_our_paths():
     assert all("seed's path" in t["target"] for t in targets)
 
 
+def test_the_seeds_turn_comes_right_after_ours_for_the_same_model_and_context():
+    ours = {("single-stream", 64, "eager"): 1, ("single-stream", 64, "compiled"): 2,
+            ("single-stream", 1024, "eager"): 3, ("single-stream", 1024, "compiled"): 4,
+            ("single-stream", "batch of 8"): 5, ("parallel: add_input", 64, "eager"): 6}
+    seed = {("seed", "single-stream", 64): 7, ("seed", "single-stream", 1024): 8,
+            ("seed", "parallel-stream", 64): 9}  # none of ours: last
+    assert list(bench.right_after_ours(ours, seed).values()) == [1, 2, 7, 3, 4, 8, 5, 6, 9]
+
+
+def test_each_rounds_own_ratio_to_the_seed_is_reported_beside_the_medians():
+    ours = [{"model": "single-stream", "context": 1024, "eager_bytes_per_s": 300.0,
+             "compiled_bytes_per_s": 900.0}]
+    seed = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 450.0}]
+    samples = {("single-stream", 1024, "eager"): [300.0, 300.0, 1200.0],
+               ("single-stream", 1024, "compiled"): [900.0, 1000.0, 800.0],
+               ("seed", "single-stream", 1024): [450.0, 200.0, 400.0]}
+    [row] = bench.versus_seed_path(ours, seed, samples)
+    # rounds: 900/450 = 2, 1000/200 = 5, the faster path 1200/400 = 3
+    assert row["ours_vs_seed"] == 2.0 and row["rounds_ratio_range"] == "2.00-5.00"
+
+
 def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository,
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # nor inside one
