@@ -276,9 +276,9 @@ def side_by_side_samples(measures, rounds, block=1, warmup=0):
 def seconds_of(work, device):
     """A measure: the wall-clock seconds of one call of `work()`, device work included,
     with Python's garbage collector paused as timeit pauses it. This process holds every
-    model and compiled graph of its section, and a full collection of them took up to
-    0.83 s in the generation section: one landing in a 0.25 s timing says nothing about
-    the code being timed."""
+    model and compiled graph of its section: a full collection of them took up to 0.83 s
+    in one run of the generation section (with the test suite running beside it), and
+    one landing in a 0.25 s timing says nothing about the code being timed."""
     def measure():
         with gc_paused():
             synchronize(device)
@@ -291,6 +291,7 @@ def seconds_of(work, device):
 
 @contextlib.contextmanager
 def gc_paused():
+    """No garbage collection inside; a collector that was off stays off."""
     enabled = gc.isenabled()
     gc.disable()
     try:
