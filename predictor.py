@@ -400,7 +400,8 @@ class Predictor:
             if on_text is not None:  # streaming reads each byte back; a batch need not
                 streams[0].emit([int(chosen[0])], on_text)
             self._slide_full_windows(cache, streams, at, positions, generated)
-            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))  # moves positions on
+            # the step moves `positions` on itself, on the device; `at` follows on the host
+            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
             at = [p + 1 for p in at]
             generated.append(chosen)
         if on_text is not None:
