@@ -144,7 +144,7 @@ CONFIG_V3 = {
     "generation_seed": 1234,  # sampling seed (None = different every run)
     "generation_valid_utf8_only": True,  # forbid bytes that would make the text invalid UTF-8
     "use_kv_cache": True,  # incremental generation with cached keys/values (False = full recompute)
-    "generation_compile": "auto",  # torch.compile the decode step: "auto" (long runs) | "always" | "never"
+    "generation_compile": "auto",  # compile the decode step (CPU: AOTInductor): "auto" (long runs) | "always" | "never"
     "generation_output_file": "generated_samples.txt",  # appended in checkpoint_dir, UTF-8
     "interim_test_temperature": 0.8,  # temperature of the interim samples during training
     "interim_test_top_k": 40,  # top-k of the interim samples during training

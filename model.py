@@ -11,6 +11,7 @@ and a second "aggregated" stream that attends over strided patches of bytes.
 chunk of bytes at a time, with keys/values and convolution inputs cached.
 """
 
+import copy
 import math
 
 import torch
@@ -134,6 +135,29 @@ class GenerationCache:
             self.agg_state[b].copy_(self.no_patch_state)
         if self.ngram_past is not None:
             self.ngram_past[b].fill_(NO_BYTE)
+
+    def tensors(self):
+        """Every tensor decode_step reads or writes, in the order with_tensors takes them."""
+        keys_and_values = [t for kv in self.byte_kv + self.agg_kv for t in (kv.k, kv.v)]
+        pasts = [t for t in (self.ngram_past, self.agg_past, self.agg_state) if t is not None]
+        return keys_and_values + self.conv_pasts + pasts
+
+    def with_tensors(self, tensors):
+        """This cache made of `tensors`, listed as tensors() lists them (the predictor
+        exports decode_step with the cache's tensors as inputs)."""
+        view, given = copy.copy(self), iter(tensors)
+
+        def kv_views(caches):
+            views = [copy.copy(kv) for kv in caches]
+            for kv in views:
+                kv.k, kv.v = next(given), next(given)
+            return views
+        view.byte_kv, view.agg_kv = kv_views(self.byte_kv), kv_views(self.agg_kv)
+        view.conv_pasts = [next(given) for _ in self.conv_pasts]
+        for name in ("ngram_past", "agg_past", "agg_state"):
+            if getattr(self, name) is not None:
+                setattr(view, name, next(given))
+        return view
 
     def row(self, b):
         view = GenerationCache.__new__(GenerationCache)

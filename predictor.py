@@ -8,17 +8,20 @@ only, not on the other prompts of its batch, and the global RNG is never touched
 trainer relies on it for exact resume).
 
 With the KV cache each prompt is fed in one pass, then one byte per stream and step
-(`Model.decode_step`, which torch.compile can turn into a few kernels); without it every
+(`Model.decode_step`, which a compiler can turn into a few kernels: AOTInductor ahead of
+time on a CPU, torch.compile on a GPU); without it every
 step is a full forward over the context. Both paths see exactly the same bytes at every
 step (`window_start`), so with the same seed they produce the same output.
 """
 
 import codecs
 import contextlib
+import copy
 import functools
 import math
 import os
 import sys
+import tempfile
 import types
 import warnings
 
@@ -29,11 +32,11 @@ from utils import MASK32, autocast_context, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step with a cold inductor cache took 35 s (single stream) and 65 s
-# (parallel stream: two graphs) on the 2-core CPU and saved 3.4-3.8 and 3.1-3.7 ms a byte
-# at context 1024 (two runs of bench.py's generation section), so it paid after about
-# 9,000-10,000 and 18,000-21,000 bytes: "auto" compiles calls that make this many bytes
-# per prompt.
+# Compiling the decode step ahead of time took 38 s (single stream) and 31 s (parallel
+# stream, two programs) on the 2-core CPU in bench.py's generation section and paid after
+# 8,000 and 6,800 bytes at context 1024. A compile with nothing cached takes longer (35 s a
+# program for the tests' tiny model, so 70 s for the parallel stream's two): "auto"
+# compiles calls that make this many bytes per prompt.
 COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
@@ -136,6 +139,24 @@ class StreamSampler:
                              chosen[:, None])
         self.step += 1
         return chosen
+
+    TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent")
+
+    def tensors(self):
+        """The tensors choose() reads or writes, in the order with_tensors takes them."""
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def with_tensors(self, tensors):
+        """This sampler made of `tensors` (as tensors() lists them)."""
+        view = copy.copy(self)
+        for name, tensor in zip(self.TENSORS, tensors, strict=True):
+            setattr(view, name, tensor)
+        return view
+
+    def settings(self):
+        """The values choose() branches on, which a compiled step holds as constants."""
+        return (self.temperature, self.top_k, self.top_p, self.penalty, self.greedy,
+                self.valid_utf8_only)
 
 
 def stream_seeds(seed, count):
@@ -279,6 +300,72 @@ def unguarded():
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     except (AttributeError, TypeError):
         return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# The decode step compiled ahead of time
+
+# Device types whose compiled decode step is built by AOTInductor and called from its C++
+# runner rather than through torch.compile. On the 2-core CPU a call through torch.compile
+# spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around a
+# 0.3-0.4 ms step. One prompt at context 1024, in turns in one process: 583-1,457 bytes/s
+# through torch.compile, 1,243-2,103 through the AOTInductor program's Python wrapper,
+# and about 1.2x that through its boxed_run. On a GPU, CUDA graphs take that cost away.
+AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
+
+
+class DecodeStepCall(torch.nn.Module):
+    """model.decode_step as a module's forward, which torch.func.functional_call calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, byte, cache, positions, patch_due):
+        return self.model.decode_step(byte, cache, positions, patch_due)
+
+
+class StepProgram(torch.nn.Module):
+    """One decoding step (decode_step, choose, positions += 1) as a function of tensors
+    alone, for torch.export: the byte, the positions, the model's weights and the cache's
+    and the sampler's tensors are all inputs. So the compiled program keeps no copy of
+    them (weights that training has changed since are the ones it reads) and writes the
+    cache and the sampler's state in place, as the eager step does."""
+
+    def __init__(self, decode, cache, sampler, patch_due, amp_dtype):
+        super().__init__()
+        # a tuple, not attributes: the model's weights are inputs, not this module's own
+        self.parts = (decode, cache, sampler)
+        self.patch_due, self.amp_dtype = patch_due, amp_dtype
+
+    def forward(self, byte, positions, weights, cache_tensors, sampler_tensors):
+        decode, cache, sampler = self.parts
+        cache, sampler = cache.with_tensors(cache_tensors), sampler.with_tensors(sampler_tensors)
+        # autocast inside: exporting under the caller's autocast failed (torch 2.13)
+        with autocast_context(byte.device, self.amp_dtype):
+            logits = torch.func.functional_call(decode, weights,
+                                                (byte, cache, positions, self.patch_due))
+            chosen = sampler.choose(logits)
+        positions += 1
+        return chosen
+
+
+def compile_ahead_of_time(program, args):
+    """`program` exported for `args` and compiled by AOTInductor into a C++ library, loaded:
+    a function of the list of its input tensors (args flattened) that returns the list of
+    its outputs."""
+    import torch._inductor  # here, not at the top: loading it takes seconds
+    import torch.export
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="grug_step_") as folder:
+        # torch 2.13's own use of a pytree API it deprecates; nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        exported = torch.export.export(program, args, strict=False)
+        package = torch._inductor.aoti_compile_and_package(
+            exported, package_path=os.path.join(folder, "step.pt2"))
+        # boxed_run (which empties the list it is given) rather than calling the loaded
+        # model, which parses its input and output specs and flattens its arguments at
+        # every call: 1.13-1.42x the bytes/s at context 1024 (eight rounds in one process)
+        return torch._inductor.aoti_load_package(package).loader.boxed_run
 
 
 class Predictor:
@@ -449,15 +536,59 @@ class Predictor:
                                                and steps >= COMPILE_PAYS_AFTER_BYTES)
         if not wanted or self._compiled_step is False:
             return step
+        if self.device.type in AHEAD_OF_TIME_DEVICE_TYPES:
+            return self._ahead_of_time(step)
         if self._compiled_step is None:
             self._compiled_step = self._compile(step)
         return self._fall_back_if_compiling_fails(step)
 
+    def _ahead_of_time(self, eager_step):
+        """The step through programs compiled ahead of time, one for each patch_due value
+        of the call, bound to the call's tensors. The predictor keeps every program it
+        compiles (self._compiled_step: the tensors' shapes and the sampler's settings ->
+        program), so a later call with the same ones compiles nothing."""
+        if self._compiled_step is None:
+            self._compiled_step = {}
+        bound = {}  # patch_due -> the step through its program, for this call's tensors
+
+        def step(byte, cache, positions, sampler, patch_due=None):
+            if patch_due not in bound and self._compiled_step is not False:
+                try:
+                    bound[patch_due] = self._bind_program(byte, cache, positions, sampler,
+                                                          patch_due)
+                except Exception as error:  # no compiler, or an unsupported platform
+                    self._give_up_compiling(error)
+            if self._compiled_step is False:
+                return eager_step(byte, cache, positions, sampler, patch_due)
+            return bound[patch_due](byte)
+        return step
+
+    def _bind_program(self, byte, cache, positions, sampler, patch_due):
+        """byte -> the next bytes, through the program for these tensors and settings
+        (compiled first if the predictor has none)."""
+        decode = DecodeStepCall(self.model)
+        weights = {**dict(decode.named_parameters()), **dict(decode.named_buffers())}
+        args = (byte, positions, weights, cache.tensors(), sampler.tensors())
+        inputs = [byte, positions, *weights.values(), *args[3], *args[4]]  # args flattened
+        key = (patch_due, sampler.settings(),
+               tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+        if key not in self._compiled_step:
+            program = StepProgram(decode, cache, sampler, patch_due, self.amp_dtype)
+            self._compiled_step[key] = compile_ahead_of_time(program, args)
+        run, rest = self._compiled_step[key], inputs[1:]
+        return lambda new_byte: run([new_byte, *rest])[0]
+
+    def _give_up_compiling(self, error):
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(f"compiling the decode step failed ({type(error).__name__}: {reason}); "
+                      "generating uncompiled")
+        self._compiled_step = False
+
     def _compile(self, step):
         if self.device.type == "cuda":
             options = {"mode": "reduce-overhead"}  # CUDA graphs, where the step allows them
-        else:  # kernels called from C++ rather than from generated Python
-            options = {"options": {"cpp_wrapper": True}}
+        else:  # a CPU only where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the tests do)
+            options = {"options": {"cpp_wrapper": True}}  # kernels called from C++
         return torch.compile(own_copy(step), dynamic=False, **options)
 
     def _fall_back_if_compiling_fails(self, eager_step):
@@ -477,10 +608,7 @@ class Predictor:
                 guarded.add(patch_due)
                 return chosen
             except Exception as error:  # no compiler, or an unsupported platform
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
-                              f"{reason}); generating uncompiled")
-                self._compiled_step = False
+                self._give_up_compiling(error)
                 return eager_step(byte, cache, positions, sampler, patch_due)
         return step
 

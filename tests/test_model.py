@@ -267,6 +267,26 @@ def test_the_decode_step_traces_as_one_graph():
     assert torch.allclose(eager, traced, atol=1e-5)
 
 
+def test_a_cache_made_of_other_tensors_decodes_the_same_into_them():
+    """cache.with_tensors(cache.tensors()) is how the predictor hands the cache to a step
+    compiled ahead of time: made of copies of its tensors, it must decode as the cache
+    does, reading and writing those copies only (every kind of cache tensor here)."""
+    model = tiny_model(**PARALLEL, **CNN, **NGRAMS, agg_cnn_kernel_size=3, agg_cnn_stride=2)
+    x = torch.randint(0, 256, (2, 10))
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        for b in range(2):
+            model.forward_incremental(x[b:b + 1, :5], cache.row(b))
+    before = [t.clone() for t in cache.tensors()]
+    copied = cache.with_tensors([t.clone() for t in before])
+    logits = [model.decode_step(x[:, t], copied, torch.full((2,), t)) for t in range(5, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(cache.tensors(), before))  # untouched
+    for t, expected in zip(range(5, 10), logits):
+        assert torch.equal(model.decode_step(x[:, t], cache, torch.full((2,), t)), expected)
+    assert all(torch.equal(a, b) for a, b in zip(cache.tensors(), copied.tensors()))
+    assert len(cache.tensors()) == 2 * 3 + 2 + 3  # k, v of 3 layers; 2 convolutions; pasts
+
+
 def test_windows_shorter_than_a_patch_use_the_no_patch_state():
     model = tiny_model(**PARALLEL, agg_cnn_kernel_size=5, agg_cnn_stride=4)
     x = torch.randint(0, 256, (2, 9))

@@ -431,37 +431,74 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
     assert abs(many.var().item() - 1 / 12) < 0.005
 
 
+def compiled_and_eager(predictor, prompts, **settings):
+    """(texts, bytes) of `predictor` compiling ("always"), then not ("never")."""
+    results = []
+    for compile in ("always", "never"):
+        predictor.compile = compile
+        texts = predictor.generate_batch(prompts, **settings)
+        results.append((texts, predictor.last_bytes))
+    return results
+
+
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_a_compiled_decode_step_gives_the_eager_bytes(tmp_path, parallel):
-    """The compiled path (inductor; on a GPU mode "reduce-overhead") against the eager one; with
-    the parallel stream both skip the patch stream where no patch completes (compiled:
-    a second graph)."""
+def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, parallel):
+    """The CPU's compiled path (AOTInductor) against the eager one; with the parallel
+    stream both skip the patch stream where no patch completes (compiled: a second
+    program). The program reads the model's weights at every call (training may change
+    them in place) and serves every later call with the same shapes and settings."""
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always")
-    compiled = predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM)
-    assert predictor._compiled_step not in (None, False)  # it did compile
-    predictor.compile = "never"
-    assert predictor.generate_batch(["The ", "é"], max_new_bytes=40, seed=2, **RANDOM) == compiled
+    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, seed=2, **RANDOM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
+        compiled, eager = compiled_and_eager(predictor, prompts, **settings)
+    assert compiled == eager
+    programs = dict(predictor._compiled_step)
+    assert len(programs) == (2 if parallel else 1)
+    with torch.no_grad():
+        for parameter in predictor.model.parameters():
+            parameter.mul_(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        changed, eager = compiled_and_eager(predictor, prompts, **settings)
+    assert changed == eager and changed != compiled
+    assert predictor._compiled_step == programs  # nothing compiled again
 
 
-def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+def through_torch_compile(monkeypatch):
+    """Compile the CPU's decode step with torch.compile, as on a GPU, not ahead of time."""
+    import predictor as predictor_module
+    monkeypatch.setattr(predictor_module, "AHEAD_OF_TIME_DEVICE_TYPES", ())
+
+
+@pytest.mark.parametrize("ahead_of_time", [True, False])
+def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch,
+                                                                   ahead_of_time):
+    import torch._inductor
+
     import predictor as predictor_module
 
-    def broken(function, **options):
-        def fails(*args):
-            raise RuntimeError("no working C++ compiler found")
-        return fails
-    monkeypatch.setattr(predictor_module.torch, "compile", broken)
+    def fails(*args, **options):
+        raise RuntimeError("no working C++ compiler found")
+    if ahead_of_time:
+        monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    else:
+        through_torch_compile(monkeypatch)
+        monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options: fails)
     predictor = make_predictor(tmp_path, generation_compile="always")
     with pytest.warns(UserWarning, match="no working C\\+\\+ compiler found"):
         text = predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM)
+    assert predictor._compiled_step is False
     predictor.compile = "never"
     assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text
 
 
 def counting_compiles(monkeypatch):
-    """torch.compile in predictor.py with a backend that records each graph: the list."""
+    """torch.compile in predictor.py, on the CPU too, with a backend that records each
+    graph: the list."""
     import predictor as predictor_module
+    through_torch_compile(monkeypatch)
     graphs, real_compile = [], torch.compile
 
     def counting_backend(graph_module, example_inputs):
@@ -564,6 +601,7 @@ def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path,
     def recording(function, **options):
         compiled.append(function)
         return function
+    through_torch_compile(monkeypatch)
     monkeypatch.setattr(predictor_module.torch, "compile", recording)
     monkeypatch.setattr(predictor_module, "COMPILE_PAYS_AFTER_BYTES", 20)
     predictor = make_predictor(tmp_path, generation_compile="auto")
