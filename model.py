@@ -145,6 +145,10 @@ class GenerationCache:
     def with_tensors(self, tensors):
         """This cache made of `tensors`, listed as tensors() lists them (the predictor
         exports decode_step with the cache's tensors as inputs)."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.tensors()):
+            raise ValueError(f"this cache is made of {len(self.tensors())} tensors, "
+                             f"{len(tensors)} were given")
         view, given = copy.copy(self), iter(tensors)
 
         def kv_views(caches):

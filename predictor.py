@@ -34,9 +34,10 @@ EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a 
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
 # Compiling the decode step ahead of time took 38 s (single stream) and 31 s (parallel
 # stream, two programs) on the 2-core CPU in bench.py's generation section and paid after
-# 8,000 and 6,800 bytes at context 1024. A compile with nothing cached takes longer (35 s a
-# program for the tests' tiny model, so 70 s for the parallel stream's two): "auto"
-# compiles calls that make this many bytes per prompt.
+# 8,000 and 6,800 bytes at context 1024. The parallel stream's figure gained from kernels
+# already compiled for the single stream: alone, its two programs can take twice one
+# program's time (69 s for the tests' tiny model, against 36 s for one). "auto" compiles
+# calls that make this many bytes per prompt.
 COMPILE_PAYS_AFTER_BYTES = 20_000
 
 # generate() argument -> the config key that gives its default
@@ -154,7 +155,8 @@ class StreamSampler:
         return view
 
     def settings(self):
-        """The values choose() branches on, which a compiled step holds as constants."""
+        """The values choose() reads as Python numbers, which a compiled step holds as
+        constants (a new temperature, say, needs a program of its own)."""
         return (self.temperature, self.top_k, self.top_p, self.penalty, self.greedy,
                 self.valid_utf8_only)
 
@@ -310,7 +312,7 @@ def unguarded():
 # spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around a
 # 0.3-0.4 ms step. One prompt at context 1024, in turns in one process: 583-1,457 bytes/s
 # through torch.compile, 1,243-2,103 through the AOTInductor program's Python wrapper,
-# and about 1.2x that through its boxed_run. On a GPU, CUDA graphs take that cost away.
+# and 1.13-1.42x that through its boxed_run. On a GPU, CUDA graphs take that cost away.
 AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
 
 
@@ -341,7 +343,8 @@ class StepProgram(torch.nn.Module):
     def forward(self, byte, positions, weights, cache_tensors, sampler_tensors):
         decode, cache, sampler = self.parts
         cache, sampler = cache.with_tensors(cache_tensors), sampler.with_tensors(sampler_tensors)
-        # autocast inside: exporting under the caller's autocast failed (torch 2.13)
+        # autocast inside (compile_ahead_of_time turns the caller's off): exported under
+        # the caller's autocast, the step failed torch.export's dtype checks (torch 2.13)
         with autocast_context(byte.device, self.amp_dtype):
             logits = torch.func.functional_call(decode, weights,
                                                 (byte, cache, positions, self.patch_due))
@@ -356,7 +359,9 @@ def compile_ahead_of_time(program, args):
     its outputs."""
     import torch._inductor  # here, not at the top: loading it takes seconds
     import torch.export
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="grug_step_") as folder:
+    device_type = args[0].device.type
+    with (warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="grug_step_") as folder,
+          torch.autocast(device_type, enabled=False)):  # the program sets its own (forward)
         # torch 2.13's own use of a pytree API it deprecates; nothing a user can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         exported = torch.export.export(program, args, strict=False)
@@ -384,7 +389,8 @@ class Predictor:
         self.compile = config["generation_compile"] if compile is None else compile
         self.amp_dtype = resolve_amp_dtype(config, self.device)
         self.last_bytes = b""
-        self._compiled_step = None
+        self._compiled_step = None  # torch.compile's step; False once compiling has failed
+        self._programs = {}  # the programs compiled ahead of time (see _bind_program)
 
     def generate(self, prompt, max_new_bytes=None, temperature=None, top_k=None, top_p=None,
                  repetition_penalty=None, seed=None, on_text=None):
@@ -545,10 +551,9 @@ class Predictor:
     def _ahead_of_time(self, eager_step):
         """The step through programs compiled ahead of time, one for each patch_due value
         of the call, bound to the call's tensors. The predictor keeps every program it
-        compiles (self._compiled_step: the tensors' shapes and the sampler's settings ->
-        program), so a later call with the same ones compiles nothing."""
-        if self._compiled_step is None:
-            self._compiled_step = {}
+        compiles (self._programs: the tensors' shapes and the settings held as constants
+        -> program), so a later call with the same ones compiles nothing. Errors of a
+        compiled program while it runs are raised, not hidden behind eager decoding."""
         bound = {}  # patch_due -> the step through its program, for this call's tensors
 
         def step(byte, cache, positions, sampler, patch_due=None):
@@ -566,16 +571,20 @@ class Predictor:
     def _bind_program(self, byte, cache, positions, sampler, patch_due):
         """byte -> the next bytes, through the program for these tensors and settings
         (compiled first if the predictor has none)."""
+        # torch.export flattens its inputs with torch's pytree: the same order here
+        from torch.utils import _pytree as pytree
         decode = DecodeStepCall(self.model)
         weights = {**dict(decode.named_parameters()), **dict(decode.named_buffers())}
         args = (byte, positions, weights, cache.tensors(), sampler.tensors())
-        inputs = [byte, positions, *weights.values(), *args[3], *args[4]]  # args flattened
-        key = (patch_due, sampler.settings(),
-               tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
-        if key not in self._compiled_step:
+        inputs = pytree.tree_leaves(args)  # byte first
+        # the program checks none of its inputs: everything it was compiled for is here
+        key = (patch_due, sampler.settings(), self.amp_dtype,
+               tuple((t.shape, t.stride(), t.storage_offset(), t.dtype, t.device)
+                     for t in inputs))
+        if key not in self._programs:
             program = StepProgram(decode, cache, sampler, patch_due, self.amp_dtype)
-            self._compiled_step[key] = compile_ahead_of_time(program, args)
-        run, rest = self._compiled_step[key], inputs[1:]
+            self._programs[key] = compile_ahead_of_time(program, args)
+        run, rest = self._programs[key], inputs[1:]
         return lambda new_byte: run([new_byte, *rest])[0]
 
     def _give_up_compiling(self, error):

@@ -441,29 +441,52 @@ def compiled_and_eager(predictor, prompts, **settings):
     return results
 
 
-@pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, parallel):
-    """The CPU's compiled path (AOTInductor) against the eager one; with the parallel
-    stream both skip the patch stream where no patch completes (compiled: a second
-    program). The program reads the model's weights at every call (training may change
-    them in place) and serves every later call with the same shapes and settings."""
+def counting_program_calls(monkeypatch):
+    """Programs compiled ahead of time that count their calls: the list of counts."""
+    import predictor as predictor_module
+    calls, real_compile = [], predictor_module.compile_ahead_of_time
+
+    def counting_compile(program, args):
+        run, index = real_compile(program, args), len(calls)
+        calls.append(0)
+
+        def counted(inputs):
+            calls[index] += 1
+            return run(inputs)
+        return counted
+    monkeypatch.setattr(predictor_module, "compile_ahead_of_time", counting_compile)
+    return calls
+
+
+@pytest.mark.parametrize("parallel,amp", [(False, "bfloat16"), (True, None)],
+                         ids=["single-stream-bf16", "parallel-stream-fp32"])
+def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypatch, parallel,
+                                                             amp):
+    """The CPU's compiled path (AOTInductor) against the eager one, under bf16 autocast
+    too; with the parallel stream both skip the patch stream where no patch completes
+    (compiled: a second program). Every step after the prompt pass runs in a program;
+    the program reads the model's weights and the sampler's seeds at every call and
+    serves every later call with the same shapes and settings."""
+    calls = counting_program_calls(monkeypatch)
+    amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
-                               generation_compile="always")
-    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, seed=2, **RANDOM)
+                               generation_compile="always", **amp_settings)
+    assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
+    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, **RANDOM)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
-        compiled, eager = compiled_and_eager(predictor, prompts, **settings)
+        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **settings)
     assert compiled == eager
-    programs = dict(predictor._compiled_step)
-    assert len(programs) == (2 if parallel else 1)
+    assert len(calls) == (2 if parallel else 1) and sum(calls) == 39  # steps 2..40
+    programs = dict(predictor._programs)
     with torch.no_grad():
         for parameter in predictor.model.parameters():
             parameter.mul_(1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        changed, eager = compiled_and_eager(predictor, prompts, **settings)
-    assert changed == eager and changed != compiled
-    assert predictor._compiled_step == programs  # nothing compiled again
+        changed, eager = compiled_and_eager(predictor, prompts, seed=5, **settings)
+    assert changed == eager
+    assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
 
 
 def through_torch_compile(monkeypatch):
@@ -489,7 +512,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
     predictor = make_predictor(tmp_path, generation_compile="always")
     with pytest.warns(UserWarning, match="no working C\\+\\+ compiler found"):
         text = predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM)
-    assert predictor._compiled_step is False
+    assert predictor._compiled_step is False and predictor._programs == {}
     predictor.compile = "never"
     assert predictor.generate("The ", max_new_bytes=20, seed=2, **RANDOM) == text
 
