@@ -9,9 +9,9 @@ trainer relies on it for exact resume).
 
 With the KV cache each prompt is fed in one pass, then one byte per stream and step
 (`Model.decode_step`, which a compiler can turn into a few kernels: AOTInductor ahead of
-time on a CPU, torch.compile on a GPU); without it every
-step is a full forward over the context. Both paths see exactly the same bytes at every
-step (`window_start`), so with the same seed they produce the same output.
+time on a CPU, torch.compile on a GPU); without it every step is a full forward over the
+context. Both paths see exactly the same bytes at every step (`window_start`), so with
+the same seed they produce the same output.
 """
 
 import codecs
