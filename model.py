@@ -63,12 +63,6 @@ class KVCache:
     def capacity(self):
         return self.k.size(2)
 
-    def row(self, b):
-        """Stream b alone, empty: its tensors are views of this cache's row b."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.length = self.k[b:b + 1], self.v[b:b + 1], 0
-        return view
-
     def append(self, k, v):
         """Write (B, nh, n, hs) at the next n positions of every stream; return the keys
         and values written so far."""
@@ -143,8 +137,8 @@ class GenerationCache:
         return keys_and_values + self.conv_pasts + pasts
 
     def with_tensors(self, tensors):
-        """This cache made of `tensors`, listed as tensors() lists them (the predictor
-        exports decode_step with the cache's tensors as inputs)."""
+        """This cache made of `tensors`, listed as tensors() lists them (row() is made of
+        views; the predictor exports decode_step with the cache's tensors as inputs)."""
         tensors = list(tensors)
         if len(tensors) != len(self.tensors()):
             raise ValueError(f"this cache is made of {len(self.tensors())} tensors, "
@@ -164,14 +158,11 @@ class GenerationCache:
         return view
 
     def row(self, b):
-        view = GenerationCache.__new__(GenerationCache)
-        view.batch_size, view.capacity, view.length = 1, self.capacity, 0
-        view.byte_kv = [cache.row(b) for cache in self.byte_kv]
-        view.agg_kv = [cache.row(b) for cache in self.agg_kv]
-        view.conv_pasts = [past[b:b + 1] for past in self.conv_pasts]
-        view.ngram_past = None if self.ngram_past is None else self.ngram_past[b:b + 1]
-        view.agg_past = None if self.agg_past is None else self.agg_past[b:b + 1]
-        view.agg_state = None if self.agg_state is None else self.agg_state[b:b + 1]
+        """Stream b alone, at position 0, in views of this cache's row b."""
+        view = self.with_tensors([t[b:b + 1] for t in self.tensors()])
+        view.batch_size, view.length = 1, 0
+        for kv in view.byte_kv + view.agg_kv:
+            kv.length = 0
         return view
 
 

@@ -161,6 +161,15 @@ class StreamSampler:
                 self.valid_utf8_only)
 
 
+def decode_and_choose(decode, byte, cache, positions, sampler, patch_due=None):
+    """One decoding step of every stream: the next bytes (B,), with the cache, the
+    sampler's state and `positions` moved on in place. `decode` is model.decode_step, or
+    (in a program compiled ahead of time) a call of it with weights given as inputs."""
+    chosen = sampler.choose(decode(byte, cache, positions, patch_due))
+    positions += 1
+    return chosen
+
+
 def stream_seeds(seed, count):
     """Each prompt's own seed: seed, seed+1, ... (None: fresh ones from the OS)."""
     if seed is None:
@@ -328,7 +337,7 @@ class DecodeStepCall(torch.nn.Module):
 
 
 class StepProgram(torch.nn.Module):
-    """One decoding step (decode_step, choose, positions += 1) as a function of tensors
+    """One decoding step (decode_and_choose) as a function of tensors
     alone, for torch.export: the byte, the positions, the model's weights and the cache's
     and the sampler's tensors are all inputs. So the compiled program keeps no copy of
     them (weights that training has changed since are the ones it reads) and writes the
@@ -345,12 +354,11 @@ class StepProgram(torch.nn.Module):
         cache, sampler = cache.with_tensors(cache_tensors), sampler.with_tensors(sampler_tensors)
         # autocast inside (compile_ahead_of_time turns the caller's off): exported under
         # the caller's autocast, the step failed torch.export's dtype checks (torch 2.13)
+        def decode_with_weights(*inputs):
+            return torch.func.functional_call(decode, weights, inputs)
         with autocast_context(byte.device, self.amp_dtype):
-            logits = torch.func.functional_call(decode, weights,
-                                                (byte, cache, positions, self.patch_due))
-            chosen = sampler.choose(logits)
-        positions += 1
-        return chosen
+            return decode_and_choose(decode_with_weights, byte, cache, positions, sampler,
+                                     self.patch_due)
 
 
 def compile_ahead_of_time(program, args):
@@ -535,9 +543,8 @@ class Predictor:
         prompt: a batch saves the same time per step as one prompt; "always"; "never"),
         else eager. One function per generate call."""
         def step(byte, cache, positions, sampler, patch_due=None):
-            chosen = sampler.choose(self.model.decode_step(byte, cache, positions, patch_due))
-            positions += 1
-            return chosen
+            return decode_and_choose(self.model.decode_step, byte, cache, positions, sampler,
+                                     patch_due)
         wanted = self.compile == "always" or (self.compile == "auto"
                                                and steps >= COMPILE_PAYS_AFTER_BYTES)
         if not wanted or self._compiled_step is False:
