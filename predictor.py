@@ -337,11 +337,11 @@ class DecodeStepCall(torch.nn.Module):
 
 
 class StepProgram(torch.nn.Module):
-    """One decoding step (decode_and_choose) as a function of tensors
-    alone, for torch.export: the byte, the positions, the model's weights and the cache's
-    and the sampler's tensors are all inputs. So the compiled program keeps no copy of
-    them (weights that training has changed since are the ones it reads) and writes the
-    cache and the sampler's state in place, as the eager step does."""
+    """One decoding step (decode_and_choose) as a function of tensors alone, for
+    torch.export: the byte, the positions, the model's weights and the cache's and the
+    sampler's tensors are all inputs. So the compiled program keeps no copy of them
+    (weights that training has changed since are the ones it reads) and writes the cache
+    and the sampler's state in place, as the eager step does."""
 
     def __init__(self, decode, cache, sampler, patch_due, amp_dtype):
         super().__init__()
