@@ -577,15 +577,16 @@ def generation_models(device, designs):
     return models
 
 
-def bench_generation(device, scale):
+def bench_generation(device, scale, every_design=True):
     """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
     KV cache, with it eagerly (also streamed: one byte read back and printed per step, as
     the seed's loop did), and compiled; then 8 prompts at once, time to first byte of a 1,000-byte
-    prompt, compile time, and nanoGPT's sample.py shape."""
+    prompt, compile time, and nanoGPT's sample.py shape. The other parallel designs too,
+    if `every_design`."""
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
     compiled = "always" if scale["gen_compile"] else "never"
     measures, compile_seconds = {}, {}
-    designs = {**GENERATION_DESIGNS, **PARALLEL_GENERATION_DESIGNS}
+    designs = {**GENERATION_DESIGNS, **(PARALLEL_GENERATION_DESIGNS if every_design else {})}
     for name, (model, config) in generation_models(device, designs).items():
         paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
                  "eager": Predictor(model, device, config, compile="never"),
@@ -985,6 +986,10 @@ def parse_args(argv):
     parser.add_argument("--parallel-designs", action="store_true",
                         help="quality section: also train each of PARALLEL_DESIGNS, and both "
                              "streams at windows of 256 and 1024 bytes (2 minutes per run)")
+    parser.add_argument("--generation-designs", choices=("all", "main"), default="all",
+                        help="generation section: time every parallel design (all) or only "
+                             "config.py's single and parallel stream (main: about a third "
+                             "of the time)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1012,7 +1017,8 @@ def main(argv):
                            "quality_seconds": quality_seconds,
                            "quality_repeats": args.quality_repeats,
                            "quality_ablation": args.quality_ablation,
-                           "parallel_designs": args.parallel_designs, "scale": scale},
+                           "parallel_designs": args.parallel_designs,
+                           "generation_designs": args.generation_designs, "scale": scale},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
@@ -1020,7 +1026,8 @@ def main(argv):
         "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
                                          args.quality_repeats, args.quality_ablation,
                                          args.parallel_designs),
-        "generation": lambda: bench_generation(device, scale),
+        "generation": lambda: bench_generation(device, scale,
+                                               args.generation_designs == "all"),
         "data": lambda: bench_data(scale),
     }
     for name in SECTIONS:

@@ -4,11 +4,18 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import config as config_module  # noqa: E402
+
+# What the device-parametrized tests run on: the CPU always, and a CUDA GPU where there
+# is one. CI has none, so there the "cuda" cases are skipped; on a GPU machine,
+# `python3 -m pytest -q tests -k cuda` runs them alone.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def make_tiny_config(root, **overrides):

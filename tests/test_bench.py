@@ -31,6 +31,18 @@ def numbers_in(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
+def test_the_main_generation_designs_are_the_two_streams_of_config_py():
+    """--generation-designs main (a GPU session's shorter run) times config.py's single
+    and parallel stream, with every figure the targets need, and no other design."""
+    args = bench.parse_args(["--only", "generation", "--generation-designs", "main"])
+    assert args.generation_designs == "main"
+    result, targets = bench.bench_generation(torch.device("cpu"), bench.SCALES["quick"],
+                                             every_design=args.generation_designs == "all")
+    assert {row["model"] for row in result["rows"]} == set(bench.GENERATION_DESIGNS)
+    assert {batch["model"] for batch in result["batches"]} == set(bench.GENERATION_DESIGNS)
+    assert len(targets) == 3 * len(bench.GENERATION_DESIGNS)  # cache, compiled, batch
+
+
 def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "bench.json"

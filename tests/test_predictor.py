@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import make_tiny_config
+from tests.conftest import DEVICES, make_tiny_config
 from model import ByteLLM_GrugV3
 from predictor import (
     Predictor, UTF8_START, interactive_loop, penalize_repeats, top_k_filter,
@@ -19,11 +19,12 @@ ARCHITECTURES = [False, True]  # use_parallel_stream_model
 RANDOM = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)  # raw model sampling
 
 
-def make_predictor(tmp_path, parallel=False, use_kv_cache=True, **overrides):
-    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=parallel, **overrides)
+def make_predictor(tmp_path, parallel=False, use_kv_cache=True, device="cpu", **overrides):
+    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=parallel, device=device,
+                              **overrides)
     torch.manual_seed(0)
-    model = ByteLLM_GrugV3(config)
-    return Predictor(model, "cpu", config, use_kv_cache=use_kv_cache)
+    model = ByteLLM_GrugV3(config).to(device)  # the same weights on every device
+    return Predictor(model, device, config, use_kv_cache=use_kv_cache)
 
 
 def generate_both_ways(predictor, prompt, **kwargs):
@@ -61,9 +62,10 @@ def spy_on_model(model):
 
 # --- KV cache against the full forward ---------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel):
-    predictor = make_predictor(tmp_path, parallel, sequence_length=32)
+def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel, device):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32, device=device)
     cached, uncached = generate_both_ways(predictor, "Hello, world", max_new_bytes=24,
                                           seed=7, **RANDOM)
     assert len(cached[1]) > 0
@@ -193,8 +195,9 @@ def test_unfinished_tail_of_a_prompt():
     assert utf8_unfinished_tail(b"") == (UTF8_START, b"")
 
 
-def test_masked_output_is_always_valid_utf8_and_unmasked_is_not(tmp_path):
-    predictor = make_predictor(tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_output_is_always_valid_utf8_and_unmasked_is_not(tmp_path, device):
+    predictor = make_predictor(tmp_path, device=device)
     outputs = {}
     for masked in (True, False):
         predictor.valid_utf8_only = masked
@@ -257,9 +260,10 @@ def test_unfinished_last_character_is_trimmed(tmp_path):
 
 # --- context window ------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_generating_far_past_the_window(tmp_path, parallel):
-    predictor = make_predictor(tmp_path, parallel, sequence_length=16)
+def test_generating_far_past_the_window(tmp_path, parallel, device):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=16, device=device)
     record = spy_on_model(predictor.model)
     cached, uncached = generate_both_ways(predictor, "ab", max_new_bytes=100, seed=3,
                                           **RANDOM)
@@ -294,13 +298,20 @@ def test_config_seed_is_the_default(tmp_path):
     assert predictor.generate("a", **RANDOM) == predictor.generate("a", seed=5, **RANDOM)
 
 
-def test_global_rng_and_train_mode_are_left_alone(tmp_path):
-    predictor = make_predictor(tmp_path)
+def rng_states():
+    """The global RNG states sampling must leave alone: the CPU's and each GPU's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return [torch.get_rng_state(), *cuda]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
+    predictor = make_predictor(tmp_path, device=device)
     for training in (True, False):
         predictor.model.train(training)
-        rng_before = torch.get_rng_state()
+        rng_before = rng_states()
         predictor.generate("abc", max_new_bytes=10, seed=None, **RANDOM)
-        assert torch.equal(torch.get_rng_state(), rng_before)
+        assert all(map(torch.equal, rng_states(), rng_before))
         assert predictor.model.training is training
 
 
@@ -394,12 +405,13 @@ def test_interactive_loop_rejects_nan_and_accepts_tiny_values(tmp_path):
 PROMPTS = ["Hello, world", "é", "a much longer prompt than the others, past the window", ""]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_a_batch_gives_each_prompt_what_it_would_get_alone(tmp_path, parallel):
+def test_a_batch_gives_each_prompt_what_it_would_get_alone(tmp_path, parallel, device):
     """Prompts of different lengths decoded together (each at its own positions, with
     windows sliding at different steps): prompt i with seed + i, byte for byte as alone,
     cached or not."""
-    predictor = make_predictor(tmp_path, parallel, sequence_length=32)
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32, device=device)
     texts = predictor.generate_batch(PROMPTS, max_new_bytes=40, seed=5, **RANDOM)
     batch_bytes = predictor.last_bytes
     assert len(texts) == len(batch_bytes) == len(PROMPTS)
@@ -487,6 +499,35 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
         changed, eager = compiled_and_eager(predictor, prompts, seed=5, **settings)
     assert changed == eager
     assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # the CPU's compiled path is tested above
+@pytest.mark.parametrize("parallel,amp", [(False, None), (False, "bfloat16"), (True, "float16")],
+                         ids=["single-stream-fp32", "single-stream-bf16", "parallel-stream-fp16"])
+def test_a_step_compiled_for_the_gpu_gives_the_eager_bytes(tmp_path, parallel, amp, device):
+    """The GPU's compiled path (torch.compile with CUDA graphs) against the eager one, in
+    fp32 and under autocast: the same bytes for a batch; again after the weights change in
+    place (training does between interim samples) and with another seed; and the step
+    really ran as CUDA graphs."""
+    import torch._dynamo.utils
+    amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {"use_amp": False}
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32, device=device,
+                               generation_compile="always", **amp_settings)
+    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, **RANDOM)
+    torch._dynamo.utils.counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **settings)
+        with torch.no_grad():
+            for parameter in predictor.model.parameters():
+                parameter.mul_(1.5)
+        changed, changed_eager = compiled_and_eager(predictor, prompts, seed=5, **settings)
+    assert not [w for w in caught if "decode step failed" in str(w.message)]
+    assert predictor._compiled_step not in (None, False)
+    assert compiled == eager
+    assert changed == changed_eager and changed != compiled
+    skips = dict(torch._dynamo.utils.counters["inductor"])
+    assert not {k: v for k, v in skips.items() if "cudagraph_skip" in k}, skips
 
 
 def through_torch_compile(monkeypatch):
@@ -596,6 +637,25 @@ def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch, parallel):
     assert len(graphs) == len(calls) * graphs_per_call
     # 11 steps a call; the first of each graph checks the guards
     assert len(skipped) == len(calls) * (11 - graphs_per_call)
+
+
+def test_a_call_for_cuda_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_path,
+                                                                          monkeypatch):
+    """On a GPU the compiled step writes the cache, the sampler's state and the positions
+    in buffers the predictor keeps, at the same addresses in every call (CUDA graphs
+    replay on them). Here on the CPU, through torch.compile: the eager bytes, and a second
+    call of the same shapes in the same buffers."""
+    counting_compiles(monkeypatch)
+    monkeypatch.setattr(Predictor, "_replays_cuda_graphs",
+                        lambda self, steps: self._compiles(steps))
+    compiled = make_predictor(tmp_path, True, generation_compile="always")
+    eager = make_predictor(tmp_path, True, generation_compile="never")
+    generates_like_eager(compiled, eager, [(["ab", "c"], RANDOM, True)])
+    kept = {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()}
+    assert {key[0] for key in kept} == {"cache", "sampler", "positions"}
+    generates_like_eager(compiled, eager, [(["xyz", "déf"], RANDOM, True)])
+    assert {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()} == kept
+    assert eager._buffers == {}  # an eager call needs none
 
 
 def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, monkeypatch):

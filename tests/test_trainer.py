@@ -18,7 +18,7 @@ import checkpoint as checkpoint_module
 import trainer as trainer_module
 from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dataset import ByteSequenceDataset
-from tests.conftest import make_tiny_config
+from tests.conftest import DEVICES, make_tiny_config
 from trainer import LearningRateSchedule, Trainer, TrainingDiverged
 from utils import UserError, seed_everything
 
@@ -66,11 +66,11 @@ def datasets(config, data=None):
             ByteSequenceDataset(data, split="val", **split))
 
 
-def make_trainer(config, model=None, **kwargs):
+def make_trainer(config, model=None, device="cpu", **kwargs):
     seed_everything(config["seed"])
-    model = model or StandInModel()
+    model = (model or StandInModel()).to(device)
     train_set, val_set = datasets(config)
-    return Trainer(model, train_set, val_set, config, torch.device("cpu"),
+    return Trainer(model, train_set, val_set, config, torch.device(device),
                    architecture_keys=kwargs.pop("architecture_keys", ARCH_KEYS), **kwargs)
 
 
@@ -159,17 +159,18 @@ def test_the_trainer_applies_the_schedule(tmp_path):
 
 # -- checkpoints and resume ---------------------------------------------------------
 
-def test_exact_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_resume_matches_an_uninterrupted_run_bitwise(tmp_path, device):
     common = dict(lr_scheduler_T_max=20, gradient_accumulation_steps=2,
-                  validate_and_checkpoint_best_every_batches=4)
+                  validate_and_checkpoint_best_every_batches=4, device=device)
     straight = tiny(tmp_path / "a", max_steps=14, **common)
-    uninterrupted = make_trainer(straight)
+    uninterrupted = make_trainer(straight, device=device)
     uninterrupted.train()
 
     first = tiny(tmp_path / "b", max_steps=9, **common)
-    make_trainer(first).train()
+    make_trainer(first, device=device).train()
     second = dict(first, max_steps=14, resume_from_checkpoint="latest")
-    resumed = make_trainer(second)
+    resumed = make_trainer(second, device=device)
     resumed.resume(checkpoint_path(second, "latest"))
     assert resumed.step == 9
     resumed.train()
@@ -177,7 +178,7 @@ def test_exact_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
     a, b = uninterrupted.raw_model.state_dict(), resumed.raw_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The test can fail: one step fewer gives different weights.
-    short = make_trainer(tiny(tmp_path / "c", max_steps=13, **common))
+    short = make_trainer(tiny(tmp_path / "c", max_steps=13, **common), device=device)
     short.train()
     assert not torch.equal(short.raw_model.out.weight, resumed.raw_model.out.weight)
 
@@ -339,12 +340,16 @@ def test_profiler_writes_a_trace(tmp_path):
 
 # -- mixed precision (real model) ----------------------------------------------------
 
-def losses_of_a_short_run(tmp_path, **overrides):
+def losses_of_a_short_run(tmp_path, device="cpu", trainer_seen=None, **overrides):
     from model import ByteLLM_GrugV3
     config = make_tiny_config(str(tmp_path), max_steps=8, learning_rate=3e-3,
-                              validate_and_checkpoint_best_every_batches=100, **overrides)
+                              validate_and_checkpoint_best_every_batches=100, device=device,
+                              **overrides)
     seed_everything(0)
-    trainer = make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
+    trainer = make_trainer(config, model=ByteLLM_GrugV3(config), device=device,
+                           architecture_keys=())
+    if trainer_seen is not None:
+        trainer_seen.append(trainer)
     losses, original = [], trainer.train_step
     trainer.train_step = lambda micro: losses.append(original(micro)) or losses[-1]
     trainer.train()
@@ -356,14 +361,33 @@ MODERN_RECIPE = dict(optimizer_type="Muon", scheduler_type="wsd", positional_enc
                      zero_init_output_projections=True, logit_softcap=15.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", [{}, MODERN_RECIPE], ids=["seed-recipe", "modern-recipe"])
-def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe):
-    fp32 = losses_of_a_short_run(tmp_path / "fp32", use_amp=False, **recipe)
-    bf16 = losses_of_a_short_run(tmp_path / "bf16", use_amp=True, amp_dtype="bfloat16", **recipe)
+def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe, device):
+    fp32 = losses_of_a_short_run(tmp_path / "fp32", device, use_amp=False, **recipe)
+    bf16 = losses_of_a_short_run(tmp_path / "bf16", device, use_amp=True, amp_dtype="bfloat16",
+                                 **recipe)
     assert fp32[-1] < fp32[0] - 0.3 and bf16[-1] < bf16[0] - 0.3  # both learn
     difference = np.abs(fp32 - bf16)
     assert difference.max() < 0.01, difference  # bf16 rounding (~1e-4), not a different model
     assert difference.max() > 0  # and autocast really ran in bf16
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # on a GPU only: compiling takes minutes here
+def test_a_compiled_model_trains_like_the_eager_one(tmp_path, device):
+    """use_torch_compile on a GPU, in bf16 as "auto" picks there: the compiled model is
+    the one that trains, and its losses are the eager model's up to kernel rounding."""
+    trainers = []
+    # no dropout: compiled code draws its masks from a random stream of its own
+    settings = dict(use_amp=True, amp_dtype="bfloat16", transformer_dropout=0.0,
+                    pe_dropout=0.0, output_dropout=0.0, **MODERN_RECIPE)
+    eager = losses_of_a_short_run(tmp_path / "eager", device, **settings)
+    compiled = losses_of_a_short_run(tmp_path / "compiled", device, trainers,
+                                     use_torch_compile=True, **settings)
+    assert trainers[0].model is not trainers[0].raw_model  # compiled, no fallback
+    assert compiled[-1] < compiled[0] - 0.3  # it learns
+    difference = np.abs(eager - compiled)
+    assert difference.max() < 0.02, difference
 
 
 def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -575,24 +599,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path
 
 # -- fp16 with GradScaler (what amp_dtype "auto" picks on GPUs without bf16) ------------
 
-def fp16_trainer(tmp_path, **overrides):
+def fp16_trainer(tmp_path, device="cpu", **overrides):
     from model import ByteLLM_GrugV3
     config = make_tiny_config(str(tmp_path), use_amp=True, amp_dtype="float16",
                               lr_scheduler_T_max=20,  # the same curve for runs of any length
-                              validate_and_checkpoint_best_every_batches=100, **overrides)
+                              validate_and_checkpoint_best_every_batches=100, device=device,
+                              **overrides)
     seed_everything(0)
-    return make_trainer(config, model=ByteLLM_GrugV3(config), architecture_keys=())
+    return make_trainer(config, model=ByteLLM_GrugV3(config), device=device,
+                        architecture_keys=())
 
 
-def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path):
-    straight = fp16_trainer(tmp_path / "a", max_steps=8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, device):
+    straight = fp16_trainer(tmp_path / "a", device, max_steps=8)
     assert straight.scaler.is_enabled()
     straight.train()
-    first = fp16_trainer(tmp_path / "b", max_steps=5)
+    first = fp16_trainer(tmp_path / "b", device, max_steps=5)
     first.train()
     saved = load_checkpoint(checkpoint_path(first.config, "latest"))
     assert saved["scaler_state"]["scale"] > 0
-    resumed = fp16_trainer(tmp_path / "b", max_steps=8)
+    resumed = fp16_trainer(tmp_path / "b", device, max_steps=8)
     resumed.resume(checkpoint_path(first.config, "latest"))
     assert resumed.scaler.get_scale() == first.scaler.get_scale()
     resumed.train()
@@ -601,9 +628,10 @@ def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path):
     assert resumed.scaler.get_scale() == straight.scaler.get_scale()
 
 
-def test_fp16_skips_a_step_whose_gradients_overflow(tmp_path):
-    trainer = fp16_trainer(tmp_path, max_steps=1)
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 gradients overflow
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_skips_a_step_whose_gradients_overflow(tmp_path, device):
+    trainer = fp16_trainer(tmp_path, device, max_steps=1)
+    trainer.scaler = torch.amp.GradScaler(device, init_scale=2.0**100)  # fp16 gradients overflow
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     trainer.train()
     after = trainer.raw_model.state_dict()
