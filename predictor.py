@@ -36,9 +36,11 @@ KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window
 # stream, two programs) on the 2-core CPU in bench.py's generation section and paid after
 # 8,000 and 6,800 bytes at context 1024. The parallel stream's figure gained from kernels
 # already compiled for the single stream: alone, its two programs can take twice one
-# program's time (69 s for the tests' tiny model, against 36 s for one). "auto" compiles
-# calls that make this many bytes per prompt.
-COMPILE_PAYS_AFTER_BYTES = 20_000
+# program's time (69 s for the tests' tiny model, against 36 s for one). On an H200
+# (torch 2.11, CUDA graphs) compiling took 19 s and paid after 3,700 bytes (single stream;
+# the parallel stream, whose kernels were then partly compiled, after 1,446). "auto"
+# compiles calls that make this many bytes per prompt, by device type (others: the CPU's).
+COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default
 SETTING_KEYS = {
@@ -549,8 +551,9 @@ class Predictor:
         (compile "auto": calls of at least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per
         prompt: a batch saves the same time per step as one prompt; "always"; "never"),
         unless compiling has failed before."""
-        wanted = self.compile == "always" or (self.compile == "auto"
-                                               and steps >= COMPILE_PAYS_AFTER_BYTES)
+        pays_after = COMPILE_PAYS_AFTER_BYTES.get(self.device.type,
+                                                  COMPILE_PAYS_AFTER_BYTES["cpu"])
+        wanted = self.compile == "always" or (self.compile == "auto" and steps >= pays_after)
         return wanted and self._compiled_step is not False
 
     def _replays_cuda_graphs(self, steps):

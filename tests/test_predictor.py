@@ -686,9 +686,19 @@ def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path,
         return function
     through_torch_compile(monkeypatch)
     monkeypatch.setattr(predictor_module.torch, "compile", recording)
-    monkeypatch.setattr(predictor_module, "COMPILE_PAYS_AFTER_BYTES", 20)
+    monkeypatch.setitem(predictor_module.COMPILE_PAYS_AFTER_BYTES, "cpu", 20)
     predictor = make_predictor(tmp_path, generation_compile="auto")
     predictor.generate_batch(["ab"] * 8, max_new_bytes=10, seed=1, **RANDOM)
     assert compiled == []
     predictor.generate("ab", max_new_bytes=20, seed=1, **RANDOM)
     assert len(compiled) == 1
+
+
+def test_auto_compiles_sooner_on_a_gpu_where_compiling_pays_sooner(tmp_path):
+    from predictor import COMPILE_PAYS_AFTER_BYTES
+    predictor = make_predictor(tmp_path, generation_compile="auto")
+    cpu, cuda = COMPILE_PAYS_AFTER_BYTES["cpu"], COMPILE_PAYS_AFTER_BYTES["cuda"]
+    assert cuda < cpu
+    for device_type, threshold in (("cpu", cpu), ("cuda", cuda), ("mps", cpu)):
+        predictor.device = torch.device(device_type)  # only _compiles reads it here
+        assert not predictor._compiles(threshold - 1) and predictor._compiles(threshold)
