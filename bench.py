@@ -577,16 +577,21 @@ def generation_models(device, designs):
     return models
 
 
-def bench_generation(device, scale, every_design=True):
+def generation_designs(choice):
+    """The designs the generation section times: config.py's two streams ("main"), or
+    those and every other parallel design ("all")."""
+    return {**GENERATION_DESIGNS, **(PARALLEL_GENERATION_DESIGNS if choice == "all" else {})}
+
+
+def bench_generation(device, scale, designs):
     """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
     KV cache, with it eagerly (also streamed: one byte read back and printed per step, as
     the seed's loop did), and compiled; then 8 prompts at once, time to first byte of a 1,000-byte
-    prompt, compile time, and nanoGPT's sample.py shape. The other parallel designs too,
-    if `every_design`."""
+    prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
+    are the models timed; those of GENERATION_DESIGNS get every figure."""
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
     compiled = "always" if scale["gen_compile"] else "never"
     measures, compile_seconds = {}, {}
-    designs = {**GENERATION_DESIGNS, **(PARALLEL_GENERATION_DESIGNS if every_design else {})}
     for name, (model, config) in generation_models(device, designs).items():
         paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
                  "eager": Predictor(model, device, config, compile="never"),
@@ -1027,7 +1032,7 @@ def main(argv):
                                          args.quality_repeats, args.quality_ablation,
                                          args.parallel_designs),
         "generation": lambda: bench_generation(device, scale,
-                                               args.generation_designs == "all"),
+                                               generation_designs(args.generation_designs)),
         "data": lambda: bench_data(scale),
     }
     for name in SECTIONS:

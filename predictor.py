@@ -58,10 +58,8 @@ SETTING_KEYS = {
 
 def penalize_repeats(logits, seen, penalty):
     """CTRL-style: positive logits of recently seen bytes (`seen`, bool like logits) are
-    divided by `penalty`, negative ones multiplied, so a penalty > 1 always makes them
-    less likely."""
-    if penalty == 1.0:
-        return logits
+    divided by `penalty` (a number or a 0-d tensor), negative ones multiplied, so a
+    penalty > 1 always makes them less likely (and 1 changes nothing)."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -77,8 +75,9 @@ def top_k_filter(logits, k):
 
 def top_p_filter(logits, p):
     """Nucleus filter: keep the smallest set of most likely bytes whose probability
-    reaches p, always at least the most likely one (1.0 = off)."""
-    if p >= 1.0:
+    reaches p, always at least the most likely one. p is a number (1.0 = off) or a 0-d
+    tensor, which the caller has found below 1 (reading it here would sync the device)."""
+    if not torch.is_tensor(p) and p >= 1.0:  # p = 1 could still drop bytes by rounding
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
@@ -108,13 +107,19 @@ def hashed_uniforms(seeds, step, device):
 class StreamSampler:
     """Chooses the next byte of B streams from their logits, keeping each stream's
     state as tensors on the device: its seed, the step, its UTF-8 state and its recent
-    bytes (the repetition window). choose() reads no value back to the host, so a
-    generation loop needs no synchronisation per byte."""
+    bytes (the repetition window), and the temperature, top-p and penalty. choose() reads
+    no value back to the host, so a generation loop needs no synchronisation per byte."""
 
     def __init__(self, settings, seeds, utf8_states, recent, valid_utf8_only, device):
-        self.temperature, self.top_k = settings["temperature"], settings["top_k"]
-        self.top_p, self.penalty = settings["top_p"], settings["repetition_penalty"]
-        self.greedy, self.valid_utf8_only = is_greedy(self.temperature), valid_utf8_only
+        # Which filters run is fixed (a compiled step holds it as constants); temperature,
+        # top-p and penalty are tensors, so a new value of one needs no new program.
+        self.greedy, self.valid_utf8_only = is_greedy(settings["temperature"]), valid_utf8_only
+        self.top_k, self.filters_top_p = settings["top_k"], settings["top_p"] < 1.0
+        self.penalizes = settings["repetition_penalty"] != 1.0
+        def value(number):  # float32, as choose() computes
+            return torch.tensor(number, dtype=torch.float32, device=device)
+        self.temperature = value(1.0 if self.greedy else settings["temperature"])
+        self.top_p, self.penalty = value(settings["top_p"]), value(settings["repetition_penalty"])
         self.seeds = torch.tensor([seed & MASK32 ^ seed >> 32 for seed in seeds], device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
         _, allowed, following = utf8_tables()
@@ -125,7 +130,7 @@ class StreamSampler:
     def choose(self, logits):
         """Bytes (B,) from logits (B, 256), advancing every stream's state."""
         logits = logits.float()
-        if self.penalty != 1.0:
+        if self.penalizes:
             seen = torch.zeros(logits.size(0), 257, dtype=torch.bool, device=logits.device)
             seen = seen.scatter_(1, self.recent, True)[:, :256]
             logits = penalize_repeats(logits, seen, self.penalty)
@@ -134,7 +139,9 @@ class StreamSampler:
         if self.greedy:
             chosen = logits.argmax(-1)
         else:
-            logits = top_p_filter(top_k_filter(logits / self.temperature, self.top_k), self.top_p)
+            logits = top_k_filter(logits / self.temperature, self.top_k)
+            if self.filters_top_p:
+                logits = top_p_filter(logits, self.top_p)
             uniforms = hashed_uniforms(self.seeds, self.step, logits.device)
             chosen = (logits - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
         self.utf8_state.copy_(self.following[self.utf8_state, chosen])
@@ -143,7 +150,8 @@ class StreamSampler:
         self.step += 1
         return chosen
 
-    TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent")
+    TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent", "temperature",
+               "top_p", "penalty")
 
     def tensors(self):
         """The tensors choose() reads or writes, in the order with_tensors takes them."""
@@ -157,9 +165,9 @@ class StreamSampler:
         return view
 
     def settings(self):
-        """The values choose() reads as Python numbers, which a compiled step holds as
-        constants (a new temperature, say, needs a program of its own)."""
-        return (self.temperature, self.top_k, self.top_p, self.penalty, self.greedy,
+        """What choose() reads as Python values, which a compiled step holds as constants
+        (top-k, or turning a filter on, needs a program of its own)."""
+        return (self.greedy, self.top_k, self.filters_top_p, self.penalizes,
                 self.valid_utf8_only)
 
 
@@ -291,6 +299,17 @@ class Stream:
             self.pieces.append(piece)
             if on_text is not None:
                 on_text(piece)
+
+
+def copying_out(compiled_step):
+    """`compiled_step` (compiled with CUDA graphs) with its output copied out. A graph
+    writes each replay's output where the last one's was, and the generation loop keeps
+    every step's bytes. Without the copy (kept buffers, on an H200) torch raised
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
+    at the end of a compiled call."""
+    def step(*args):
+        return compiled_step(*args).clone()
+    return step
 
 
 def own_copy(function):
@@ -563,10 +582,14 @@ class Predictor:
     def _kept_buffers(self, kind, tensors):
         """`tensors` copied into buffers the predictor keeps (one per kind, place in the
         list, shape and dtype; made at the first call), marked static for torch.compile.
-        CUDA graphs replay at fixed addresses, and an input that is not static is copied
-        into the graph's own buffer at every replay: kept buffers spare those copies of
-        the cache and the state. They gave 1.06-1.07x the bytes/s at context 1024 on an
-        H200 (torch 2.11; one prompt and eight, one run)."""
+        A CUDA graph replays at fixed addresses: an input that is not static is copied
+        into the graph's memory at every replay, and inductor's CUDA-graph code (torch
+        2.13's source: check_for_mutation) runs without graphs a step that writes inputs
+        neither static nor made by a graph, as this step writes the cache, the sampler's
+        state and the positions. Measured on an H200 with torch 2.11, where the step ran
+        as graphs either way (no skip counted): kept buffers gave 1.06-1.07x the bytes/s
+        at context 1024 (one prompt and eight, one run). Memory: one set of buffers per
+        batch size the predictor has decoded."""
         import torch._dynamo  # here, not at the top: loading it takes seconds
         kept = []
         for place, tensor in enumerate(tensors):
@@ -635,37 +658,39 @@ class Predictor:
         warnings.warn(f"compiling the decode step failed ({type(error).__name__}: {reason}); "
                       "generating uncompiled")
         self._compiled_step = False
+        self._buffers.clear()  # only a compiled step on a GPU decodes in them
 
     def _compile(self, step):
         if self.device.type == "cuda":
-            compiled = torch.compile(own_copy(step), dynamic=False, mode="reduce-overhead")
-            # CUDA graphs write each replay's output where the last one's was, and the
-            # generation loop keeps every step's bytes: each is copied out. Without the
-            # copy, torch raised "accessing tensor output of CUDAGraphs that has been
-            # overwritten by a subsequent run" at the end of a compiled call (H200).
-            return lambda *args: compiled(*args).clone()
-        # a CPU only where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the tests do)
+            return copying_out(torch.compile(own_copy(step), dynamic=False,
+                                             mode="reduce-overhead"))
+        # other devices: MPS, and a CPU where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the
+        # tests do); on a CPU, kernels called from C++
         return torch.compile(own_copy(step), dynamic=False, options={"cpp_wrapper": True})
 
     def _fall_back_if_compiling_fails(self, eager_step):
+        """The compiled step, falling back to eager decoding (with a warning) where the
+        call's first step with each graph fails: compiling happens there. An error of a
+        later step, which may have moved the cache and the sampler on already, is raised
+        rather than hidden behind eager decoding of a half-done step."""
         guarded = set()  # the patch_due values this call has run with all guards checked
 
         def step(byte, cache, positions, sampler, patch_due=None):
             if self._compiled_step is False:
                 return eager_step(byte, cache, positions, sampler, patch_due)
+            # patch_due, a Python bool, gives the parallel stream two graphs: one with the
+            # patch stream, one (for most bytes) without
+            if patch_due in guarded:
+                with unguarded():
+                    return self._compiled_step(byte, cache, positions, sampler, patch_due)
             try:
-                # patch_due, a Python bool, gives the parallel stream two graphs: one
-                # with the patch stream, one (for most bytes) without
-                if patch_due in guarded:
-                    with unguarded():
-                        return self._compiled_step(byte, cache, positions, sampler, patch_due)
                 chosen = self._guarded_call(eager_step, byte, cache, positions, sampler,
                                             patch_due)
-                guarded.add(patch_due)
-                return chosen
             except Exception as error:  # no compiler, or an unsupported platform
                 self._give_up_compiling(error)
                 return eager_step(byte, cache, positions, sampler, patch_due)
+            guarded.add(patch_due)
+            return chosen
         return step
 
     def _guarded_call(self, eager_step, *args):

@@ -13,9 +13,10 @@ import config as config_module  # noqa: E402
 
 # What the device-parametrized tests run on: the CPU always, and a CUDA GPU where there
 # is one. CI has none, so there the "cuda" cases are skipped; on a GPU machine,
-# `python3 -m pytest -q tests -k cuda` runs them alone.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+# `python3 -m pytest -q tests -k "cuda or gpu"` runs them (README, Tests).
+GPU_DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", *GPU_DEVICES]
 
 
 def make_tiny_config(root, **overrides):

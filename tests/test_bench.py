@@ -31,13 +31,21 @@ def numbers_in(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-def test_the_main_generation_designs_are_the_two_streams_of_config_py():
-    """--generation-designs main (a GPU session's shorter run) times config.py's single
-    and parallel stream, with every figure the targets need, and no other design."""
-    args = bench.parse_args(["--only", "generation", "--generation-designs", "main"])
-    assert args.generation_designs == "main"
-    result, targets = bench.bench_generation(torch.device("cpu"), bench.SCALES["quick"],
-                                             every_design=args.generation_designs == "all")
+def test_the_main_generation_designs_are_the_two_streams_of_config_py(monkeypatch):
+    """--generation-designs main (a shorter run) times config.py's single and parallel
+    stream, with every figure the targets need, and no other design; "all" (the default)
+    adds every other parallel design."""
+    timed, real_bench_generation = [], bench.bench_generation
+    monkeypatch.setattr(bench, "bench_generation",
+                        lambda device, scale, designs: timed.append(designs) or ({}, []))
+    monkeypatch.setattr(bench, "print_section", lambda name, result: None)
+    for argv in (["--generation-designs", "main"], []):
+        assert bench.main(["--quick", "--only", "generation", *argv]) == 0
+    assert timed == [bench.generation_designs("main"), bench.generation_designs("all")]
+    assert set(timed[0]) == set(bench.GENERATION_DESIGNS)
+    assert set(timed[1]) > set(timed[0]) and len(bench.PARALLEL_GENERATION_DESIGNS) > 0
+    result, targets = real_bench_generation(torch.device("cpu"), bench.SCALES["quick"],
+                                            timed[0])
     assert {row["model"] for row in result["rows"]} == set(bench.GENERATION_DESIGNS)
     assert {batch["model"] for batch in result["batches"]} == set(bench.GENERATION_DESIGNS)
     assert len(targets) == 3 * len(bench.GENERATION_DESIGNS)  # cache, compiled, batch

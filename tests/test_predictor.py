@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import DEVICES, make_tiny_config
+from tests.conftest import DEVICES, GPU_DEVICES, make_tiny_config
 from model import ByteLLM_GrugV3
 from predictor import (
     Predictor, UTF8_START, interactive_loop, penalize_repeats, top_k_filter,
@@ -477,17 +477,19 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     """The CPU's compiled path (AOTInductor) against the eager one, under bf16 autocast
     too; with the parallel stream both skip the patch stream where no patch completes
     (compiled: a second program). Every step after the prompt pass runs in a program;
-    the program reads the model's weights and the sampler's seeds at every call and
-    serves every later call with the same shapes and settings."""
+    the program reads the model's weights, the sampler's seeds and its temperature, top-p
+    and penalty at every call, and serves every later call with the same shapes and the
+    same filters on."""
     calls = counting_program_calls(monkeypatch)
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
     assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
-    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, **RANDOM)
+    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, top_k=0)
+    filters = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
-        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **settings)
+        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **filters, **settings)
     assert compiled == eager
     assert len(calls) == (2 if parallel else 1) and sum(calls) == 39  # steps 2..40
     programs = dict(predictor._programs)
@@ -496,12 +498,13 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
             parameter.mul_(1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        changed, eager = compiled_and_eager(predictor, prompts, seed=5, **settings)
+        changed, eager = compiled_and_eager(predictor, prompts, seed=5, temperature=0.7,
+                                            top_p=0.9, repetition_penalty=1.3, **settings)
     assert changed == eager
     assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
 
 
-@pytest.mark.parametrize("device", DEVICES[1:])  # the CPU's compiled path is tested above
+@pytest.mark.parametrize("device", GPU_DEVICES)  # the CPU's compiled path is tested above
 @pytest.mark.parametrize("parallel,amp", [(False, None), (False, "bfloat16"), (True, "float16")],
                          ids=["single-stream-fp32", "single-stream-bf16", "parallel-stream-fp16"])
 def test_a_step_compiled_for_the_gpu_gives_the_eager_bytes(tmp_path, parallel, amp, device):
@@ -639,23 +642,69 @@ def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch, parallel):
     assert len(skipped) == len(calls) * (11 - graphs_per_call)
 
 
-def test_a_call_for_cuda_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_path,
-                                                                          monkeypatch):
-    """On a GPU the compiled step writes the cache, the sampler's state and the positions
-    in buffers the predictor keeps, at the same addresses in every call (CUDA graphs
-    replay on them). Here on the CPU, through torch.compile: the eager bytes, and a second
-    call of the same shapes in the same buffers."""
-    counting_compiles(monkeypatch)
+def spy_on_step_inputs(monkeypatch, predictor):
+    """The addresses of the cache's, the positions' and the sampler's tensors at each
+    step of `predictor` (a list of sets)."""
+    seen, real_step_function = [], Predictor._step_function
+
+    def spying(self, steps):
+        step = real_step_function(self, steps)
+
+        def spy(byte, cache, positions, sampler, patch_due=None):
+            if self is predictor:
+                seen.append({t.data_ptr() for t in [*cache.tensors(), positions,
+                                                    *sampler.tensors()]})
+            return step(byte, cache, positions, sampler, patch_due)
+        return spy
+    monkeypatch.setattr(Predictor, "_step_function", spying)
+    return seen
+
+
+def test_a_call_through_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_path,
+                                                                         monkeypatch):
+    """On a GPU the compiled step reads and writes the cache, the sampler's state and the
+    positions in buffers the predictor keeps, at the same addresses in every call (CUDA
+    graphs replay on them). Here on the CPU, through torch.compile: the eager bytes, and
+    every step of two calls on the kept buffers."""
+    graphs = counting_compiles(monkeypatch)
     monkeypatch.setattr(Predictor, "_replays_cuda_graphs",
                         lambda self, steps: self._compiles(steps))
     compiled = make_predictor(tmp_path, True, generation_compile="always")
     eager = make_predictor(tmp_path, True, generation_compile="never")
+    seen = spy_on_step_inputs(monkeypatch, compiled)
     generates_like_eager(compiled, eager, [(["ab", "c"], RANDOM, True)])
     kept = {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()}
     assert {key[0] for key in kept} == {"cache", "sampler", "positions"}
     generates_like_eager(compiled, eager, [(["xyz", "déf"], RANDOM, True)])
     assert {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()} == kept
+    assert graphs and len(seen) == 2 * 11  # 11 steps a call (12 bytes)
+    assert all(addresses <= set(kept.values()) for addresses in seen)
     assert eager._buffers == {}  # an eager call needs none
+
+
+def test_an_error_after_a_compiled_step_has_run_is_raised_not_hidden(tmp_path, monkeypatch):
+    """A compiled step that fails after its first call of a generate call (the cache and
+    the sampler may have moved on) stops the call with its error; eager decoding takes
+    over only from a failure to compile, at a graph's first step."""
+    import predictor as predictor_module
+    through_torch_compile(monkeypatch)
+
+    def compiling(function, **options):
+        calls = []
+
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("the device was lost")
+            return function(*args)
+        return run
+    monkeypatch.setattr(predictor_module.torch, "compile", compiling)
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(RuntimeError, match="the device was lost"):
+            predictor.generate("ab", max_new_bytes=10, seed=1, **RANDOM)
+    assert predictor._compiled_step is not False
 
 
 def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, monkeypatch):
@@ -694,7 +743,7 @@ def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path,
     assert len(compiled) == 1
 
 
-def test_auto_compiles_sooner_on_a_gpu_where_compiling_pays_sooner(tmp_path):
+def test_auto_compiles_sooner_where_compiling_pays_sooner(tmp_path):
     from predictor import COMPILE_PAYS_AFTER_BYTES
     predictor = make_predictor(tmp_path, generation_compile="auto")
     cpu, cuda = COMPILE_PAYS_AFTER_BYTES["cpu"], COMPILE_PAYS_AFTER_BYTES["cuda"]

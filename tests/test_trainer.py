@@ -18,7 +18,7 @@ import checkpoint as checkpoint_module
 import trainer as trainer_module
 from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dataset import ByteSequenceDataset
-from tests.conftest import DEVICES, make_tiny_config
+from tests.conftest import DEVICES, GPU_DEVICES, make_tiny_config
 from trainer import LearningRateSchedule, Trainer, TrainingDiverged
 from utils import UserError, seed_everything
 
@@ -373,7 +373,7 @@ def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe, device)
     assert difference.max() > 0  # and autocast really ran in bf16
 
 
-@pytest.mark.parametrize("device", DEVICES[1:])  # on a GPU only: compiling takes minutes here
+@pytest.mark.parametrize("device", GPU_DEVICES)  # compiling would take minutes on a CPU
 def test_a_compiled_model_trains_like_the_eager_one(tmp_path, device):
     """use_torch_compile on a GPU, in bf16 as "auto" picks there: the compiled model is
     the one that trains, and its losses are the eager model's up to kernel rounding."""
