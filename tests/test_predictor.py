@@ -477,19 +477,24 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     """The CPU's compiled path (AOTInductor) against the eager one, under bf16 autocast
     too; with the parallel stream both skip the patch stream where no patch completes
     (compiled: a second program). Every step after the prompt pass runs in a program;
-    the program reads the model's weights, the sampler's seeds and its temperature, top-p
-    and penalty at every call, and serves every later call with the same shapes and the
-    same filters on."""
+    the program reads the model's weights, the sampler's seeds and its temperature (and,
+    single stream, top-p and penalty: each filter adds to a compile that takes a minute
+    here) at every call, and serves every later call with the same shapes and the same
+    filters on."""
     calls = counting_program_calls(monkeypatch)
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
     assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
     prompts, settings = ["The ", "é"], dict(max_new_bytes=40, top_k=0)
-    filters = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)
+    filters, changed_filters = dict(top_p=1.0, repetition_penalty=1.0), {}
+    if not parallel:
+        filters, changed_filters = (dict(top_p=0.95, repetition_penalty=1.1),
+                                    dict(top_p=0.9, repetition_penalty=1.3))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
-        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **filters, **settings)
+        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, temperature=1.0,
+                                             **filters, **settings)
     assert compiled == eager
     assert len(calls) == (2 if parallel else 1) and sum(calls) == 39  # steps 2..40
     programs = dict(predictor._programs)
@@ -499,7 +504,7 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         changed, eager = compiled_and_eager(predictor, prompts, seed=5, temperature=0.7,
-                                            top_p=0.9, repetition_penalty=1.3, **settings)
+                                            **{**filters, **changed_filters}, **settings)
     assert changed == eager
     assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
 
