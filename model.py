@@ -139,9 +139,9 @@ class GenerationCache:
     def with_tensors(self, tensors):
         """This cache made of `tensors`, listed as tensors() lists them (row() is made of
         views; the predictor exports decode_step with the cache's tensors as inputs)."""
-        tensors = list(tensors)
-        if len(tensors) != len(self.tensors()):
-            raise ValueError(f"this cache is made of {len(self.tensors())} tensors, "
+        tensors, expected = list(tensors), len(self.tensors())
+        if len(tensors) != expected:
+            raise ValueError(f"this cache is made of {expected} tensors, "
                              f"{len(tensors)} were given")
         view, given = copy.copy(self), iter(tensors)
 

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from config import RULES
-from utils import MASK32, autocast_context, resolve_amp_dtype
+from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
@@ -654,8 +654,7 @@ class Predictor:
         return lambda new_byte: run([new_byte, *rest])[0]
 
     def _give_up_compiling(self, error):
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        warnings.warn(f"compiling the decode step failed ({type(error).__name__}: {reason}); "
+        warnings.warn(f"compiling the decode step failed ({error_summary(error)}); "
                       "generating uncompiled")
         self._compiled_step = False
         self._buffers.clear()  # only a compiled step on a GPU decodes in them

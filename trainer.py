@@ -26,7 +26,7 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
 from dataset import BatchOrder
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from utils import (UserError, agree_across_ranks, atomic_output, autocast_context, bits_per_byte,
-                   bf16_matmul_is_fast, resolve_amp_dtype)
+                   bf16_matmul_is_fast, error_summary, resolve_amp_dtype)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
@@ -259,9 +259,7 @@ def compile_or_fall_back(model, probe, log):
         probe(compiled)
         return compiled
     except Exception as error:  # no compiler, unsupported platform or Python
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        log(f"warning: torch.compile failed ({type(error).__name__}: {reason}); "
-            f"training uncompiled")
+        log(f"warning: torch.compile failed ({error_summary(error)}); training uncompiled")
         return model
     finally:
         model.zero_grad(set_to_none=True)  # the probe's gradients are not a step's

@@ -339,6 +339,12 @@ def bits_per_byte(nats):
     return nats / math.log(2)
 
 
+def error_summary(error):
+    """"Type: first line of the message", for a one-line warning about a failed compile."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 # ---------------------------------------------------------------------------
 # Files
 
