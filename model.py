@@ -538,7 +538,12 @@ class ByteLLM_GrugV3(nn.Module):
         cache.agg_past.copy_(window[:, 1:])
         if patch_due is False:
             return cache.agg_state
-        patch = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, 1, D_agg)
+        # The convolution over its one window, as the matrix-vector product it is (the same
+        # sum): compiled for the CPU, Conv1d ran as PyTorch's unfold-and-multiply (about
+        # 120 us a call), a product inductor writes as its own loop (CPU_STEP_INDUCTOR_OPTIONS).
+        conv = self.aggregator_cnn
+        patch = F.linear(window.transpose(1, 2).flatten(1), conv.weight.flatten(1),
+                         conv.bias)[:, None]  # (B, 1, D_agg)
         index = positions // s  # the patch each byte belongs to
         patch = self.agg_pos_encoding.at(patch, index)
         rotation = rotation_at(self.agg_pos_encoding, index)

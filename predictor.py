@@ -32,9 +32,9 @@ from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step ahead of time took 38 s (single stream) and 31 s (parallel
+# Compiling the decode step ahead of time took 34 s (single stream) and 32 s (parallel
 # stream, two programs) on the 2-core CPU in bench.py's generation section and paid after
-# 8,000 and 6,800 bytes at context 1024. The parallel stream's figure gained from kernels
+# 7,605 and 6,617 bytes at context 1024. The parallel stream's figure gained from kernels
 # already compiled for the single stream: alone, its two programs can take twice one
 # program's time (69 s for the tests' tiny model, against 36 s for one). On an H200
 # (torch 2.11, CUDA graphs) compiling took 19 s and paid after 3,700 bytes (single stream;
@@ -340,10 +340,22 @@ def unguarded():
 # Device types whose compiled decode step is built by AOTInductor and called from its C++
 # runner rather than through torch.compile. On the 2-core CPU a call through torch.compile
 # spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around a
-# 0.3-0.4 ms step. One prompt at context 1024, in turns in one process: 583-1,457 bytes/s
-# through torch.compile, 1,243-2,103 through the AOTInductor program's Python wrapper,
-# and 1.13-1.42x that through its boxed_run. On a GPU, CUDA graphs take that cost away.
+# 0.3-0.4 ms step (before CPU_STEP_INDUCTOR_OPTIONS). One prompt at context 1024, in turns
+# in one process: 583-1,457 bytes/s through torch.compile, 1,243-2,103 through the
+# AOTInductor program's Python wrapper, and 1.13-1.42x that through its boxed_run. On a
+# GPU, CUDA graphs take that cost away.
 AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
+# Inductor's settings for the CPU's decode step (both compiled paths). For one stream each
+# layer's matrix is a matrix-vector product, for which the compiled step called MKL
+# through at::addmm_out (which copies the bias into the output first): 9 calls of about
+# 30 us (torch.profiler) in a single-stream step of 360 us. decompose_mm_pass writes
+# products of one row as inductor's own loops, fused with the operations around them (the
+# whole step became one kernel). Default model at context 1024, one prompt, medians of
+# 255 steps in each of three calls, one process each: 177-187 us a step against 359-366;
+# the parallel stream 262-281 / 543-586 us (steps without / with the patch stream)
+# against 430-465 / 947-1,029. Not for more rows: with 8 streams (cpu_max_first_dimension
+# raised to 8) steps took 3.3-3.7 ms against 3.0-3.3.
+CPU_STEP_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 class DecodeStepCall(torch.nn.Module):
@@ -395,7 +407,8 @@ def compile_ahead_of_time(program, args):
         warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         exported = torch.export.export(program, args, strict=False)
         package = torch._inductor.aoti_compile_and_package(
-            exported, package_path=os.path.join(folder, "step.pt2"))
+            exported, package_path=os.path.join(folder, "step.pt2"),
+            inductor_configs=CPU_STEP_INDUCTOR_OPTIONS if device_type == "cpu" else None)
         # boxed_run (which empties the list it is given) rather than calling the loaded
         # model, which parses its input and output specs and flattens its arguments at
         # every call: 1.13-1.42x the bytes/s at context 1024 (eight rounds in one process)
@@ -665,7 +678,8 @@ class Predictor:
                                              mode="reduce-overhead"))
         # other devices: MPS, and a CPU where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the
         # tests do); on a CPU, kernels called from C++
-        return torch.compile(own_copy(step), dynamic=False, options={"cpp_wrapper": True})
+        return torch.compile(own_copy(step), dynamic=False,
+                             options={"cpp_wrapper": True, **CPU_STEP_INDUCTOR_OPTIONS})
 
     def _fall_back_if_compiling_fails(self, eager_step):
         """The compiled step, falling back to eager decoding (with a warning) where the

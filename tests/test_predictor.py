@@ -88,18 +88,17 @@ def test_eager_decoding_runs_the_patch_stream_only_for_bytes_that_complete_a_pat
     the full forward."""
     predictor = make_predictor(tmp_path, True, sequence_length=32, parallel_fusion=fusion,
                                agg_cnn_stride=4, agg_cnn_kernel_size=8)
-    calls = []
-    predictor.model.aggregator_cnn.register_forward_hook(
-        lambda module, args, output: calls.append(args[0].shape[-1]))
+    calls = []  # the patches each run of the patch stream's layer is fed
+    predictor.model.agg_stream_encoder[0].register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[1]))
     cached, uncached = generate_both_ways(predictor, "abcdef", max_new_bytes=10, seed=3,
                                           **RANDOM)
     assert cached == uncached
     # cached: the prompt pass (bytes 0-5; patch 0 completes at byte 3), then bytes 6-14
     # one per step, of which 7 and 11 complete patches 1 and 2; the rest are the uncached
-    # passes, one per byte
-    cached_calls = calls[:3]
-    assert cached_calls == [8, 8, 8]  # one patch of 8 inputs each time
-    assert len(calls) == 3 + 10
+    # passes, one per byte, over views of 6 to 15 bytes (1 to 3 patches)
+    assert calls[:3] == [1, 1, 1]  # one patch each time
+    assert calls[3:] == [n // 4 for n in range(6, 16)]
 
 
 def test_use_kv_cache_switch_comes_from_config_and_constructor(tmp_path):
@@ -481,7 +480,16 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     single stream, top-p and penalty: each filter adds to a compile that takes a minute
     here) at every call, and serves every later call with the same shapes and the same
     filters on."""
+    import torch._inductor
+
+    import predictor as predictor_module
     calls = counting_program_calls(monkeypatch)
+    inductor_settings, real_package = [], torch._inductor.aoti_compile_and_package
+
+    def package(*args, inductor_configs=None, **options):
+        inductor_settings.append(inductor_configs)
+        return real_package(*args, inductor_configs=inductor_configs, **options)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
@@ -497,6 +505,8 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
                                              **filters, **settings)
     assert compiled == eager
     assert len(calls) == (2 if parallel else 1) and sum(calls) == 39  # steps 2..40
+    # one-row products as inductor's own loops (decompose_mm_pass; its effect: bench.py)
+    assert inductor_settings == [predictor_module.CPU_STEP_INDUCTOR_OPTIONS] * len(calls)
     programs = dict(predictor._programs)
     with torch.no_grad():
         for parameter in predictor.model.parameters():
