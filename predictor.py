@@ -32,13 +32,12 @@ from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step ahead of time took 34 s (single stream) and 32 s (parallel
-# stream, two programs) on the 2-core CPU in bench.py's generation section and paid after
-# 7,605 and 6,617 bytes at context 1024. The parallel stream's figure gained from kernels
-# already compiled for the single stream: alone, its two programs can take twice one
-# program's time (69 s for the tests' tiny model, against 36 s for one). On an H200
-# (torch 2.11, CUDA graphs) compiling took 19 s and paid after 3,700 bytes (single stream;
-# the parallel stream, whose kernels were then partly compiled, after 1,446). "auto"
+# Compiling the decode step ahead of time took 34 s (single stream) and 63 s (parallel
+# stream, its two programs) on the 2-core CPU in bench.py's generation section, and paid
+# after 7,994 and 16,276 bytes at context 1024 (the tests' tiny model: 36 s for one
+# program, 69 s for the parallel stream's two). On an H200 (torch 2.11, CUDA graphs)
+# compiling took 19 s and paid after 3,700 bytes (single stream; the parallel stream's
+# figure there, like the CPU's before 2026-11-30, timed one of its two graphs). "auto"
 # compiles calls that make this many bytes per prompt, by device type (others: the CPU's).
 COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
@@ -460,8 +459,12 @@ class Predictor:
             self.config, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         streams = [Stream(prompt_bytes(p), self.valid_utf8_only) for p in prompts]
-        was_training = self.model.training
-        self.model.eval()
+        # eval mode for the call, and each module's own mode back after it. Set directly:
+        # model.eval() and model.train() took about 1.4 ms a call between them (nn.Module's
+        # __setattr__ on every module), some 5 % of a 64-byte call at context 256.
+        training = [module for module in self.model.modules() if module.training]
+        for module in training:
+            module.training = False
         try:
             with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
                 if self.use_kv_cache:
@@ -472,7 +475,8 @@ class Predictor:
                         self._decode_uncached(stream, settings, seeds[i],
                                               on_text if i == 0 else None)
         finally:
-            self.model.train(was_training)
+            for module in training:
+                module.training = True
         self.last_bytes = [self._finish(stream, settings, on_text if i == 0 else None)
                            for i, stream in enumerate(streams)]
         return ["".join(stream.pieces) for stream in streams]

@@ -51,6 +51,21 @@ def test_the_main_generation_designs_are_the_two_streams_of_config_py(monkeypatc
     assert len(targets) == 3 * len(bench.GENERATION_DESIGNS)  # cache, compiled, batch
 
 
+@pytest.mark.parametrize("stride", [4, 5])
+def test_the_compile_time_covers_both_programs_of_the_parallel_stream(tmp_path, stride):
+    """The first call that bench.py times as the compile runs the parallel stream's step
+    both with and without the patch stream: the two programs a compiled call needs."""
+    from predictor import Predictor
+    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=True,
+                              sequence_length=128, agg_cnn_stride=stride,
+                              agg_cnn_kernel_size=stride)
+    model = ByteLLM_GrugV3(config).eval()
+    patch_due, decode_step = [], model.decode_step
+    model.decode_step = lambda *args: patch_due.append(args[3]) or decode_step(*args)
+    bench.compile_seconds_of(Predictor(model, "cpu", config, compile="never"))
+    assert set(patch_due) == {True, False}
+
+
 def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "bench.json"

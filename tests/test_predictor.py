@@ -305,13 +305,20 @@ def rng_states():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
-    predictor = make_predictor(tmp_path, device=device)
-    for training in (True, False):
-        predictor.model.train(training)
+    """Generation runs in eval mode (no dropout: the same bytes whatever mode the model is
+    in) and leaves every module in the mode it found it in, and the global RNG alone."""
+    predictor = make_predictor(tmp_path, device=device, transformer_dropout=0.5)
+    model, texts = predictor.model, []
+    for modes in ("train", "eval", "mixed"):
+        model.train(modes == "train")
+        if modes == "mixed":  # the model in eval mode, one of its layers in train mode
+            model.byte_layers[0].train()
+        before = {name: module.training for name, module in model.named_modules()}
         rng_before = rng_states()
-        predictor.generate("abc", max_new_bytes=10, seed=None, **RANDOM)
+        texts.append(predictor.generate("abc", max_new_bytes=10, seed=3, **RANDOM))
         assert all(map(torch.equal, rng_states(), rng_before))
-        assert predictor.model.training is training
+        assert {name: module.training for name, module in model.named_modules()} == before
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_train_mode_is_restored_after_an_error(tmp_path):
