@@ -569,9 +569,8 @@ def first_call_seconds(predictor, prompt, new_bytes):
 def compile_seconds_of(predictor):
     """Seconds of a compiled predictor's first call, one that runs every program a long
     call needs: the parallel stream has one step with the patch stream and one without,
-    so its 64-byte prompt is followed by enough bytes to complete a patch. (With 2 bytes,
-    as before 2026-11-30, the patch stream's program was left to compile inside a timed
-    round of the context-64 row, and the figure was one program's compile.)"""
+    so its 64-byte prompt is followed by enough bytes to complete a patch (else that
+    program would compile inside a timed round)."""
     model = predictor.model
     return first_call_seconds(predictor, printable_prompt(64),
                               model.agg_stride + 1 if model.parallel else 2)

@@ -539,8 +539,8 @@ class ByteLLM_GrugV3(nn.Module):
         if patch_due is False:
             return cache.agg_state
         # The convolution over its one window, as the matrix-vector product it is (the same
-        # sum): compiled for the CPU, Conv1d ran as PyTorch's unfold-and-multiply (about
-        # 120 us a call), a product inductor writes as its own loop (CPU_STEP_INDUCTOR_OPTIONS).
+        # sum): compiled for the CPU, a Conv1d ran as PyTorch's unfold-and-multiply (about
+        # 120 us a call), where a product is compiled into the step's own loops.
         conv = self.aggregator_cnn
         patch = F.linear(window.transpose(1, 2).flatten(1), conv.weight.flatten(1),
                          conv.bias)[:, None]  # (B, 1, D_agg)

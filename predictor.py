@@ -34,11 +34,9 @@ EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a 
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
 # Compiling the decode step ahead of time took 34 s (single stream) and 63 s (parallel
 # stream, its two programs) on the 2-core CPU in bench.py's generation section, and paid
-# after 7,994 and 16,276 bytes at context 1024 (the tests' tiny model: 36 s for one
-# program, 69 s for the parallel stream's two). On an H200 (torch 2.11, CUDA graphs)
-# compiling took 19 s and paid after 3,700 bytes (single stream; the parallel stream's
-# figure there, like the CPU's before 2026-11-30, timed one of its two graphs). "auto"
-# compiles calls that make this many bytes per prompt, by device type (others: the CPU's).
+# after 7,994 and 16,276 bytes at context 1024. On an H200 (torch 2.11, CUDA graphs) the
+# single stream's took 19 s and paid after 3,700 bytes. "auto" compiles calls that make
+# this many bytes per prompt, by device type (others: the CPU's).
 COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default
@@ -338,22 +336,19 @@ def unguarded():
 
 # Device types whose compiled decode step is built by AOTInductor and called from its C++
 # runner rather than through torch.compile. On the 2-core CPU a call through torch.compile
-# spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around a
-# 0.3-0.4 ms step (before CPU_STEP_INDUCTOR_OPTIONS). One prompt at context 1024, in turns
-# in one process: 583-1,457 bytes/s through torch.compile, 1,243-2,103 through the
-# AOTInductor program's Python wrapper, and 1.13-1.42x that through its boxed_run. On a
-# GPU, CUDA graphs take that cost away.
+# spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around
+# the step. One prompt at context 1024, in turns in one process (then a 0.3-0.4 ms step):
+# 583-1,457 bytes/s through torch.compile, 1,243-2,103 through the AOTInductor program's
+# Python wrapper, and 1.13-1.42x that through its boxed_run. On a GPU, CUDA graphs take
+# that cost away.
 AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
 # Inductor's settings for the CPU's decode step (both compiled paths). For one stream each
-# layer's matrix is a matrix-vector product, for which the compiled step called MKL
-# through at::addmm_out (which copies the bias into the output first): 9 calls of about
-# 30 us (torch.profiler) in a single-stream step of 360 us. decompose_mm_pass writes
-# products of one row as inductor's own loops, fused with the operations around them (the
-# whole step became one kernel). Default model at context 1024, one prompt, medians of
-# 255 steps in each of three calls, one process each: 177-187 us a step against 359-366;
-# the parallel stream 262-281 / 543-586 us (steps without / with the patch stream)
-# against 430-465 / 947-1,029. Not for more rows: with 8 streams (cpu_max_first_dimension
-# raised to 8) steps took 3.3-3.7 ms against 3.0-3.3.
+# of a layer's matrices is a matrix-vector product, which the compiled step otherwise hands
+# to MKL through at::addmm_out (a call of about 30 us, with a copy of the bias into the
+# output first): decompose_mm_pass makes inductor write products of one row as its own
+# loops, fused with the operations around them. It halved the default model's step
+# (README, Performance). Not for more rows: for 8 streams it was slower. Products with a
+# side over 2,048 (inductor's CPU limit: a width over 512, say) still go to MKL.
 CPU_STEP_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
@@ -459,13 +454,14 @@ class Predictor:
             self.config, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         streams = [Stream(prompt_bytes(p), self.valid_utf8_only) for p in prompts]
-        # eval mode for the call, and each module's own mode back after it. Set directly:
-        # model.eval() and model.train() took about 1.4 ms a call between them (nn.Module's
-        # __setattr__ on every module), some 5 % of a 64-byte call at context 256.
+        # eval mode for the call, then each module's own mode back (a model in mixed modes
+        # comes back as it was). Only the modules in training mode are touched: on the
+        # default model, model.eval() and model.train() cost 539 us a call between them,
+        # this 69 us when the model is already in eval mode.
         training = [module for module in self.model.modules() if module.training]
-        for module in training:
-            module.training = False
         try:
+            for module in training:
+                module.training = False
             with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
                 if self.use_kv_cache:
                     self._decode_cached(streams, settings, on_text)
@@ -682,8 +678,9 @@ class Predictor:
                                              mode="reduce-overhead"))
         # other devices: MPS, and a CPU where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the
         # tests do); on a CPU, kernels called from C++
+        cpu_options = CPU_STEP_INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
         return torch.compile(own_copy(step), dynamic=False,
-                             options={"cpp_wrapper": True, **CPU_STEP_INDUCTOR_OPTIONS})
+                             options={"cpp_wrapper": True, **cpu_options})
 
     def _fall_back_if_compiling_fails(self, eager_step):
         """The compiled step, falling back to eager decoding (with a warning) where the

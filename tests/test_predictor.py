@@ -323,13 +323,41 @@ def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
 
 def test_train_mode_is_restored_after_an_error(tmp_path):
     predictor = make_predictor(tmp_path)
-    predictor.model.train()
+    model = predictor.model
+    model.train()
+    model.byte_layers[0].eval()  # mixed modes come back as they were too
+    before = {name: module.training for name, module in model.named_modules()}
 
     def fail(piece):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         predictor.generate("abc", max_new_bytes=10, temperature=0, on_text=fail)
-    assert predictor.model.training
+    assert {name: module.training for name, module in model.named_modules()} == before
+    assert model.training and not model.byte_layers[0].training
+
+
+def test_the_cpu_step_options_make_inductor_write_one_row_products_itself():
+    """CPU_STEP_INDUCTOR_OPTIONS, given to inductor, turn a product of one row and a
+    matrix (a layer of one stream's decoding step) into inductor's own loops rather than
+    a call to MKL, and leave a product of 8 rows to MKL. (A later torch that renamed
+    the pass would leave every product to MKL, silently and twice as slowly.)"""
+    import torch._dynamo
+    import torch._dynamo.utils
+    import torch._inductor.config
+
+    import predictor as predictor_module
+    layer = torch.nn.Linear(64, 96)
+    decomposed = {}
+    for rows in (1, 8):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(layer, dynamic=False,
+                                 options=predictor_module.CPU_STEP_INDUCTOR_OPTIONS)
+        x = torch.randn(rows, 64)
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+            assert torch.allclose(compiled(x), layer(x), atol=1e-5)
+        decomposed[rows] = torch._dynamo.utils.counters["inductor"]["decompose_addmm"]
+    assert decomposed[1] > 0 and decomposed[8] == 0
 
 
 # --- interactive loop ------------------------------------------------------------------
