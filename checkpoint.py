@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from utils import UserError, atomic_output, process_is_running
+from utils import UserError, atomic_output, error_summary, process_is_running
 
 try:
     import fcntl  # POSIX: the lock dies with its process, whatever kills it
@@ -83,9 +83,8 @@ def load_checkpoint(path, required=("format_version", "model_state")):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated/corrupt files
-        first_line = str(error).splitlines()[0] if str(error) else ""
         raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                        f"not a PyTorch file ({type(error).__name__}: {first_line})") from None
+                        f"not a PyTorch file ({error_summary(error)})") from None
     if not isinstance(state, dict) or "format_version" not in state or "model_state" not in state:
         raise UserError(f"{path} is a PyTorch file but not a GrugV3 checkpoint")
     if state["format_version"] > FORMAT_VERSION:

@@ -340,7 +340,8 @@ def bits_per_byte(nats):
 
 
 def error_summary(error):
-    """"Type: first line of the message", for a one-line warning about a failed compile."""
+    """"Type: first line of the message", for a one-line message about an error (a failed
+    compile, an unreadable checkpoint)."""
     message = str(error).strip()
     return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
 

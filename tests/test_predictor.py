@@ -297,6 +297,11 @@ def test_config_seed_is_the_default(tmp_path):
     assert predictor.generate("a", **RANDOM) == predictor.generate("a", seed=5, **RANDOM)
 
 
+def module_modes(model):
+    """Each module's train/eval mode, by name."""
+    return {name: module.training for name, module in model.named_modules()}
+
+
 def rng_states():
     """The global RNG states sampling must leave alone: the CPU's and each GPU's."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -313,11 +318,11 @@ def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
         model.train(modes == "train")
         if modes == "mixed":  # the model in eval mode, one of its layers in train mode
             model.byte_layers[0].train()
-        before = {name: module.training for name, module in model.named_modules()}
+        before = module_modes(model)
         rng_before = rng_states()
         texts.append(predictor.generate("abc", max_new_bytes=10, seed=3, **RANDOM))
         assert all(map(torch.equal, rng_states(), rng_before))
-        assert {name: module.training for name, module in model.named_modules()} == before
+        assert module_modes(model) == before
     assert texts[0] == texts[1] == texts[2]
 
 
@@ -326,13 +331,13 @@ def test_train_mode_is_restored_after_an_error(tmp_path):
     model = predictor.model
     model.train()
     model.byte_layers[0].eval()  # mixed modes come back as they were too
-    before = {name: module.training for name, module in model.named_modules()}
+    before = module_modes(model)
 
     def fail(piece):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         predictor.generate("abc", max_new_bytes=10, temperature=0, on_text=fail)
-    assert {name: module.training for name, module in model.named_modules()} == before
+    assert module_modes(model) == before
     assert model.training and not model.byte_layers[0].training
 
 
