@@ -17,7 +17,12 @@ import sys
 
 import torch
 
-import config as config_module
+import utils
+
+if utils.torch_problem():  # checked before the modules that need a newer torch load
+    sys.exit(f"error: {utils.torch_problem()}")
+
+import config as config_module  # noqa: E402 (after the torch check)
 from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, checkpoint_path,
                         load_checkpoint, path_to_generate_from, resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
@@ -141,7 +146,7 @@ def build_training(config, data, device, with_samples=False):
 
 
 def print_header(config, device, data, trainer, context):
-    amp = resolve_amp_dtype(config, device)
+    amp = trainer.amp_dtype  # decided once for the run, by rank 0
     kind = "parallel-stream" if config["use_parallel_stream_model"] else "single-stream"
     ranks = f", {context.world_size} ranks" if context.world_size > 1 else ""
     precision = "fp32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"

@@ -25,8 +25,9 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
                         save_checkpoint, unwrap_model)
 from dataset import BatchOrder
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
-from utils import (UserError, agree_across_ranks, atomic_output, autocast_context, bits_per_byte,
-                   bf16_matmul_is_fast, error_summary, resolve_amp_dtype)
+from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
+                   autocast_context, bits_per_byte, cpu_has_bf16_units, error_summary,
+                   precision_name, run_precision)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
@@ -146,11 +147,12 @@ class LearningRateSchedule:
 # ---------------------------------------------------------------------------
 # Building blocks of the Trainer
 
-def build_optimizers(model, config):
+def build_optimizers(model, config, amp_dtype=None):
     """[AdamW (or Adam)] with weight decay on matrices only; with "Muon", [AdamW, Muon]:
     Muon takes the transformer layers' matrices (model.hidden_matrices()) and AdamW the
     rest. Each parameter group carries `lr_ratio`, its peak rate over learning_rate, so
-    one schedule drives them all."""
+    one schedule drives them all. Muon orthogonalizes in bf16 when the run trains under
+    bf16 autocast (`amp_dtype`), else in fp32: one precision decision per run."""
     muon = config["optimizer_type"] == "Muon"
     hidden = list(model.hidden_matrices()) if muon else []
     taken = {id(p) for p in hidden}
@@ -170,20 +172,19 @@ def build_optimizers(model, config):
         optimizers = [adam_class(groups, foreach=True, **options)]
     if muon:
         ratio = config["muon_learning_rate"] / config["learning_rate"]
-        on_cpu = hidden[0].device.type == "cpu"
         optimizers.append(Muon([{"params": hidden, "lr_ratio": ratio}],
-                               orthogonalize_in_bf16=not on_cpu or bf16_matmul_is_fast("cpu"),
+                               orthogonalize_in_bf16=amp_dtype == torch.bfloat16,
                                lr=config["muon_learning_rate"],
                                momentum=config["muon_momentum"], weight_decay=0.0))
     return optimizers
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon, except where bf16 matrix products are slow (CPUs without bf16
-    units): torch orthogonalizes every update in bf16, which there costs ten times the
-    rest of a training step. This step runs the same algorithm (Nesterov momentum,
-    Newton-Schulz with torch's coefficients, the "original" rate adjustment, decoupled
-    decay) in the parameters' dtype instead."""
+    """torch.optim.Muon, which orthogonalizes every update in bf16, or, for runs in fp32,
+    the same algorithm (Nesterov momentum, Newton-Schulz with torch's coefficients, the
+    "original" rate adjustment, decoupled decay) in the parameters' dtype. fp32 runs need
+    it twice over: on CPUs without bf16 units bf16 products cost many times the rest of a
+    training step, and an fp32 run should not depend on how bf16 rounds."""
 
     def __init__(self, params, orthogonalize_in_bf16, **options):
         super().__init__(params, adjust_lr_fn="original", **options)
@@ -512,7 +513,7 @@ class Trainer:
         self.is_main = self.rank == 0
 
         self.raw_model = unwrap_model(model)
-        self.amp_dtype = resolve_amp_dtype(config, device)
+        self.amp_dtype = run_precision(config, device)
         self.model = model
         if config["use_torch_compile"]:
             self.model = compile_or_fall_back(model, self._probe_step, self._log)
@@ -520,7 +521,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.optimizers = build_optimizers(self.raw_model, config)
+        self.optimizers = build_optimizers(self.raw_model, config, self.amp_dtype)
 
         self.order = BatchOrder(len(train_dataset), config["batch_size"],
                                 config["gradient_accumulation_steps"], config["seed"],
@@ -572,6 +573,7 @@ class Trainer:
             "elapsed_seconds": self.elapsed_seconds(),
             "rng_states": capture_rng_states(),
             "config": dict(self.config),
+            "precision": precision_name(self.amp_dtype),
         }
 
     def save(self, kind, final=False):
@@ -606,6 +608,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"checkpoint {path} does not fit this model: {error}") from None
         self.schedule.load_state_dict(state["scheduler_state"])
+        self._keep_recorded_precision(state.get("precision"), path)
         if state["scaler_state"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler_state"])
         self.step, self.resumed = state["step"], True
@@ -617,6 +620,33 @@ class Trainer:
         restore_rng_states(state["rng_states"])
         self._log(f"resumed from {path}: step {self.step}, epoch {self.order.epoch + 1}, "
                   f"best validation loss {self.best_val_loss:.4f}")
+
+    def _keep_recorded_precision(self, recorded, path):
+        """amp_dtype="auto" decides once per run: a resumed run keeps the precision its
+        checkpoint records, whatever this machine would pick, so it continues exactly.
+        A precision set explicitly wins, and is then said to break exactness."""
+        if recorded is None or recorded == precision_name(self.amp_dtype):
+            return  # a checkpoint from before precision was recorded: nothing to keep
+        c = self.config
+        if c["use_amp"] and c["amp_dtype"] == "auto":
+            self._set_precision(PRECISION_DTYPES[recorded])
+            slow = (self.device.type == "cpu" and recorded == "bfloat16"
+                    and not cpu_has_bf16_units())
+            self._log(f"precision: {recorded}, as recorded in {path} (amp_dtype=\"auto\" "
+                      f"is decided once per run)" + (
+                          "; this CPU has no bf16 units, so steps will be much slower: "
+                          "--use_amp=False continues in fp32, but not exactly" if slow else ""))
+        else:
+            self._log(f"warning: {path} was trained in {recorded}; this run continues in "
+                      f"{precision_name(self.amp_dtype)} (use_amp/amp_dtype), so it is not "
+                      f"an exact resume")
+
+    def _set_precision(self, amp_dtype):
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        for optimizer in self.optimizers:
+            if isinstance(optimizer, Muon):
+                optimizer.orthogonalize_in_bf16 = amp_dtype == torch.bfloat16
 
     # -- evaluation ------------------------------------------------------------
 

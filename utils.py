@@ -15,9 +15,9 @@ import functools
 import math
 import os
 import random
+import re
 import socket
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -248,6 +248,47 @@ def config_comments(config_module_path, names):
 # ---------------------------------------------------------------------------
 # Runtime
 
+# The oldest torch release the project runs on, and what each newer-than-2.0 API it uses
+# needs (README lists them for users). Checked once at start-up by main.py, so an
+# old torch is a message that names both versions, not an AttributeError at import.
+TORCH_FLOOR = (2, 9)
+TORCH_FEATURES = (
+    ("torch.optim.Muon", "2.9", "the Muon optimizer (optimizer_type=\"Muon\")"),
+    ("torch.nn.utils.get_total_norm", "2.6", "the gradient norm"),
+    ("torch.compiler.set_stance", "2.6", "compiled generation"),
+)  # also torch._inductor.aoti_compile_and_package (2.6): not looked up here, since that
+# import alone takes seconds; the floor covers it.
+
+
+def torch_problem(version=None):
+    """Why the installed torch (or `version`, a string such as "2.4.1+cpu") cannot run
+    the project, or None."""
+    version = str(torch.__version__ if version is None else version)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    floor = ".".join(map(str, TORCH_FLOOR))
+    if found < TORCH_FLOOR:
+        return (f"GrugV3 needs torch {floor} or newer (requirements.txt); this is torch "
+                f"{version}. Upgrade it: python3 -m pip install -r requirements.txt")
+    missing = [f"{path} ({purpose}, torch {release}+)" for path, release, purpose
+               in TORCH_FEATURES if not _has_attribute_path(path)]
+    if missing:
+        return (f"this torch {version} lacks what GrugV3 uses: {'; '.join(missing)}. "
+                f"Install a full torch {floor} or newer: python3 -m pip install -r "
+                f"requirements.txt")
+    return None
+
+
+def _has_attribute_path(path):
+    """Whether `path`, such as "torch.optim.Muon", names something in imported modules."""
+    value = torch
+    for name in path.split(".")[1:]:
+        value = getattr(value, name, None)
+        if value is None:
+            return False
+    return True
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -288,37 +329,55 @@ def resolve_device(name):
 
 
 def resolve_amp_dtype(config, device):
-    """The autocast dtype for this run, or None when AMP is off (fp32). "auto": bf16 on
-    GPUs that have it (else fp16) and on CPUs where it is faster than fp32; fp32 on CPUs
-    without bf16 units (AVX2-only x86, most laptops), where bf16 is several times slower."""
+    """The autocast dtype the config asks for on this machine, or None when AMP is off
+    (fp32). "auto": bf16 on GPUs that have it (else fp16), and on CPUs with bf16 units;
+    fp32 on other CPUs (AVX2-only x86, most laptops), where bf16 is far slower. Decided
+    from what the hardware is, never from a timing, so every process on one machine
+    decides alike; a training run takes rank 0's choice (run_precision)."""
     if not config["use_amp"]:
         return None
     choice = config["amp_dtype"]
     if choice == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16 if bf16_matmul_is_fast(device.type) else None
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_bf16_units() else None
+        return torch.bfloat16  # MPS
+    return PRECISION_DTYPES[choice]
+
+
+# The names a run's precision is printed and recorded by; None = fp32, no autocast.
+PRECISION_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def precision_name(dtype):
+    return next(name for name, known in PRECISION_DTYPES.items() if known == dtype)
+
+
+def run_precision(config, device):
+    """The autocast dtype of a training run: rank 0's resolve_amp_dtype, taken by every
+    rank, so the replicas of a data-parallel job compute alike even on unlike machines."""
+    names = list(PRECISION_DTYPES)
+    mine = names.index(precision_name(resolve_amp_dtype(config, device)))
+    return PRECISION_DTYPES[names[int(agree_across_ranks([mine], "first", device)[0])]]
+
+
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=None)
-def bf16_matmul_is_fast(device_type):
-    """Whether bf16 matrix products beat fp32 on this machine. On a CPU it is measured
-    once (about 0.1 s): instruction-set flags differ by vendor and platform, a timing
-    does not, and the gap it looks for is large (2x faster with AVX-512 BF16 or AMX,
-    about 10x slower with AVX2 alone)."""
-    if device_type != "cpu":
-        return True  # GPUs: bf16 support is checked by the caller
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-
-    def seconds(dtype):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm-up
-        began = time.perf_counter()
-        for _ in range(8):
-            x @ y
-        return time.perf_counter() - began
-    return seconds(torch.bfloat16) < 0.8 * seconds(torch.float32)
+def cpu_has_bf16_units(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU has bf16 matrix instructions (x86: AVX-512 BF16 or AMX), read from
+    the flags the kernel reports. Not timed: a timing in a fresh process measured its cold
+    start and the machine's load as much as the CPU, and gave different answers in two
+    processes of one run. Other platforms answer False (fp32); amp_dtype="bfloat16"
+    forces bf16 anywhere."""
+    with contextlib.suppress(OSError):
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return bool(BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    return False
 
 
 def autocast_context(device, dtype):
