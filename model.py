@@ -18,33 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import RULES
+from config import LEGACY_ARCHITECTURE, RULES, keys_with  # noqa: F401 (main.py imports it here)
 from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, CNNFrontend,
                               HashedNgramEmbedding, apply_rotation)
 from utils import config_problems
 
-# Config keys that change the parameters' shapes or the math of forward. Checkpoints
-# only fit a model built with the same values.
-ARCHITECTURE_KEYS = (
-    "vocab_size", "sequence_length", "embedding_dim",
-    "use_cnn_frontend", "cnn_out_channels_list", "cnn_kernel_sizes", "cnn_activation",
-    "cnn_use_layernorm",
-    "positional_encoding_type", "max_positional_encoding_len",
-    "attention_d_model", "attention_num_heads", "ffn_dim_multiply", "transformer_norm_first",
-    "num_attention_layers",
-    "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
-    "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
-    "norm_type", "qk_norm", "ffn_activation", "logit_softcap", "parallel_fusion",
-    "ngram_orders", "ngram_buckets",
-)
-# What a checkpoint saved before a key existed meant by it (its math back then).
-LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
-                       "logit_softcap": 0.0, "parallel_fusion": "concat_output",
-                       "ngram_orders": [], "ngram_buckets": 8192}
-# Every config key the model reads.
-MODEL_KEYS = ARCHITECTURE_KEYS + (
-    "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective",
-    "zero_init_output_projections")
+# The config keys the model reads, and those that change the parameters' shapes or the
+# math of forward (checkpoints only fit a model built with the same values): KEY_ROLES.
+MODEL_KEYS = keys_with("model")
+ARCHITECTURE_KEYS = keys_with("architecture")
 
 
 # ---------------------------------------------------------------------------
