@@ -15,13 +15,18 @@ Sections (--only):
 Every comparison is measured side by side in the same run (interleaved, medians of
 repeats) and reported as a ratio beside the absolute figures. stdout carries the report
 (tables, then a TARGETS summary); progress goes to stderr. MB = 10^6 bytes.
+
+The file reads in parts: what every section shares (the scales, the targets, the
+references and designs compared), the timing harness every section measures with, one
+part per section (each ends in its bench_<section>(...) -> (result, targets)), then the
+report and the command line. Every section runs from a plain copy of these files (no
+git history needed).
 """
 
 import argparse
 import contextlib
 import datetime
 import gc
-import io
 import json
 import math
 import operator
@@ -32,9 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,7 +48,7 @@ from config import CONFIG_V3
 from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources
 from evaluate import evenly_spread, score_windows
 from main import build_training, check_config
-from model import ByteLLM_GrugV3, count_parameters, estimate_flops_per_byte
+from model import ByteLLM_GrugV3, count_parameters
 from predictor import Predictor
 from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
                    seed_everything, synchronize)
@@ -54,6 +57,27 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 SECTIONS = ("training", "quality", "generation", "data")
 MB = 10**6
+
+
+# =============================================================================
+# Shared by the sections: how much work each does, the targets they check, nanoGPT's
+# reference figures, and the parallel-stream designs (trained by quality, timed by
+# generation).
+# =============================================================================
+
+
+# How much work each section does. Quick mode only checks that everything runs.
+SCALES = {
+    "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
+                 matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
+                 gen_max_new_bytes=256, gen_rounds=3, gen_compile=True,
+                 data_bytes=200 * MB, data_rounds=3),
+    "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
+                  matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
+                  gen_max_new_bytes=4, gen_rounds=1, gen_compile=False,
+                  data_bytes=20 * MB, data_rounds=1),
+}
+
 
 # nanoGPT's CPU recipe for tiny Shakespeare (block 64, batch 12, 4 layers, 4 heads,
 # width 128, no dropout), run on the project's 2-core reference machine.
@@ -71,33 +95,18 @@ NANOGPT = {"ms_per_step": 45.0, "bytes_per_s": 17_000, "steps": 2000, "seconds":
            "val_bpb": 2.72,
            "sample_bytes_per_s": 530}  # its sample.py on that shape (the issue's figure)
 
-# The recipe config.py's defaults held before the modern one (issue 10), as overrides of
-# the defaults: where the ablation of the quality section starts. On a CPU with fast bf16
-# it trained in bf16 (amp "auto" still picks that there).
-SEED_RECIPE = {
-    "optimizer_type": "AdamW", "learning_rate": 3e-3, "lr_scheduler_eta_min": 1e-4,
-    "scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 50,
-    "positional_encoding_type": "sinusoidal", "norm_type": "layernorm", "qk_norm": False,
-    "ffn_activation": "gelu", "zero_init_output_projections": False, "logit_softcap": 0.0,
-    "embedding_dim": 160, "attention_d_model": 160, "attention_num_heads": 4,
-    "num_attention_layers": 2, "batch_size": 16, "sequence_length": 64, "data_stride": 1,
-    "ngram_orders": [],
+
+TARGETS = {  # (comparison, threshold) for each target of the issue
+    "quality_bpb": ("<=", 2.25),
+    "train_bf16_vs_fp32": (">", 1.0),
+    "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
+    "kv_cache_speedup_1024": (">=", 10.0),
+    "compiled_vs_eager_1024": (">=", 5.0),
+    "batch_of_8_vs_one": (">=", 4.0),
+    "data_mb_per_s": (">=", 100.0),
+    "data_peak_mb": ("<", 300.0),
 }
-# Each change tried on the seed recipe, alone: (overrides, adopted into config.py). The
-# seed recipe with every adopted change is config.py's defaults (tests/test_bench.py).
-RECIPE_CHANGES = {
-    "Muon for the layer matrices": ({"optimizer_type": "Muon"}, True),
-    "rotary positions": ({"positional_encoding_type": "rotary"}, True),
-    "QK-norm": ({"qk_norm": True}, True),
-    "windows every 64 bytes, not every byte": ({"data_stride": 64}, True),
-    "hashed 2- to 6-byte embeddings": ({"ngram_orders": [2, 3, 4, 5, 6]}, True),
-    "wsd schedule": ({"scheduler_type": "wsd"}, False),
-    "zero-init output projections": ({"zero_init_output_projections": True}, False),
-    "RMSNorm": ({"norm_type": "rmsnorm"}, False),
-    "ReLU²": ({"ffn_activation": "relu2"}, False),
-    "SwiGLU": ({"ffn_activation": "swiglu"}, False),
-    "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
-}
+
 
 # The parallel-stream designs tried beside the single stream (--parallel-designs), as
 # overrides of config.py's defaults; the defaults' parallel keys are the seed's design
@@ -120,56 +129,19 @@ PARALLEL_DESIGNS = {
     "1 byte layer + 2 patch layers of 256, patches of 8, input":
         parallel_design("add_input", 1, 2, 256, 8),
 }
-# Longer windows with the bytes per step held equal (64 x 16): single vs parallel stream.
-LONG_WINDOWS = {256: 4, 1024: 1}  # window -> batch_size
-PARALLEL_GAIN_BPB = 0.03  # the parallel stream must beat the single stream by this much
 
-TARGETS = {  # (comparison, threshold) for each target of the issue
-    "quality_bpb": ("<=", 2.25),
-    "train_bf16_vs_fp32": (">", 1.0),
-    "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
-    "kv_cache_speedup_1024": (">=", 10.0),
-    "compiled_vs_eager_1024": (">=", 5.0),
-    "cached_vs_seed_path_1024": (">=", 5.0),
-    "batch_of_8_vs_one": (">=", 4.0),
-    "data_mb_per_s": (">=", 100.0),
-    "data_peak_mb": ("<", 300.0),
-}
 
-# How much work each section does. Quick mode only checks that everything runs.
-SCALES = {
-    "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
-                 matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
-                 gen_max_new_bytes=256, gen_rounds=3, gen_compile=True, gen_seed_path=True,
-                 data_bytes=200 * MB, data_rounds=3),
-    "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
-                  matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
-                  gen_max_new_bytes=4, gen_rounds=1, gen_compile=False, gen_seed_path=False,
-                  data_bytes=20 * MB, data_rounds=1),
-}
-GENERATION_CONTEXTS = (64, 256, 1024)
-GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
-    "single-stream": {"use_parallel_stream_model": False},
-    "parallel-stream": {"use_parallel_stream_model": True},
-}
-# Every other parallel design is also timed without the cache, eagerly and compiled
-# (issue 11's 10x); the one config.py's parallel keys already give is "parallel-stream" above.
-PARALLEL_GENERATION_DESIGNS = {
-    f"parallel: {name}": {**PARALLEL_BASE, **overrides}
-    for name, overrides in PARALLEL_DESIGNS.items()
-    if any(CONFIG_V3[key] != value for key, value in {**PARALLEL_BASE, **overrides}.items()
-           if key != "use_parallel_stream_model")}
-ARCHITECTURES = {"single-stream": False, "parallel-stream": True}  # -> use_parallel_stream_model
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # -> autocast dtype
-DATA_FILES = 8  # files of the generated corpus of the data section
+# =============================================================================
+# The timing harness: every section measures through it
+# Measures are zero-argument functions; side_by_side runs them in turn, round after
+# round, and keeps medians, so drift on a shared machine hits every variant alike.
+# Results become comparisons (a / b) and targets (pass/fail with a margin).
+# =============================================================================
 
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
 
-
-# ---------------------------------------------------------------------------
-# Pure helpers: statistics, ratios, targets, tables
 
 def medians(samples):
     """{name: median_result of its results} of {name: [results]}."""
@@ -209,52 +181,6 @@ def check_target(name, measured, op, threshold, unit=""):
             "unit": unit, "passed": bool(passed), "margin": margin}
 
 
-def format_cell(value):
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "PASS" if value else "FAIL"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
-    return str(value)
-
-
-def format_table(rows, title=None):
-    """Dicts with the same keys -> an aligned plain-text table (numbers right-aligned)."""
-    headers = list(rows[0])
-    cells = [[format_cell(row[h]) for h in headers] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[h], (int, float)) or row[h] is None for row in rows)
-               for h in headers]
-
-    def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    lines = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])]
-    return "\n".join(lines + [line(r) for r in cells])
-
-
-def peak_rss_bytes():
-    """Peak resident memory of this process. On Linux VmHWM: ru_maxrss would also count
-    the parent's peak, which Linux carries over through fork and exec."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
-    import resource  # Unix only
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, else KiB
-
-
-# ---------------------------------------------------------------------------
-# Measuring side by side
-
 def side_by_side(measures, rounds, block=1, warmup=0):
     """{name: median result} of zero-argument measures, run in turn: every round runs each
     measure `block` times in a row, so drift on a noisy machine hits them all alike."""
@@ -276,9 +202,9 @@ def side_by_side_samples(measures, rounds, block=1, warmup=0):
 def seconds_of(work, device):
     """A measure: the wall-clock seconds of one call of `work()`, device work included,
     with Python's garbage collector paused as timeit pauses it. This process holds every
-    model and compiled graph of its section: a full collection of them took up to 0.83 s
-    in one run of the generation section (with the test suite running beside it), and
-    one landing in a 0.25 s timing says nothing about the code being timed."""
+    model and compiled graph of its section: a full collection of them can take longer
+    than a short timing itself, and one landing in a timing says nothing about the code
+    being timed."""
     def measure():
         with gc_paused():
             synchronize(device)
@@ -306,8 +232,58 @@ def model_config(**overrides):
     return check_config({**CONFIG_V3, **overrides})
 
 
-# ---------------------------------------------------------------------------
-# 1. Training throughput
+# =============================================================================
+# Section: training (--only training)
+# ms per optimizer step of nanoGPT's shape with config.py's recipe, the Trainer's own
+# step, single/parallel stream x fp32/bf16; model FLOP utilisation against a matmul
+# peak timed in the same run.
+# =============================================================================
+
+
+ARCHITECTURES = {"single-stream": False, "parallel-stream": True}  # -> use_parallel_stream_model
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # -> autocast dtype
+
+
+def estimate_flops_per_byte(config):
+    """Training FLOPs (forward + backward) per byte at the full window T = sequence_length:
+
+        6 * M + 6 * L * T * d    (+ 6 * L_agg * (T/s) * d_agg / s in the parallel model)
+
+    M counts the weights of every matrix multiply one byte goes through (frontend convs,
+    projection, qkv/out/FFN of each layer, the patch-to-byte projection, fc_out; embedding
+    lookups and norms excluded):
+    2 FLOPs per weight forward, 4 backward. The attention term: scores and weighted values
+    are 2 matmuls of 2 FLOPs per key and channel, over T/2 keys on average (causal), times 3
+    for forward + backward. In the parallel model the aggregator conv and the patch stream
+    run once per s bytes over T/s patches, so their terms are divided by s."""
+    c = config
+    d, ffn, V = c["attention_d_model"], c["ffn_dim_multiply"], c["vocab_size"]
+    T = c["sequence_length"]
+
+    def layer_weights(width):
+        return (4 + 2 * ffn) * width * width  # qkv 3w², out w², FFN 2·ffn·w²
+
+    matmul, front = 0, c["embedding_dim"]
+    if c["use_cnn_frontend"]:
+        for out_channels, kernel in zip(c["cnn_out_channels_list"], c["cnn_kernel_sizes"]):
+            matmul += kernel * front * out_channels
+            front = out_channels
+    if front != d:
+        matmul += front * d
+    if not c["use_parallel_stream_model"]:
+        layers = c["num_attention_layers"]
+        matmul += layers * layer_weights(d) + d * V
+        attention = layers * T * d
+    else:
+        agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
+        agg_layers = c["num_agg_stream_layers"]
+        concat = c["parallel_fusion"] == "concat_output"
+        # Concatenated states widen the output head; added ones pass a projection first.
+        matmul += byte_layers * layer_weights(d) + ((d + agg) * V if concat else agg * d + d * V)
+        matmul += (c["agg_cnn_kernel_size"] * front * agg + agg_layers * layer_weights(agg)) / s
+        attention = byte_layers * T * d + agg_layers * (T / s) * agg / s
+    return 6 * matmul + 6 * attention
+
 
 def matmul_peak(device, size, rounds):
     """{precision: FLOP/s} of a square matmul, the median of `rounds` timings."""
@@ -373,8 +349,47 @@ def bench_training(device, scale):
     return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul}, targets
 
 
-# ---------------------------------------------------------------------------
-# 2. Quality in a fixed time
+# =============================================================================
+# Section: quality (--only quality)
+# Validation bits per byte after a fixed wall-clock training budget: config.py's
+# recipe and its variants, the seed recipe and (--quality-ablation) each change to
+# it alone, and (--parallel-designs) the parallel-stream designs and longer windows.
+# =============================================================================
+
+
+# The recipe config.py's defaults held before the modern one (issue 10), as overrides of
+# the defaults: where the ablation of the quality section starts. On a CPU with fast bf16
+# it trained in bf16 (amp "auto" still picks that there).
+SEED_RECIPE = {
+    "optimizer_type": "AdamW", "learning_rate": 3e-3, "lr_scheduler_eta_min": 1e-4,
+    "scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 50,
+    "positional_encoding_type": "sinusoidal", "norm_type": "layernorm", "qk_norm": False,
+    "ffn_activation": "gelu", "zero_init_output_projections": False, "logit_softcap": 0.0,
+    "embedding_dim": 160, "attention_d_model": 160, "attention_num_heads": 4,
+    "num_attention_layers": 2, "batch_size": 16, "sequence_length": 64, "data_stride": 1,
+    "ngram_orders": [],
+}
+# Each change tried on the seed recipe, alone: (overrides, adopted into config.py). The
+# seed recipe with every adopted change is config.py's defaults (tests/test_bench.py).
+RECIPE_CHANGES = {
+    "Muon for the layer matrices": ({"optimizer_type": "Muon"}, True),
+    "rotary positions": ({"positional_encoding_type": "rotary"}, True),
+    "QK-norm": ({"qk_norm": True}, True),
+    "windows every 64 bytes, not every byte": ({"data_stride": 64}, True),
+    "hashed 2- to 6-byte embeddings": ({"ngram_orders": [2, 3, 4, 5, 6]}, True),
+    "wsd schedule": ({"scheduler_type": "wsd"}, False),
+    "zero-init output projections": ({"zero_init_output_projections": True}, False),
+    "RMSNorm": ({"norm_type": "rmsnorm"}, False),
+    "ReLU²": ({"ffn_activation": "relu2"}, False),
+    "SwiGLU": ({"ffn_activation": "swiglu"}, False),
+    "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
+}
+
+
+# Longer windows with the bytes per step held equal (64 x 16): single vs parallel stream.
+LONG_WINDOWS = {256: 4, 1024: 1}  # window -> batch_size
+PARALLEL_GAIN_BPB = 0.03  # the parallel stream must beat the single stream by this much
+
 
 def prepare_corpus(path, workdir):
     """The corpus at `path` (a .txt file or a folder of them) as a uint8 array, processed
@@ -528,8 +543,27 @@ def quality_targets(by_variant, seconds):
                          single - PARALLEL_GAIN_BPB, "bits/byte")]
 
 
-# ---------------------------------------------------------------------------
-# 3. Generation speed
+# =============================================================================
+# Section: generation (--only generation)
+# Bytes/s of the Predictor without the KV cache, with it eagerly, streamed and
+# compiled, at growing contexts; 8 prompts at once, time to first byte, compile time
+# and when compiling pays, and nanoGPT's sample.py shape.
+# =============================================================================
+
+
+GENERATION_CONTEXTS = (64, 256, 1024)
+GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
+    "single-stream": {"use_parallel_stream_model": False},
+    "parallel-stream": {"use_parallel_stream_model": True},
+}
+# Every other parallel design is also timed without the cache, eagerly and compiled
+# (issue 11's 10x); the one config.py's parallel keys already give is "parallel-stream" above.
+PARALLEL_GENERATION_DESIGNS = {
+    f"parallel: {name}": {**PARALLEL_BASE, **overrides}
+    for name, overrides in PARALLEL_DESIGNS.items()
+    if any(CONFIG_V3[key] != value for key, value in {**PARALLEL_BASE, **overrides}.items()
+           if key != "use_parallel_stream_model")}
+
 
 GENERATION_SETTINGS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
 
@@ -596,8 +630,8 @@ def generation_designs(choice):
 def bench_generation(device, scale, designs):
     """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
     KV cache, with it eagerly (also streamed: one byte read back and printed per step, as
-    the seed's loop did), and compiled; then 8 prompts at once, time to first byte of a 1,000-byte
-    prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
+    an interactive user reads it), and compiled; then 8 prompts at once, time to first
+    byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
     are the models timed; those of GENERATION_DESIGNS get every figure."""
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
     compiled = "always" if scale["gen_compile"] else "never"
@@ -619,24 +653,12 @@ def bench_generation(device, scale, designs):
             batch = [printable_prompt(1024 - new_bytes[1024], seed) for seed in range(8)]
             measures[name, "batch of 8"] = (lambda p=paths["compiled"], q=batch:
                                             generation_speed(p, q, new_bytes[1024]))
-    seed_rows = []
-    with seed_path(device) if scale["gen_seed_path"] else contextlib.nullcontext() as seed:
-        if seed is not None:  # the seed's cached path takes its turn in every round
-            measures = right_after_ours(measures, {
-                ("seed", name, context): lambda n=name, c=context: seed(n, c, new_bytes[c])
-                for name in ARCHITECTURES for context in GENERATION_CONTEXTS})
-        log(f"generation: timing {len(measures)} settings")
-        samples = side_by_side_samples(measures, scale["gen_rounds"])
-        speed = medians(samples)
-        if seed is not None and not seed.stopped:
-            seed_rows = [{"model": name, "context": context,
-                          "cached_bytes_per_s": speed["seed", name, context]}
-                         for name in ARCHITECTURES for context in GENERATION_CONTEXTS]
+    log(f"generation: timing {len(measures)} settings")
+    speed = side_by_side(measures, scale["gen_rounds"])
     rows = [generation_row(name, context, new_bytes[context], speed)
             for name in designs for context in GENERATION_CONTEXTS]
     extra = generation_extras(device, scale, compile_seconds, speed)
-    extra["seed_path"] = versus_seed_path(rows, seed_rows, samples)
-    return {"rows": rows, **extra}, generation_targets(rows, extra["batches"], extra["seed_path"])
+    return {"rows": rows, **extra}, generation_targets(rows, extra["batches"])
 
 
 def cached_bytes_per_s(eager, compiled):
@@ -693,157 +715,7 @@ def break_even_bytes(compile_seconds, eager_bytes_per_s, compiled_bytes_per_s):
     return round(compile_seconds / saved_per_byte) if saved_per_byte > 0 else None
 
 
-SEED_COMMIT = "6c4571e"  # the commit issue 12 started from: its cached path is the baseline
-# Runs in a copy of the seed's tree: its models built as its bench built them, then one
-# timing of its cached path (its own measure_generation_speed) per request line.
-SEED_DRIVER = """
-import gc, json, sys, torch
-replies, sys.stdout = sys.stdout, sys.stderr  # nothing the seed's code prints is a reply
-import bench
-from model import ByteLLM_GrugV3
-from predictor import measure_generation_speed
-from utils import seed_everything
-device = torch.device(sys.argv[1])
-torch.set_num_threads(int(sys.argv[2]))
-models = {}
-for arch, parallel in bench.ARCHITECTURES.items():
-    config = bench.model_config(use_parallel_stream_model=parallel,
-                                sequence_length=max(bench.GENERATION_CONTEXTS))
-    seed_everything(config["seed"])
-    models[arch] = ByteLLM_GrugV3(config).to(device).eval(), config
-print(json.dumps(sorted(models)), file=replies, flush=True)
-for line in sys.stdin:
-    arch, context, new_bytes = json.loads(line)
-    model, config = models[arch]
-    gc.disable()  # as bench.py pauses it for ours (seconds_of)
-    speed = measure_generation_speed(model, context, new_bytes, True, config)
-    gc.enable()
-    print(json.dumps(speed), file=replies, flush=True)
-"""
-SEED_START_TIMEOUT_S = 600  # it starts in seconds (torch, two small models) ...
-SEED_REPLY_TIMEOUT_S = 600  # ... and times one setting in seconds: a child this slow is stuck
-
-
-def extract_seed(workdir):
-    """A copy of SEED_COMMIT's tree in workdir, from git history; False, with a log line,
-    where the history is not there."""
-    try:
-        archive = subprocess.run(["git", "-C", REPO, "archive", SEED_COMMIT],
-                                 capture_output=True, check=True).stdout
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(workdir, **safe)
-        return True
-    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as error:
-        log(f"generation: the seed's path cannot be run here ({error}); left out")
-        return False
-
-
-@contextlib.contextmanager
-def seed_path(device):
-    """The seed's cached path, kept runnable for the comparison: yields
-    measure(model, context, new_bytes) -> its bytes/s, timed by the seed's own code in a
-    child process that stays up, so that its timings take turns with ours in the rounds
-    of one side_by_side (NaN once the child has stopped: measure.stopped); or None, with
-    a log line, where the history is not there or the seed's code does not start."""
-    with tempfile.TemporaryDirectory(prefix="grug_bench_seed_") as workdir:
-        if not extract_seed(workdir):
-            yield None
-            return
-        with open(os.path.join(workdir, "stderr.txt"), "w+", encoding="utf-8") as errors:
-            child = subprocess.Popen(
-                [sys.executable, "-c", SEED_DRIVER, str(device), str(torch.get_num_threads())],
-                cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                text=True)
-
-            def child_errors():
-                errors.seek(0)
-                return errors.read()[-2000:]
-
-            def reply(request=None, timeout=SEED_START_TIMEOUT_S):
-                """The child's next reply (to `request`, if given), or None if it stopped
-                or took more than `timeout` seconds (then it is killed)."""
-                timer = threading.Timer(timeout, child.kill)
-                timer.start()
-                try:
-                    if request is not None:
-                        child.stdin.write(json.dumps(request) + "\n")
-                        child.stdin.flush()
-                    line = child.stdout.readline()
-                except BrokenPipeError:
-                    line = ""
-                finally:
-                    timer.cancel()
-                return json.loads(line) if line else None
-
-            def measure(model, context, new_bytes):
-                """The seed's bytes/s; NaN once its child has stopped (logged once)."""
-                if not measure.stopped:
-                    speed = reply([model, context, new_bytes], SEED_REPLY_TIMEOUT_S)
-                    if speed is not None:
-                        return speed
-                    measure.stopped = True
-                    log(f"generation: the seed's code stopped; its rows are left out:\n"
-                        f"{child_errors()}")
-                return math.nan
-            measure.stopped = False
-            try:
-                if reply() != sorted(ARCHITECTURES):
-                    log(f"generation: the seed's code did not start; left out:\n"
-                        f"{child_errors()}")
-                    yield None
-                else:
-                    yield measure
-            finally:
-                child.kill()
-                child.wait()
-                with contextlib.suppress(OSError):  # a request still buffered for a dead child
-                    child.stdin.close()
-                child.stdout.close()
-
-
-def right_after_ours(measures, seed_measures):
-    """`measures` with the seed's measure for each (model, context) placed right after the
-    last of ours for it, so that the two meet the same moment of a noisy machine (the
-    seed's measures that match none of ours come last)."""
-    ordered = {}
-    keys = list(measures)
-    for i, key in enumerate(keys):
-        ordered[key] = measures[key]
-        seed_key = ("seed",) + key[:2]
-        last_of_ours = i + 1 == len(keys) or keys[i + 1][:2] != key[:2]
-        if last_of_ours and seed_key in seed_measures:
-            ordered[seed_key] = seed_measures[seed_key]
-    return {**ordered, **seed_measures}  # a dict keeps the order of its first insertion
-
-
-def versus_seed_path(rows, seed_rows, samples=None):
-    """Ours (the faster of eager and compiled) beside the seed's cached path, per model and
-    context. With `samples` ({measure: [one result per round]}), also the spread of the
-    rounds' own ratios (ours over the seed's in the same round, measured one after the
-    other): the ratio of the medians is the figure the target reads. (Where eager and
-    compiled take turns at being faster, that ratio can fall outside the range.)"""
-    seed = {(row["model"], row["context"]): row["cached_bytes_per_s"] for row in seed_rows}
-    compared = []
-    for row in rows:
-        model, context = row["model"], row["context"]
-        old = seed.get((model, context))
-        if old is not None:
-            ours = cached_bytes_per_s(row["eager_bytes_per_s"], row["compiled_bytes_per_s"])
-            compared.append({"model": model, "context": context,
-                             "seed_cached_bytes_per_s": old, "ours_bytes_per_s": ours,
-                             "ours_vs_seed": ratio(ours, old)})
-            if samples is not None:
-                eager = samples[model, context, "eager"]
-                compiled = samples.get((model, context, "compiled"), [None] * len(eager))
-                per_round = sorted(cached_bytes_per_s(e, c) / s for e, c, s in
-                                   zip(eager, compiled, samples["seed", model, context]))
-                compared[-1]["rounds_ratio_range"] = (f"{per_round[0]:.2f}-"
-                                                      f"{per_round[-1]:.2f}")
-    return compared
-
-
-def generation_targets(rows, batches, seed_path=()):
+def generation_targets(rows, batches):
     op, threshold = TARGETS["kv_cache_speedup_1024"]
     targets = [check_target(f"KV cache speed-up at 1024, {row['model']}",
                             row["cached_vs_uncached"], op, threshold, "x")
@@ -855,15 +727,31 @@ def generation_targets(rows, batches, seed_path=()):
     op, threshold = TARGETS["batch_of_8_vs_one"]
     targets += [check_target(f"8 prompts vs one, total bytes/s, {batch['model']}",
                              batch["batch_vs_one"], op, threshold, "x") for batch in batches]
-    op, threshold = TARGETS["cached_vs_seed_path_1024"]
-    targets += [check_target(f"cached decoding vs the seed's path at 1024, {row['model']}",
-                             row["ours_vs_seed"], op, threshold, "x")
-                for row in seed_path if row["context"] == 1024]
     return targets
 
 
-# ---------------------------------------------------------------------------
-# 4. Data processing
+# =============================================================================
+# Section: data (--only data)
+# DataProcessor MB/s on a generated corpus, in a child process of its own so that its
+# peak memory can be set beside that of a process that only imported the same modules.
+# =============================================================================
+
+
+DATA_FILES = 8  # files of the generated corpus of the data section
+
+
+def peak_rss_bytes():
+    """Peak resident memory of this process. On Linux VmHWM: ru_maxrss would also count
+    the parent's peak, which Linux carries over through fork and exec."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    import resource  # Unix only
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, else KiB
+
 
 def write_generated_corpus(folder, total_bytes, files=DATA_FILES):
     """About `total_bytes` of generated text (with multi-byte UTF-8) in `files` files.
@@ -929,8 +817,40 @@ def bench_data(scale):
     return {"rows": [row]}, targets
 
 
-# ---------------------------------------------------------------------------
+# =============================================================================
 # Report
+# =============================================================================
+
+
+def format_cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "PASS" if value else "FAIL"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows, title=None):
+    """Dicts with the same keys -> an aligned plain-text table (numbers right-aligned)."""
+    headers = list(rows[0])
+    cells = [[format_cell(row[h]) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[h], (int, float)) or row[h] is None for row in rows)
+               for h in headers]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    lines = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])]
+    return "\n".join(lines + [line(r) for r in cells])
+
 
 def cpu_model():
     with contextlib.suppress(OSError):
@@ -967,8 +887,10 @@ def print_targets(targets, quick):
                          "result": t["passed"], "margin": t["margin"]} for t in targets]))
 
 
-# ---------------------------------------------------------------------------
+# =============================================================================
 # Command line
+# =============================================================================
+
 
 def section_list(text):
     names = [name.strip() for name in text.split(",") if name.strip()]

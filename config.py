@@ -309,3 +309,87 @@ RULES = {
     "use_torch_compile": flag(),
     "distributed_timeout_minutes": real(0, low_open=True),
 }
+
+
+# ---------------------------------------------------------------------------
+# Which parts of the program read each key beyond the config check: one declaration, from
+# which dataset.py, model.py and predictor.py derive their key lists, so a key is never in
+# one list and forgotten in another. A key not named in KEY_ROLES has none of these roles.
+# A new role: one line in ROLES, and its name added to the line of each key that has it.
+
+ROLES = {
+    "data": "DataProcessor reads it (dataset.DATA_KEYS)",
+    "model": "the model reads it (model.MODEL_KEYS)",
+    "architecture": "it sets the parameters' shapes or the math of forward, so a checkpoint "
+                    "fits only a model built with the same value (model.ARCHITECTURE_KEYS)",
+    "generate": "the default of Predictor.generate's argument named like it without "
+                "`generation_` (predictor.SETTING_KEYS)",
+}
+
+KEY_ROLES = {
+    # paths and data
+    "data_dir": ("data",),
+    "processed_data_dir": ("data",),
+    "generate_dummy_data_if_empty": ("data",),
+    "force_reprocess_data": ("data",),
+    "data_change_detection": ("data",),
+    "file_separator": ("data",),
+    "utf8_error_policy": ("data",),
+    "sequence_length": ("data", "model", "architecture"),
+    "val_split_ratio": ("data",),
+    "vocab_size": ("model", "architecture"),
+    # model
+    "embedding_dim": ("model", "architecture"),
+    "ngram_orders": ("model", "architecture"),
+    "ngram_buckets": ("model", "architecture"),
+    "use_cnn_frontend": ("model", "architecture"),
+    "cnn_out_channels_list": ("model", "architecture"),
+    "cnn_kernel_sizes": ("model", "architecture"),
+    "cnn_activation": ("model", "architecture"),
+    "cnn_dropout": ("model",),
+    "cnn_use_layernorm": ("model", "architecture"),
+    "positional_encoding_type": ("model", "architecture"),
+    "max_positional_encoding_len": ("model", "architecture"),
+    "pe_dropout": ("model",),
+    "attention_d_model": ("model", "architecture"),
+    "attention_num_heads": ("model", "architecture"),
+    "ffn_dim_multiply": ("model", "architecture"),
+    "transformer_dropout": ("model",),
+    "transformer_norm_first": ("model", "architecture"),
+    "norm_type": ("model", "architecture"),
+    "qk_norm": ("model", "architecture"),
+    "ffn_activation": ("model", "architecture"),
+    "zero_init_output_projections": ("model",),
+    "logit_softcap": ("model", "architecture"),
+    "output_dropout": ("model",),
+    "num_attention_layers": ("model", "architecture"),
+    "training_objective": ("model",),
+    # parallel stream
+    "use_parallel_stream_model": ("model", "architecture"),
+    "parallel_fusion": ("model", "architecture"),
+    "num_byte_stream_layers": ("model", "architecture"),
+    "num_agg_stream_layers": ("model", "architecture"),
+    "agg_cnn_kernel_size": ("model", "architecture"),
+    "agg_cnn_stride": ("model", "architecture"),
+    "agg_cnn_out_dim": ("model", "architecture"),
+    # generation
+    "generation_max_new_bytes": ("generate",),
+    "generation_temperature": ("generate",),
+    "generation_top_k": ("generate",),
+    "generation_top_p": ("generate",),
+    "generation_repetition_penalty": ("generate",),
+    "generation_seed": ("generate",),
+}
+
+# What a checkpoint saved before an architecture key existed meant by it (the math of its
+# day); the architecture keys not named here are as old as the checkpoints.
+LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
+                       "logit_softcap": 0.0, "parallel_fusion": "concat_output",
+                       "ngram_orders": [], "ngram_buckets": 8192}
+
+
+def keys_with(role):
+    """The config keys that have `role`, in config order."""
+    if role not in ROLES:
+        raise ValueError(f"no role {role!r}; the roles are {', '.join(ROLES)}")
+    return tuple(key for key in CONFIG_V3 if role in KEY_ROLES.get(key, ()))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from config import RULES
+from config import RULES, keys_with
 from utils import (TEMPORARY_PREFIX, ConfigError, UserError, atomic_output, config_problems,
                    remove_stale_temporaries)
 
@@ -37,10 +37,7 @@ MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
 FORMAT_VERSION = 2  # bump when the processing itself changes, so old caches get rebuilt
 BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x faster than 8 MB ones
-# The config keys DataProcessor reads.
-DATA_KEYS = ("data_dir", "processed_data_dir", "generate_dummy_data_if_empty",
-             "force_reprocess_data", "file_separator", "utf8_error_policy",
-             "data_change_detection", "sequence_length", "val_split_ratio")
+DATA_KEYS = keys_with("data")  # the config keys DataProcessor reads (config.KEY_ROLES)
 
 
 def _warn(message):

@@ -18,33 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import RULES
+from config import LEGACY_ARCHITECTURE, RULES, keys_with  # noqa: F401 (main.py imports it here)
 from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, CNNFrontend,
                               HashedNgramEmbedding, apply_rotation)
 from utils import config_problems
 
-# Config keys that change the parameters' shapes or the math of forward. Checkpoints
-# only fit a model built with the same values.
-ARCHITECTURE_KEYS = (
-    "vocab_size", "sequence_length", "embedding_dim",
-    "use_cnn_frontend", "cnn_out_channels_list", "cnn_kernel_sizes", "cnn_activation",
-    "cnn_use_layernorm",
-    "positional_encoding_type", "max_positional_encoding_len",
-    "attention_d_model", "attention_num_heads", "ffn_dim_multiply", "transformer_norm_first",
-    "num_attention_layers",
-    "use_parallel_stream_model", "num_byte_stream_layers", "num_agg_stream_layers",
-    "agg_cnn_kernel_size", "agg_cnn_stride", "agg_cnn_out_dim",
-    "norm_type", "qk_norm", "ffn_activation", "logit_softcap", "parallel_fusion",
-    "ngram_orders", "ngram_buckets",
-)
-# What a checkpoint saved before a key existed meant by it (its math back then).
-LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
-                       "logit_softcap": 0.0, "parallel_fusion": "concat_output",
-                       "ngram_orders": [], "ngram_buckets": 8192}
-# Every config key the model reads.
-MODEL_KEYS = ARCHITECTURE_KEYS + (
-    "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout", "training_objective",
-    "zero_init_output_projections")
+# The config keys the model reads, and those that change the parameters' shapes or the
+# math of forward (checkpoints only fit a model built with the same values): KEY_ROLES.
+MODEL_KEYS = keys_with("model")
+ARCHITECTURE_KEYS = keys_with("architecture")
 
 
 # ---------------------------------------------------------------------------
@@ -362,14 +344,17 @@ def positional_encoding(config, width):
     return encoding(*arguments)
 
 
-def rotation_of(encoding, length, offset):
-    """The (cos, sin) rotary angles of positions offset .. offset+length-1, or None."""
-    return encoding.rotation(length, offset) if encoding.rotates_attention else None
-
-
-def rotation_at(encoding, positions):
-    """The (cos, sin) rotary angles of one position per stream (B,), or None."""
-    return encoding.rotation_at(positions) if encoding.rotates_attention else None
+def placed(encoding, x, start, positions=None):
+    """x (B, T, C) with its positions encoded, and the (cos, sin) rotary angles attention
+    needs (None for encodings that add to x). positions None: x holds positions start ..
+    start+T-1; positions (B,): one input per stream (T = 1), each at its own position,
+    read from the stored tables only (what a compiled decode step can trace)."""
+    if positions is None:
+        rotation = (encoding.rotation(x.size(1), start) if encoding.rotates_attention
+                    else None)
+        return encoding(x, offset=start), rotation
+    rotation = encoding.rotation_at(positions) if encoding.rotates_attention else None
+    return encoding.at(x, positions), rotation
 
 
 class ByteLLM_GrugV3(nn.Module):
@@ -478,23 +463,40 @@ class ByteLLM_GrugV3(nn.Module):
             cache.ngram_past.copy_(joined[:, x.size(1):])
         return h + self.ngram_embedding(joined)
 
-    def _hidden_states(self, x, cache=None):
-        """x (B, T) bytes at positions start .. start+T-1 -> (B, T, out_width) states before
-        final_norm. cache None: a whole sequence from position 0."""
+    def _hidden_states(self, x, cache=None, positions=None, patch_due=None):
+        """x (B, T) bytes -> (B, T, out_width) states before final_norm: the one wiring of
+        the streams, for three callers that differ only in where the bytes sit and what
+        is cached. cache None: a whole sequence from position 0 (forward). A cache: the
+        T bytes after the cache.length it holds (forward_incremental). positions (B,):
+        one byte per stream (T = 1), each at its own position (decode_step; patch_due as
+        there)."""
         start = 0 if cache is None else cache.length
         h = self._embed(x, cache)  # (B, T, E)
         if self.cnn_frontend is not None:
             h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
-        z = self.pos_encoding(self.projection(h), offset=start)  # (B, T, d_model)
-        rotation = rotation_of(self.pos_encoding, x.size(1), start)
-        patches = self._patch_state_per_byte(h, cache) if self.parallel else None  # (B, T, D)
-        for i, layer in enumerate(self.byte_layers):
+        z, rotation = placed(self.pos_encoding, self.projection(h), start, positions)
+        patches = None  # (B, T, D_agg): for each byte, the state of its last complete patch
+        if self.parallel and positions is None:
+            patches = self._patch_state_per_byte(h, cache)
+        elif self.parallel:
+            patches = self._patch_state_at(h, cache, positions, patch_due)
+        kvs = [None] * len(self.byte_layers) if cache is None else cache.byte_kv
+        for i, (layer, kv) in enumerate(zip(self.byte_layers, kvs)):
             if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
-                z = z + self.patch_to_bytes(patches)
-            z = layer(z, None if cache is None else cache.byte_kv[i], rotation)
+                z = z + self.patch_to_bytes(patches.to(z.dtype))
+            z = layer(z, kv, rotation, positions)  # (B, T, d_model)
         if patches is not None and self.fusion == "concat_output":
             z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
+
+    def _patch_stream(self, patches, cache, start, positions=None):
+        """Aggregator outputs (B, n, D_agg) -> the patch stream's states of those patches:
+        n patches from patch `start`, or (positions (B,)) one per stream at its own."""
+        patches, rotation = placed(self.agg_pos_encoding, patches, start, positions)
+        kvs = [None] * len(self.agg_stream_encoder) if cache is None else cache.agg_kv
+        for layer, kv in zip(self.agg_stream_encoder, kvs):
+            patches = layer(patches, kv, rotation, positions)
+        return patches
 
     def _patch_state_per_byte(self, h, cache=None):
         """Frontend output h (B, T, C) -> (B, T, D_agg): for byte t, the aggregated stream's
@@ -514,10 +516,7 @@ class ByteLLM_GrugV3(nn.Module):
             first = (done + 1) * s - 1 - start  # where patch `done`'s window starts in joined
             window = joined[:, first:first + (new - 1) * s + k]  # (B, (new-1)s+k, C)
             patches = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, new, D_agg)
-            patches = self.agg_pos_encoding(patches, offset=done)
-            rotation = rotation_of(self.agg_pos_encoding, new, done)
-            for i, layer in enumerate(self.agg_stream_encoder):
-                patches = layer(patches, None if cache is None else cache.agg_kv[i], rotation)
+            patches = self._patch_stream(patches, cache, done)
             states = torch.cat([previous.to(patches.dtype), patches], dim=1)  # (B, 1+new, D_agg)
         if cache is not None:
             cache.agg_past.copy_(joined[:, joined.size(1) - (k - 1):])
@@ -539,16 +538,12 @@ class ByteLLM_GrugV3(nn.Module):
         if patch_due is False:
             return cache.agg_state
         # The convolution over its one window, as the matrix-vector product it is (the same
-        # sum): compiled for the CPU, a Conv1d ran as PyTorch's unfold-and-multiply (about
-        # 120 us a call), where a product is compiled into the step's own loops.
+        # sum): compiled for the CPU, a Conv1d ran as PyTorch's unfold-and-multiply, where
+        # a product is compiled into the step's own loops.
         conv = self.aggregator_cnn
         patch = F.linear(window.transpose(1, 2).flatten(1), conv.weight.flatten(1),
                          conv.bias)[:, None]  # (B, 1, D_agg)
-        index = positions // s  # the patch each byte belongs to
-        patch = self.agg_pos_encoding.at(patch, index)
-        rotation = rotation_at(self.agg_pos_encoding, index)
-        for layer, kv in zip(self.agg_stream_encoder, cache.agg_kv):
-            patch = layer(patch, kv, rotation, index)
+        patch = self._patch_stream(patch, cache, None, positions // s)  # each byte's patch
         complete = ((positions + 1) % s == 0)[:, None, None]
         cache.agg_state.copy_(torch.where(complete, patch.to(cache.agg_state.dtype),
                                           cache.agg_state))
@@ -598,20 +593,8 @@ class ByteLLM_GrugV3(nn.Module):
         completes a patch (False: the patch stream is skipped, as it can be for most
         bytes; None: it runs at every byte). A compiled step makes one graph for each
         value it is given."""
-        h = self._embed(byte[:, None], cache)  # (B, 1, E)
-        if self.cnn_frontend is not None:
-            h = self.cnn_frontend(h, cache.conv_pasts)
-        z = self.pos_encoding.at(self.projection(h), positions)  # (B, 1, d_model)
-        rotation = rotation_at(self.pos_encoding, positions)
-        patches = (self._patch_state_at(h, cache, positions, patch_due) if self.parallel
-                   else None)
-        for i, layer in enumerate(self.byte_layers):
-            if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
-                z = z + self.patch_to_bytes(patches.to(z.dtype))
-            z = layer(z, cache.byte_kv[i], rotation, positions)
-        if patches is not None and self.fusion == "concat_output":
-            z = torch.cat([z, patches.to(z.dtype)], dim=-1)
-        return self._logits(z)[:, 0]
+        hidden = self._hidden_states(byte[:, None], cache, positions, patch_due)
+        return self._logits(hidden)[:, 0]
 
     @torch.no_grad()
     def forward_incremental(self, x_new, cache):
@@ -638,44 +621,3 @@ def parameters_of(config):
     """How many parameters the model of `config` would have, without allocating them."""
     with torch.device("meta"):
         return count_parameters(ByteLLM_GrugV3(config))
-
-
-def estimate_flops_per_byte(config):
-    """Training FLOPs (forward + backward) per byte at the full window T = sequence_length:
-
-        6 * M + 6 * L * T * d    (+ 6 * L_agg * (T/s) * d_agg / s in the parallel model)
-
-    M counts the weights of every matrix multiply one byte goes through (frontend convs,
-    projection, qkv/out/FFN of each layer, the patch-to-byte projection, fc_out; embedding
-    lookups and norms excluded):
-    2 FLOPs per weight forward, 4 backward. The attention term: scores and weighted values
-    are 2 matmuls of 2 FLOPs per key and channel, over T/2 keys on average (causal), times 3
-    for forward + backward. In the parallel model the aggregator conv and the patch stream
-    run once per s bytes over T/s patches, so their terms are divided by s."""
-    c = config
-    d, ffn, V = c["attention_d_model"], c["ffn_dim_multiply"], c["vocab_size"]
-    T = c["sequence_length"]
-
-    def layer_weights(width):
-        return (4 + 2 * ffn) * width * width  # qkv 3w², out w², FFN 2·ffn·w²
-
-    matmul, front = 0, c["embedding_dim"]
-    if c["use_cnn_frontend"]:
-        for out_channels, kernel in zip(c["cnn_out_channels_list"], c["cnn_kernel_sizes"]):
-            matmul += kernel * front * out_channels
-            front = out_channels
-    if front != d:
-        matmul += front * d
-    if not c["use_parallel_stream_model"]:
-        layers = c["num_attention_layers"]
-        matmul += layers * layer_weights(d) + d * V
-        attention = layers * T * d
-    else:
-        agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
-        agg_layers = c["num_agg_stream_layers"]
-        concat = c["parallel_fusion"] == "concat_output"
-        # Concatenated states widen the output head; added ones pass a projection first.
-        matmul += byte_layers * layer_weights(d) + ((d + agg) * V if concat else agg * d + d * V)
-        matmul += (c["agg_cnn_kernel_size"] * front * agg + agg_layers * layer_weights(agg)) / s
-        attention = byte_layers * T * d + agg_layers * (T / s) * agg / s
-    return 6 * matmul + 6 * attention

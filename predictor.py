@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from config import RULES
+from config import RULES, keys_with
 from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
@@ -39,15 +39,8 @@ KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window
 # this many bytes per prompt, by device type (others: the CPU's).
 COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
-# generate() argument -> the config key that gives its default
-SETTING_KEYS = {
-    "max_new_bytes": "generation_max_new_bytes",
-    "temperature": "generation_temperature",
-    "top_k": "generation_top_k",
-    "top_p": "generation_top_p",
-    "repetition_penalty": "generation_repetition_penalty",
-    "seed": "generation_seed",
-}
+# generate() argument -> the config key that gives its default (config.KEY_ROLES)
+SETTING_KEYS = {key.removeprefix("generation_"): key for key in keys_with("generate")}
 
 
 # ---------------------------------------------------------------------------

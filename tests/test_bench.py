@@ -69,11 +69,13 @@ def test_the_compile_time_covers_both_programs_of_the_parallel_stream(tmp_path, 
 def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "bench.json"
-    # One thread: two threads on a busy 2-core machine can be ten times slower.
+    # One thread: two threads on a busy 2-core machine can be ten times slower. No git
+    # history reachable (GIT_DIR names no repository): a clone without it runs every section.
     done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench.py"), "--quick",
                            "--threads", "1", "--data", str(tmp_path / "corpus" / "corpus.txt"),
                            "--json", str(out)],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "GIT_DIR": str(tmp_path / "no-history")})
     assert done.returncode == 0, done.stderr[-3000:]
     for heading in ("== training ==", "== quality ==", "== generation ==", "== data ==",
                     "== TARGETS =="):
@@ -239,28 +241,6 @@ def test_compiling_pays_after_the_bytes_its_compile_time_buys_back():
     assert bench.break_even_bytes(10.0, 1000.0, 900.0) is None
 
 
-def test_ours_beside_the_seed_path_takes_the_faster_of_our_paths():
-    ours = [{"model": "single-stream", "context": 1024, "eager_bytes_per_s": 300.0,
-             "compiled_bytes_per_s": 900.0},
-            {"model": "single-stream", "context": 256, "eager_bytes_per_s": 3000.0,
-             "compiled_bytes_per_s": 2000.0},
-            {"model": "parallel-stream", "context": 1024, "eager_bytes_per_s": 250.0,
-             "compiled_bytes_per_s": None},
-            {"model": "parallel: add_input", "context": 1024, "eager_bytes_per_s": 200.0,
-             "compiled_bytes_per_s": None}]  # a design the seed did not have: no row
-    seed = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 450.0},
-            {"model": "single-stream", "context": 256, "cached_bytes_per_s": 500.0},
-            {"model": "parallel-stream", "context": 1024, "cached_bytes_per_s": 50.0}]
-    compared = bench.versus_seed_path(ours, seed)
-    assert [(r["model"], r["context"], r["ours_bytes_per_s"], r["ours_vs_seed"])
-            for r in compared] == [("single-stream", 1024, 900.0, 2.0),
-                                   ("single-stream", 256, 3000.0, 6.0),
-                                   ("parallel-stream", 1024, 250.0, 5.0)]
-    targets = bench.generation_targets([], [], compared)  # the 1024 rows only
-    assert [(t["measured"], t["passed"]) for t in targets] == [(2.0, False), (5.0, True)]
-    assert all("seed's path" in t["target"] for t in targets)
-
-
 def test_a_timing_pauses_the_garbage_collector_and_restores_it():
     import gc
     seen = []
@@ -273,119 +253,6 @@ def test_a_timing_pauses_the_garbage_collector_and_restores_it():
         assert not gc.isenabled()
     finally:
         gc.enable()
-
-
-def test_the_seeds_turn_comes_right_after_ours_for_the_same_model_and_context():
-    ours = {("single-stream", 64, "eager"): 1, ("single-stream", 64, "compiled"): 2,
-            ("single-stream", 1024, "eager"): 3, ("single-stream", 1024, "compiled"): 4,
-            ("single-stream", "batch of 8"): 5, ("parallel: add_input", 64, "eager"): 6}
-    seed = {("seed", "single-stream", 64): 7, ("seed", "single-stream", 1024): 8,
-            ("seed", "parallel-stream", 64): 9}  # none of ours: last
-    assert list(bench.right_after_ours(ours, seed).values()) == [1, 2, 7, 3, 4, 8, 5, 6, 9]
-
-
-def test_each_rounds_own_ratio_to_the_seed_is_reported_beside_the_medians():
-    # the rows hold the medians of the samples, as bench_generation makes them
-    ours = [{"model": "single-stream", "context": 1024, "eager_bytes_per_s": 300.0,
-             "compiled_bytes_per_s": 900.0}]
-    seed = [{"model": "single-stream", "context": 1024, "cached_bytes_per_s": 450.0}]
-    samples = {("single-stream", 1024, "eager"): [300.0, 300.0, 3000.0],
-               ("single-stream", 1024, "compiled"): [900.0, 1000.0, 800.0],
-               ("seed", "single-stream", 1024): [450.0, 200.0, 500.0]}
-    [row] = bench.versus_seed_path(ours, seed, samples)
-    # rounds: 900/450 = 2, 1000/200 = 5, and eager the faster in the third: 3000/500 = 6
-    assert row["ours_vs_seed"] == 2.0 and row["rounds_ratio_range"] == "2.00-6.00"
-
-
-def test_the_seed_path_is_left_out_where_there_is_no_history(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "REPO", str(tmp_path))  # not a git repository,
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # nor inside one
-    with bench.seed_path(torch.device("cpu")) as seed:
-        assert seed is None
-    assert "left out" in capsys.readouterr().err
-
-
-def has_seed_commit():
-    return subprocess.run(["git", "-C", REPO_ROOT, "cat-file", "-e", bench.SEED_COMMIT],
-                          capture_output=True, check=False).returncode == 0
-
-
-@pytest.mark.skipif(not has_seed_commit(), reason="a clone without the seed's commit")
-def test_the_seed_path_is_timed_by_the_seed_code_from_history():
-    with bench.seed_path(torch.device("cpu")) as seed:
-        speeds = [seed(model, 64, 4) for model in bench.ARCHITECTURES]
-    assert all(speed > 0 for speed in speeds)
-
-
-# The seed's modules, as far as the driver uses them; predictor's timing is `timing`.
-FAKE_SEED = {
-    "bench.py": "ARCHITECTURES = {'single-stream': False, 'parallel-stream': True}\n"
-                "GENERATION_CONTEXTS = (64, 256, 1024)\n"
-                "def model_config(**overrides):\n    return {'seed': 0, **overrides}\n",
-    "model.py": "class ByteLLM_GrugV3:\n"
-                "    def __init__(self, config):\n        self.config = config\n"
-                "    def to(self, device):\n        return self\n"
-                "    def eval(self):\n        return self\n",
-    "utils.py": "def seed_everything(seed):\n    pass\n",
-}
-
-
-def fake_seed_history(monkeypatch, tmp_path, timing):
-    """git archive of SEED_COMMIT replaced by a tar of FAKE_SEED whose
-    measure_generation_speed has the body `timing`."""
-    tree = tmp_path / "seed"
-    tree.mkdir()
-    files = {**FAKE_SEED, "predictor.py": "import os\n"
-             "def measure_generation_speed(model, context, new_bytes, cached, config):\n"
-             f"    {timing}\n"}
-    for name, text in files.items():
-        (tree / name).write_text(text)
-    real_run = subprocess.run
-
-    def run(command, **options):
-        assert command[:2] == ["git", "-C"] and bench.SEED_COMMIT in command
-        return real_run(["tar", "-c", "-f", "-", "-C", str(tree), *files],
-                        capture_output=True, check=True)
-    monkeypatch.setattr(bench.subprocess, "run", run)
-
-
-def test_the_seed_path_asks_the_seed_code_in_a_child_that_stays_up(monkeypatch, tmp_path):
-    fake_seed_history(monkeypatch, tmp_path, "print(99999); return [context, new_bytes, "
-                      "cached, config['use_parallel_stream_model'], config['sequence_length'], "
-                      "os.getpid()]")  # what the seed's code prints is not taken for a reply
-    with bench.seed_path(torch.device("cpu")) as seed:
-        single, parallel = seed("single-stream", 64, 16), seed("parallel-stream", 1024, 256)
-    assert single[:5] == [64, 16, True, False, 1024]  # the cached path, the seed's model
-    assert parallel[:5] == [1024, 256, True, True, 1024]
-    assert single[5] == parallel[5] != os.getpid()  # one child for every timing
-    with pytest.raises(ProcessLookupError):
-        os.kill(single[5], 0)  # and it is gone
-
-
-def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, tmp_path,
-                                                                  capsys):
-    fake_seed_history(monkeypatch, tmp_path, "pass")
-    (tmp_path / "seed" / "utils.py").write_text("raise ImportError('no seed_everything here')\n")
-    with bench.seed_path(torch.device("cpu")) as seed:
-        assert seed is None
-    err = capsys.readouterr().err
-    assert "did not start; left out" in err and "no seed_everything here" in err
-
-
-@pytest.mark.parametrize("timing", [
-    "print('out of memory', file=__import__('sys').stderr, flush=True); os._exit(3)",
-    ("print('out of memory', file=__import__('sys').stderr, flush=True); "
-     "__import__('time').sleep(60)")])  # stuck: killed after SEED_REPLY_TIMEOUT_S
-def test_seed_code_that_stops_mid_run_gives_nan_and_says_so(monkeypatch, tmp_path, capsys,
-                                                             timing):
-    fake_seed_history(monkeypatch, tmp_path, timing)
-    monkeypatch.setattr(bench, "SEED_REPLY_TIMEOUT_S", 2)
-    with bench.seed_path(torch.device("cpu")) as seed:
-        assert math.isnan(seed("single-stream", 64, 16)) and seed.stopped
-        assert math.isnan(seed("single-stream", 64, 16))  # no second wait
-    err = capsys.readouterr().err
-    assert err.count("the seed's code stopped; its rows are left out") == 1
-    assert "out of memory" in err
 
 
 def test_section_list_accepts_known_names_only():
@@ -416,6 +283,37 @@ def test_generated_corpus_has_the_reported_size_and_multibyte_text(tmp_path):
 def test_peak_rss_is_plausible():
     assert 10 * bench.MB < bench.peak_rss_bytes() < 100_000 * bench.MB
 
+
+# ---------------------------------------------------------------------------
+# The FLOP estimate behind the training section's MFU
+
+def flops_config(**overrides):
+    """A tiny model without n-gram tables (lookups, not matrix work)."""
+    return make_tiny_config(".", **{"embedding_dim": 24, "attention_d_model": 32,
+                                    "attention_num_heads": 2, "ffn_dim_multiply": 2,
+                                    "num_attention_layers": 2, "num_byte_stream_layers": 2,
+                                    "agg_cnn_out_dim": 16, "ngram_orders": [],
+                                    **overrides})
+
+
+def test_flops_are_six_times_matmul_weights_plus_attention():
+    config = flops_config(use_cnn_frontend=True, cnn_out_channels_list=[24, 32],
+                          cnn_kernel_sizes=[2, 3], sequence_length=1)
+    model = ByteLLM_GrugV3(config)
+    weights = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+    attention = 6 * config["num_attention_layers"] * 1 * config["attention_d_model"]
+    assert bench.estimate_flops_per_byte(config) == 6 * weights + attention
+
+    def flops(**overrides):
+        return bench.estimate_flops_per_byte(flops_config(**overrides))
+    # Linear in depth; the attention term grows with the window.
+    assert flops(num_attention_layers=3) - flops(num_attention_layers=2) == \
+        flops(num_attention_layers=2) - flops(num_attention_layers=1)
+    assert flops(sequence_length=64) > flops(sequence_length=16)
+    # The patch stream costs 1/s per byte: a wider stride makes it cheaper.
+    parallel = dict(use_parallel_stream_model=True)
+    assert flops(**parallel, agg_cnn_stride=8) < flops(**parallel, agg_cnn_stride=2)
 
 # ---------------------------------------------------------------------------
 # Validation bits per byte: the same measure for every model

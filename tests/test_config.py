@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import config as config_module
 from main import SWITCHES, check_config, help_text
@@ -191,3 +192,104 @@ def test_the_gpu_preset_in_config_docstring_is_a_valid_config():
     assert len(preset) >= 10 and "muon_learning_rate" in preset
     checked = check_config({**config_module.CONFIG_V3, **preset})
     assert all(checked[key] == value for key, value in preset.items())
+
+
+# ---------------------------------------------------------------------------
+# Key roles (config.KEY_ROLES): the lists derived from them hold exactly the keys that
+# the code reading them reads
+
+class ReadRecorder(dict):
+    """A config that records which keys are read from it."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_every_role_is_declared_and_every_key_is_a_config_key():
+    assert set(config_module.KEY_ROLES) <= set(DEFAULTS)
+    for key, roles in config_module.KEY_ROLES.items():
+        assert set(roles) <= set(config_module.ROLES), key
+        assert len(set(roles)) == len(roles), key
+    with pytest.raises(ValueError, match="no role 'modle'"):
+        config_module.keys_with("modle")
+
+
+def test_the_model_reads_exactly_its_model_keys(tmp_path, monkeypatch):
+    import model as model_module
+    from tests.conftest import make_tiny_config
+    # The config check reads every key of the list it is given: leave it out of the record.
+    monkeypatch.setattr(model_module, "model_config_problems", lambda config: [])
+    read = set()
+    for overrides in ({}, dict(use_cnn_frontend=True),
+                      dict(use_parallel_stream_model=True, parallel_fusion="add_middle")):
+        config = ReadRecorder(make_tiny_config(str(tmp_path), **overrides))
+        model = model_module.ByteLLM_GrugV3(config)
+        x = torch.randint(0, 256, (1, 8))
+        model.train()(x, x)
+        model.eval().forward_incremental(x, model.new_cache(1))
+        read |= config.read
+    assert read == set(model_module.MODEL_KEYS)
+
+
+def test_the_data_processor_reads_exactly_its_data_keys(tmp_path, monkeypatch):
+    import dataset
+    from tests.conftest import make_tiny_config, write_text_corpus
+    from utils import UserError
+    monkeypatch.setattr(dataset, "config_problems", lambda *args: [])
+    config = ReadRecorder(make_tiny_config(str(tmp_path), generate_dummy_data_if_empty=False))
+    write_text_corpus(config["data_dir"], "some training text. " * 50)
+    dataset.DataProcessor(config).prepare()
+    os.remove(os.path.join(config["data_dir"], "corpus.txt"))
+    with pytest.raises(UserError, match="no .txt files"):
+        dataset.DataProcessor(config).prepare()
+    assert config.read == set(dataset.DATA_KEYS)
+
+
+def test_architecture_keys_are_the_model_keys_that_shape_the_parameters_or_the_logits():
+    """A model key left out of the architecture keys must change neither (a checkpoint
+    loads whatever its value), and every architecture key added after the first
+    checkpoints declares what those checkpoints meant by it (LEGACY_ARCHITECTURE)."""
+    from model import ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, MODEL_KEYS, ByteLLM_GrugV3
+    from tests.conftest import make_tiny_config
+    assert set(ARCHITECTURE_KEYS) <= set(MODEL_KEYS)
+    others = {"cnn_dropout": 0.5, "pe_dropout": 0.5, "transformer_dropout": 0.5,
+              "output_dropout": 0.5, "training_objective": "last_byte",
+              "zero_init_output_projections": True}
+    assert set(MODEL_KEYS) - set(ARCHITECTURE_KEYS) == set(others)
+    config = make_tiny_config(".", use_cnn_frontend=True)
+    x = torch.randint(0, 256, (2, 8))
+    torch.manual_seed(0)
+    base = ByteLLM_GrugV3(config).eval()
+    for key, value in others.items():
+        changed = ByteLLM_GrugV3({**config, key: value}).eval()
+        changed.load_state_dict(base.state_dict())  # the same shapes, or this raises
+        assert torch.equal(changed(x), base(x)), key
+    first = {"vocab_size", "sequence_length", "embedding_dim", "use_cnn_frontend",
+             "cnn_out_channels_list", "cnn_kernel_sizes", "cnn_activation",
+             "cnn_use_layernorm", "positional_encoding_type", "max_positional_encoding_len",
+             "attention_d_model", "attention_num_heads", "ffn_dim_multiply",
+             "transformer_norm_first", "num_attention_layers", "use_parallel_stream_model",
+             "num_byte_stream_layers", "num_agg_stream_layers", "agg_cnn_kernel_size",
+             "agg_cnn_stride", "agg_cnn_out_dim"}
+    assert set(ARCHITECTURE_KEYS) - set(LEGACY_ARCHITECTURE) == first
+    assert set(LEGACY_ARCHITECTURE) <= set(ARCHITECTURE_KEYS)
+
+
+def test_generation_setting_keys_are_the_defaults_of_generate_arguments():
+    import inspect
+
+    from predictor import SETTING_KEYS, Predictor
+    parameters = inspect.signature(Predictor.generate).parameters
+    for name, key in SETTING_KEYS.items():
+        assert key == f"generation_{name}" and key in DEFAULTS
+        assert parameters[name].default is None, name
+    assert set(parameters) - set(SETTING_KEYS) == {"self", "prompt", "on_text"}
