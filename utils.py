@@ -304,9 +304,10 @@ def resolve_amp_dtype(config, device):
 @functools.lru_cache(maxsize=None)
 def bf16_matmul_is_fast(device_type):
     """Whether bf16 matrix products beat fp32 on this machine. On a CPU it is measured
-    once (about 0.1 s): instruction-set flags differ by vendor and platform, a timing
-    does not, and the gap it looks for is large (2x faster with AVX-512 BF16 or AMX,
-    about 10x slower with AVX2 alone)."""
+    once, with a short timing: instruction-set flags differ by vendor and platform, a
+    timing does not, and the gap it looks for is large (bf16 well ahead with AVX-512 BF16
+    or AMX, far behind with AVX2 alone: docs/benchmarks.md, Figures behind design
+    choices)."""
     if device_type != "cpu":
         return True  # GPUs: bf16 support is checked by the caller
     a, b = torch.randn(256, 256), torch.randn(256, 256)

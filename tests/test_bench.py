@@ -66,6 +66,7 @@ def test_the_compile_time_covers_both_programs_of_the_parallel_stream(tmp_path, 
     assert set(patch_due) == {True, False}
 
 
+@pytest.mark.slow
 def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "bench.json"
@@ -310,6 +311,7 @@ def has_seed_commit():
                           capture_output=True, check=False).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_seed_commit(), reason="a clone without the seed's commit")
 def test_the_seed_path_is_timed_by_the_seed_code_from_history():
     with bench.seed_path(torch.device("cpu")) as seed:
@@ -349,6 +351,7 @@ def fake_seed_history(monkeypatch, tmp_path, timing):
     monkeypatch.setattr(bench.subprocess, "run", run)
 
 
+@pytest.mark.slow
 def test_the_seed_path_asks_the_seed_code_in_a_child_that_stays_up(monkeypatch, tmp_path):
     fake_seed_history(monkeypatch, tmp_path, "print(99999); return [context, new_bytes, "
                       "cached, config['use_parallel_stream_model'], config['sequence_length'], "
@@ -362,6 +365,7 @@ def test_the_seed_path_asks_the_seed_code_in_a_child_that_stays_up(monkeypatch, 
         os.kill(single[5], 0)  # and it is gone
 
 
+@pytest.mark.slow
 def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, tmp_path,
                                                                   capsys):
     fake_seed_history(monkeypatch, tmp_path, "pass")
@@ -372,6 +376,7 @@ def test_seed_code_that_does_not_start_is_left_out_with_its_error(monkeypatch, t
     assert "did not start; left out" in err and "no seed_everything here" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timing", [
     "print('out of memory', file=__import__('sys').stderr, flush=True); os._exit(3)",
     ("print('out of memory', file=__import__('sys').stderr, flush=True); "
