@@ -31,6 +31,7 @@ def numbers_in(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
+@pytest.mark.slow
 def test_the_main_generation_designs_are_the_two_streams_of_config_py(monkeypatch):
     """--generation-designs main (a shorter run) times config.py's single and parallel
     stream, with every figure the targets need, and no other design; "all" (the default)

@@ -341,6 +341,7 @@ def test_train_mode_is_restored_after_an_error(tmp_path):
     assert model.training and not model.byte_layers[0].training
 
 
+@pytest.mark.slow
 def test_the_cpu_step_options_make_inductor_write_one_row_products_itself():
     """CPU_STEP_INDUCTOR_OPTIONS, given to inductor, turn a product of one row and a
     matrix (a layer of one stream's decoding step) into inductor's own loops rather than
@@ -509,6 +510,7 @@ def counting_program_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel,amp", [(False, "bfloat16"), (True, None)],
                          ids=["single-stream-bf16", "parallel-stream-fp32"])
 def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypatch, parallel,
@@ -559,6 +561,7 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", GPU_DEVICES)  # the CPU's compiled path is tested above
 @pytest.mark.parametrize("parallel,amp", [(False, None), (False, "bfloat16"), (True, "float16")],
                          ids=["single-stream-fp32", "single-stream-bf16", "parallel-stream-fp16"])
