@@ -5,8 +5,9 @@ test tiers.
 `python3 -m pytest -q --full tests` runs everything. Tests marked `slow` compile the
 decoding step, start processes (torchrun, SIGKILL, main.py end to end, bench.py) or
 render in a browser; the fast tier keeps at least one in-process test of each behaviour
-they cover. `gpu` marks the tests that need CUDA (`-m gpu` selects them; any `-m` turns
-the default selection off, as --full does).
+they cover. `gpu` marks the tests that need CUDA (`-m gpu` selects them). Any `-m`, and
+a test named by its id (tests/test_x.py::test_y), turns the default selection off, as
+--full does.
 """
 
 import os
@@ -41,9 +42,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The fast tier by default: leave out the tests marked slow, unless --full or a -m
-    expression asks for a selection of its own."""
-    if config.getoption("--full") or config.getoption("markexpr"):
+    """The fast tier by default: leave out the tests marked slow, unless --full, a -m
+    expression or a test named by its id (path::name) asks for a selection of its own."""
+    named = any("::" in arg for arg in config.args)
+    if config.getoption("--full") or config.getoption("markexpr") or named:
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
