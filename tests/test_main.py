@@ -195,14 +195,18 @@ def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
     assert (round(steps[0]), round(steps[-1])) == (1, stopped + 4)  # both parts of the run
 
 
-def test_main_in_process_trains_generates_resumes_and_reports(tmp_path, capsys):
+def test_main_in_process_trains_generates_resumes_and_reports(tmp_path, capsys, monkeypatch):
     """The program's whole flow without a subprocess: training, generation from the
-    checkpoint's own architecture, resume and --report (the demo corpus is
-    test_dataset's)."""
+    checkpoint's own architecture, an interrupted and a finished resume, and --report
+    (the demo corpus is test_dataset's)."""
     import main
+    import trainer as trainer_module
+    from utils import UserError
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "to be or not to be, that is the question. " * 400)
     common = [*paths(root), *TINY_MODEL]
+    with pytest.raises(UserError, match="no checkpoint to generate from"):
+        main.main([*common, "--DO_TRAINING=False"])
     assert main.main([*common, "--max_steps=6", "--generation_prompts=['Hé']"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "device: cpu" in out
@@ -212,8 +216,23 @@ def test_main_in_process_trains_generates_resumes_and_reports(tmp_path, capsys):
     with open(f"{root}/ckpt/generated_samples.txt", encoding="utf-8") as file:
         assert "=== prompt: 'Hé'" in file.read()
 
-    assert main.main([*common, "--max_steps=9", "--resume_from_checkpoint=latest",
-                      "--DO_PREDICTION=False"]) == 0
+    # Stopped as by Ctrl-C after step 7: exit code 130, and how to resume.
+    real_step = trainer_module.Trainer.train_step
+
+    def stopping_step(trainer, micro):
+        loss = real_step(trainer, micro)
+        if trainer.step == 7:
+            trainer.stop.reason = "SIGINT"
+        return loss
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", stopping_step)
+    resume = [*common, "--max_steps=9", "--resume_from_checkpoint=latest", "--DO_PREDICTION=False"]
+    assert main.main(resume) == 130
+    captured = capsys.readouterr()
+    assert "--resume_from_checkpoint=latest" in captured.out + captured.err
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 7
+    monkeypatch.undo()
+
+    assert main.main(resume) == 0
     out = capsys.readouterr().out
     assert "reusing cache" in out  # the processed data was not rebuilt
     assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 9
