@@ -180,8 +180,9 @@ def build_optimizers(model, config):
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, except where bf16 matrix products are slow (CPUs without bf16
-    units): torch orthogonalizes every update in bf16, which there costs ten times the
-    rest of a training step. This step runs the same algorithm (Nesterov momentum,
+    units): torch orthogonalizes every update in bf16, which there costs several times
+    the rest of a training step (docs/benchmarks.md, Figures behind design choices).
+    This step runs the same algorithm (Nesterov momentum,
     Newton-Schulz with torch's coefficients, the "original" rate adjustment, decoupled
     decay) in the parameters' dtype instead."""
 
