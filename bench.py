@@ -110,7 +110,7 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
 
 # The parallel-stream designs tried beside the single stream (--parallel-designs), as
 # overrides of config.py's defaults; the defaults' parallel keys are the seed's design
-# (none of these measured better by more than noise: README, Performance).
+# (none of these measured better by more than noise: docs/benchmarks.md).
 PARALLEL_BASE = {"use_parallel_stream_model": True, "agg_cnn_kernel_size": 8}
 
 

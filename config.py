@@ -6,14 +6,14 @@ Any key can also be overridden for one run from the command line, e.g.
 
 The defaults train a small model (7.25M parameters, 6.55M of them in the hashed n-gram
 tables, which cost lookups, not matrix work) on a 2-core laptop CPU in three minutes: they
-are the best 100-second recipe bench.py found on tiny Shakespeare (README, Performance):
+are the best 100-second recipe bench.py found on tiny Shakespeare (docs/benchmarks.md):
 Muon for the layer matrices, rotary positions, QK-norm, hashed 2-6-byte embeddings,
 2 layers of width 160.
 
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
-wider and deeper, with larger n-gram tables for the many more bytes a GPU reads. On an
-H200 it trained stably at 0.3-0.6 M bytes/s; on 1 MB of text it overfit after one epoch
-(README, Settings): give it more text than that:
+wider and deeper, with larger n-gram tables for the many more bytes a GPU reads. It
+trained stably on an H200, but a model this size learns 1 MB of text by heart after one
+epoch (docs/benchmarks.md, The GPU preset): give it more text than that:
     batch_size=64, sequence_length=256, embedding_dim=384, attention_d_model=384,
     attention_num_heads=6, num_attention_layers=6, agg_cnn_out_dim=384,
     transformer_dropout=0.1, ngram_buckets=32768,

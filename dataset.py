@@ -36,7 +36,9 @@ PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
 FORMAT_VERSION = 2  # bump when the processing itself changes, so old caches get rebuilt
-BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x faster than 8 MB ones
+# Read size: blocks that fit in the CPU's cache decode faster than large ones (measured
+# against 8 MB blocks: docs/benchmarks.md, Figures behind design choices).
+BLOCK_BYTES = 256 * 2**10
 DATA_KEYS = keys_with("data")  # the config keys DataProcessor reads (config.KEY_ROLES)
 
 

@@ -151,8 +151,9 @@ class GenerationCache:
 # ---------------------------------------------------------------------------
 # Transformer layer (with the defaults, the math of nn.TransformerEncoderLayer), plus a
 # KV cache and the modern options: RMSNorm, QK-norm, rotary positions, ReLU² and SwiGLU.
-# (On a CPU, torch 2.13's RMSNorm is not fused: 5x slower than LayerNorm, forward and
-# backward. QK-norm therefore uses the layers' norm type, LayerNorm by default.)
+# (On a CPU, torch 2.13's RMSNorm is not fused and runs slower than LayerNorm, forward
+# and backward: docs/benchmarks.md. QK-norm therefore uses the layers' norm type,
+# LayerNorm by default.)
 
 class CausalSelfAttention(nn.Module):
 
@@ -216,9 +217,9 @@ def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
     (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Written out instead
     of SDPA: torch.compile fuses these few operations into its own loops, where the call
-    to the CPU flash-attention kernel it kept for SDPA cost about a fifth of the compiled
-    decode step (1.23 vs 0.96 ms, isolated step timings at context 1024). Scores and
-    softmax in fp32."""
+    to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost a large
+    share of the compiled decode step (docs/benchmarks.md, Figures behind design
+    choices). Scores and softmax in fp32."""
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
@@ -245,7 +246,7 @@ class FeedForward(nn.Module):
             h = value * F.silu(gate)
         elif self.activation == "relu2":
             h = F.relu(h)
-            h = h * h  # 2.5x faster than .square() forward and backward on a CPU
+            h = h * h  # faster than .square() forward and backward on a CPU (docs/benchmarks.md)
         else:
             h = F.gelu(h)
         return self.dropout(self.linear2(self.dropout(h)))
@@ -538,8 +539,9 @@ class ByteLLM_GrugV3(nn.Module):
         if patch_due is False:
             return cache.agg_state
         # The convolution over its one window, as the matrix-vector product it is (the same
-        # sum): compiled for the CPU, a Conv1d ran as PyTorch's unfold-and-multiply, where
-        # a product is compiled into the step's own loops.
+        # sum): compiled for the CPU, a Conv1d ran as PyTorch's unfold-and-multiply, a
+        # slow call of its own (docs/benchmarks.md), where a product is compiled into the
+        # step's own loops.
         conv = self.aggregator_cnn
         patch = F.linear(window.transpose(1, 2).flatten(1), conv.weight.flatten(1),
                          conv.bias)[:, None]  # (B, 1, D_agg)

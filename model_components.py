@@ -124,9 +124,10 @@ class RotaryPositions(nn.Module):
 
 def apply_rotation(x, rotation):
     """Rotate (B, nh, T, hs) queries or keys: each channel pair (2i, 2i+1) turns by its
-    position's angle i. Eagerly it is one complex multiply (2.5x faster on a CPU than
-    the same rotation written out); torch.compile cannot generate complex code, so
-    compiled it is written out with cos and sin."""
+    position's angle i. Eagerly it is one complex multiply (faster on a CPU than the
+    same rotation written out: docs/benchmarks.md, Figures behind design choices);
+    torch.compile cannot generate complex code, so compiled it is written out with cos
+    and sin."""
     cos, sin = rotation
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
     if torch.compiler.is_compiling():
@@ -241,7 +242,7 @@ class HashedNgramEmbedding(nn.Module):
     embeddings). Added to the byte embedding, they tell the first layer which n-gram it
     reads, which attention would otherwise spend its first layers assembling. A lookup
     costs no matrix work; at the default size they gained more than any other change
-    (README, Performance)."""
+    (docs/benchmarks.md, Quality in 100 seconds)."""
 
     def __init__(self, orders, buckets, width):
         super().__init__()
@@ -250,7 +251,8 @@ class HashedNgramEmbedding(nn.Module):
         self.embeddings = nn.ModuleList(nn.Embedding(buckets, width) for _ in self.orders)
         # The tables start at zero: the model starts as the byte-embedding model and each
         # row grows as its n-gram is seen (unit-scale rows, like the byte embedding's,
-        # drown the byte out: 0.04 bits/byte worse after 100 s in trial runs).
+        # drown the byte out and learned less in the trial runs: docs/benchmarks.md,
+        # Quality in 100 seconds).
         for table in self.embeddings:
             nn.init.zeros_(table.weight)
 

@@ -32,11 +32,11 @@ from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
-# Compiling the decode step ahead of time took 34 s (single stream) and 63 s (parallel
-# stream, its two programs) on the 2-core CPU in bench.py's generation section, and paid
-# after 7,994 and 16,276 bytes at context 1024. On an H200 (torch 2.11, CUDA graphs) the
-# single stream's took 19 s and paid after 3,700 bytes. "auto" compiles calls that make
-# this many bytes per prompt, by device type (others: the CPU's).
+# "auto" compiles calls that make this many bytes per prompt, by device type (others: the
+# CPU's): compiling takes tens of seconds, so it pays only for long generations. The values
+# sit above the break-even that bench.py's generation section measured (its "compile pays
+# after" figure) on the 2-core CPU and on an H200; the runs are in docs/benchmarks.md
+# (Figures behind design choices).
 COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default (config.KEY_ROLES)
@@ -328,20 +328,19 @@ def unguarded():
 # The decode step compiled ahead of time
 
 # Device types whose compiled decode step is built by AOTInductor and called from its C++
-# runner rather than through torch.compile. On the 2-core CPU a call through torch.compile
-# spends about 0.1 ms in Python (its frame hook, AOTAutograd's wrappers, guards) around
-# the step. One prompt at context 1024, in turns in one process (then a 0.3-0.4 ms step):
-# 583-1,457 bytes/s through torch.compile, 1,243-2,103 through the AOTInductor program's
-# Python wrapper, and 1.13-1.42x that through its boxed_run. On a GPU, CUDA graphs take
-# that cost away.
+# runner rather than through torch.compile. On a CPU a call through torch.compile spends a
+# large share of a short step in Python (its frame hook, AOTAutograd's wrappers, guards),
+# which the ahead-of-time program does not (docs/benchmarks.md, Figures behind design
+# choices). On a GPU, CUDA graphs take that cost away.
 AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
 # Inductor's settings for the CPU's decode step (both compiled paths). For one stream each
 # of a layer's matrices is a matrix-vector product, which the compiled step otherwise hands
-# to MKL through at::addmm_out (a call of about 30 us, with a copy of the bias into the
-# output first): decompose_mm_pass makes inductor write products of one row as its own
-# loops, fused with the operations around them. It halved the default model's step
-# (README, Performance). Not for more rows: for 8 streams it was slower. Products with a
-# side over 2,048 (inductor's CPU limit: a width over 512, say) still go to MKL.
+# to MKL through at::addmm_out (a call per matrix, with a copy of the bias into the output
+# first): decompose_mm_pass makes inductor write products of one row as its own loops,
+# fused with the operations around them, so the step becomes one kernel. Not for more
+# rows: for 8 streams it was slower. Products with a side over 2,048 (inductor's CPU
+# limit: a width over 512, say) still go to MKL. Measured in docs/benchmarks.md (Figures
+# behind design choices; Speed).
 CPU_STEP_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
@@ -398,7 +397,7 @@ def compile_ahead_of_time(program, args):
             inductor_configs=CPU_STEP_INDUCTOR_OPTIONS if device_type == "cpu" else None)
         # boxed_run (which empties the list it is given) rather than calling the loaded
         # model, which parses its input and output specs and flattens its arguments at
-        # every call: 1.13-1.42x the bytes/s at context 1024 (eight rounds in one process)
+        # every call (the gain: docs/benchmarks.md, Figures behind design choices)
         return torch._inductor.aoti_load_package(package).loader.boxed_run
 
 
@@ -448,9 +447,9 @@ class Predictor:
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         streams = [Stream(prompt_bytes(p), self.valid_utf8_only) for p in prompts]
         # eval mode for the call, then each module's own mode back (a model in mixed modes
-        # comes back as it was). Only the modules in training mode are touched: on the
-        # default model, model.eval() and model.train() cost 539 us a call between them,
-        # this 69 us when the model is already in eval mode.
+        # comes back as it was). Only the modules in training mode are touched: walking
+        # every module with model.eval() and model.train() costs more than a short call's
+        # steps (docs/benchmarks.md, Figures behind design choices).
         training = [module for module in self.model.modules() if module.training]
         try:
             for module in training:
@@ -592,10 +591,9 @@ class Predictor:
         into the graph's memory at every replay, and inductor's CUDA-graph code (torch
         2.13's source: check_for_mutation) runs without graphs a step that writes inputs
         neither static nor made by a graph, as this step writes the cache, the sampler's
-        state and the positions. Measured on an H200 with torch 2.11, where the step ran
-        as graphs either way (no skip counted): kept buffers gave 1.06-1.07x the bytes/s
-        at context 1024 (one prompt and eight, one run). Memory: one set of buffers per
-        batch size the predictor has decoded."""
+        state and the positions. Kept buffers also spare the copies into the graph's
+        memory (measured on an H200: docs/benchmarks.md, Figures behind design choices).
+        Memory: one set of buffers per batch size the predictor has decoded."""
         import torch._dynamo  # here, not at the top: loading it takes seconds
         kept = []
         for place, tensor in enumerate(tensors):

@@ -1,4 +1,14 @@
-"""Shared test helpers: a tiny, fast config rooted in a temporary folder."""
+"""Shared test helpers: a tiny, fast config rooted in a temporary folder, and the two
+test tiers.
+
+`python3 -m pytest -q tests` runs the fast tier: every test not marked `slow`.
+`python3 -m pytest -q --full tests` runs everything. Tests marked `slow` compile the
+decoding step, start processes (torchrun, SIGKILL, main.py end to end, bench.py) or
+render in a browser; the fast tier keeps at least one in-process test of each behaviour
+they cover. `gpu` marks the tests that need CUDA (`-m gpu` selects them). Any `-m`, and
+a test named by its id (tests/test_x.py::test_y), turns the default selection off, as
+--full does.
+"""
 
 import os
 import sys
@@ -13,10 +23,34 @@ import config as config_module  # noqa: E402
 
 # What the device-parametrized tests run on: the CPU always, and a CUDA GPU where there
 # is one. CI has none, so there the "cuda" cases are skipped; on a GPU machine,
-# `python3 -m pytest -q tests -k "cuda or gpu"` runs them (README, Tests).
-GPU_DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+# `python3 -m pytest -q -m gpu tests` runs them (README, Tests).
+GPU_DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 DEVICES = ["cpu", *GPU_DEVICES]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the slow tier too (tests marked slow); default: the fast tier")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: compiles, subprocesses (torchrun, SIGKILL, main.py, bench.py) or a "
+                   "browser; run with --full")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); -m gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier by default: leave out the tests marked slow, unless --full, a -m
+    expression or a test named by its id (path::name) asks for a selection of its own."""
+    named = any("::" in arg for arg in config.args)
+    if config.getoption("--full") or config.getoption("markexpr") or named:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 def make_tiny_config(root, **overrides):

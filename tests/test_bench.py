@@ -31,6 +31,7 @@ def numbers_in(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
+@pytest.mark.slow
 def test_the_main_generation_designs_are_the_two_streams_of_config_py(monkeypatch):
     """--generation-designs main (a shorter run) times config.py's single and parallel
     stream, with every figure the targets need, and no other design; "all" (the default)
@@ -66,6 +67,7 @@ def test_the_compile_time_covers_both_programs_of_the_parallel_stream(tmp_path, 
     assert set(patch_due) == {True, False}
 
 
+@pytest.mark.slow
 def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "bench.json"

@@ -1,4 +1,7 @@
-"""Data-parallel training through torchrun: 2 CPU ranks with gloo, as CI runs it."""
+"""Data-parallel training through torchrun: 2 CPU ranks with gloo, as CI runs it. Every
+test here starts processes, so the module is in the slow tier (--full); the fast tier's
+twins are in-process (test_dataset: two ranks see the windows of one rank with twice the
+batch; test_trainer: two micro-batches accumulated equal one batch of twice the size)."""
 
 import csv
 import os
@@ -11,6 +14,8 @@ import torch
 from tests.conftest import REPO_ROOT, write_text_corpus
 from tests.test_main import TINY_MODEL, paths
 from checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
 
 MAIN = os.path.join(REPO_ROOT, "main.py")
 CORPUS = "".join(f"line {i}: the rain in spain stays mainly in the plain.\n" for i in range(400))
@@ -90,6 +95,7 @@ def test_a_two_rank_run_writes_one_set_of_checkpoints_and_resumes_either_way(tmp
     assert state["step"] == 8 and state["windows_in_epoch"] == 8 * 8
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 def test_nccl_path_on_gpus(tmp_path):
     root = str(tmp_path)

@@ -1,4 +1,5 @@
-"""`python3 main.py` end to end, in subprocesses, on tiny configs in temporary folders."""
+"""`python3 main.py` end to end, on tiny configs in temporary folders: in subprocesses
+(the slow tier, --full) and, for the fast tier, once in-process through main.main."""
 
 import os
 import signal
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, write_text_corpus
@@ -43,6 +45,7 @@ def interrupt_after_rows(process, metrics, rows):
     return process.communicate(timeout=120)[0]
 
 
+@pytest.mark.slow
 def test_fresh_run_on_dummy_data_trains_generates_and_resumes(tmp_path):
     root = str(tmp_path)
     os.makedirs(f"{root}/data")  # an existing, empty data folder gets the demo corpus
@@ -66,6 +69,7 @@ def test_fresh_run_on_dummy_data_trains_generates_and_resumes(tmp_path):
     assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 9
 
 
+@pytest.mark.slow
 def test_sigint_saves_latest_and_says_how_to_resume(tmp_path):
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "abcdefghij klmnop, qrstuvwxyz.\n" * 3000)
@@ -83,6 +87,7 @@ def test_sigint_saves_latest_and_says_how_to_resume(tmp_path):
     assert not os.path.exists(f"{root}/ckpt/grug_v3_best.pth")  # no validation was due
 
 
+@pytest.mark.slow
 def test_prediction_stage_alone_uses_the_trained_checkpoint(tmp_path):
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "to be or not to be, that is the question. " * 400)
@@ -100,6 +105,7 @@ def test_prediction_stage_alone_uses_the_trained_checkpoint(tmp_path):
     assert text.count("=== prompt:") == 2 and "seed 7" in text
 
 
+@pytest.mark.slow
 def test_prediction_without_checkpoint_is_a_clear_error(tmp_path):
     result = run_main(str(tmp_path), "--DO_TRAINING=False")
     assert result.returncode == 1
@@ -107,6 +113,7 @@ def test_prediction_without_checkpoint_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_data_errors_exit_cleanly(tmp_path):
     root = str(tmp_path)
     os.makedirs(f"{root}/data")
@@ -122,6 +129,7 @@ def test_data_errors_exit_cleanly(tmp_path):
     assert "data" in empty.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_resume_checkpoint_is_reported(tmp_path):
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "hello world, hello bytes. " * 400)
@@ -135,6 +143,7 @@ def test_corrupt_resume_checkpoint_is_reported(tmp_path):
     assert "--resume_from_checkpoint=best" in result.stderr
 
 
+@pytest.mark.slow
 def test_interactive_mode_reads_prompts_until_end_of_input(tmp_path):
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "abc abd abe. " * 400)
@@ -148,6 +157,7 @@ def test_interactive_mode_reads_prompts_until_end_of_input(tmp_path):
     assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")  # prompts, not a batch
 
 
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
     import csv
     from tests.test_report import check_plots_match_metrics, marks, plotted
@@ -183,3 +193,57 @@ def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
     assert marks(by_step) == [stopped]  # the resume, marked
     steps = [x for x, _ in plotted(by_step, "training (mean since last row)")]
     assert (round(steps[0]), round(steps[-1])) == (1, stopped + 4)  # both parts of the run
+
+
+def test_main_in_process_trains_generates_resumes_and_reports(tmp_path, capsys, monkeypatch):
+    """The program's whole flow without a subprocess: training, generation from the
+    checkpoint's own architecture, an interrupted and a finished resume, and --report
+    (the demo corpus is test_dataset's)."""
+    import main
+    import trainer as trainer_module
+    from utils import UserError
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "to be or not to be, that is the question. " * 400)
+    common = [*paths(root), *TINY_MODEL]
+    with pytest.raises(UserError, match="no checkpoint to generate from"):
+        main.main([*common, "--DO_TRAINING=False"])
+    assert main.main([*common, "--max_steps=6", "--generation_prompts=['Hé']"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "device: cpu" in out
+    for name in ("grug_v3_best.pth", "grug_v3_latest.pth", "metrics.csv",
+                 "interim_samples.txt", "generated_samples.txt", "report.html"):
+        assert name in os.listdir(f"{root}/ckpt")
+    with open(f"{root}/ckpt/generated_samples.txt", encoding="utf-8") as file:
+        assert "=== prompt: 'Hé'" in file.read()
+
+    # Stopped as by Ctrl-C after step 7: exit code 130, and how to resume.
+    real_step = trainer_module.Trainer.train_step
+
+    def stopping_step(trainer, micro):
+        loss = real_step(trainer, micro)
+        if trainer.step == 7:
+            trainer.stop.reason = "SIGINT"
+        return loss
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", stopping_step)
+    resume = [*common, "--max_steps=9", "--resume_from_checkpoint=latest", "--DO_PREDICTION=False"]
+    assert main.main(resume) == 130
+    captured = capsys.readouterr()
+    assert "--resume_from_checkpoint=latest" in captured.out + captured.err
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 7
+    monkeypatch.undo()
+
+    assert main.main(resume) == 0
+    out = capsys.readouterr().out
+    assert "reusing cache" in out  # the processed data was not rebuilt
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 9
+
+    # A different architecture in the current config: the checkpoint's own wins.
+    assert main.main([*common, "--DO_TRAINING=False", "--embedding_dim=64",
+                      "--generation_prompts=['to be', '']", "--generation_seed=7"]) == 0
+    with open(f"{root}/ckpt/generated_samples.txt", encoding="utf-8") as file:
+        text = file.read()
+    assert text.count("=== prompt:") == 1 + 2 and "seed 7" in text
+
+    os.remove(f"{root}/ckpt/report.html")
+    assert main.main([*common, "--report"]) == 0
+    assert os.path.exists(f"{root}/ckpt/report.html")

@@ -341,6 +341,7 @@ def test_train_mode_is_restored_after_an_error(tmp_path):
     assert model.training and not model.byte_layers[0].training
 
 
+@pytest.mark.slow
 def test_the_cpu_step_options_make_inductor_write_one_row_products_itself():
     """CPU_STEP_INDUCTOR_OPTIONS, given to inductor, turn a product of one row and a
     matrix (a layer of one stream's decoding step) into inductor's own loops rather than
@@ -509,6 +510,7 @@ def counting_program_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel,amp", [(False, "bfloat16"), (True, None)],
                          ids=["single-stream-bf16", "parallel-stream-fp32"])
 def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypatch, parallel,
@@ -559,6 +561,7 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", GPU_DEVICES)  # the CPU's compiled path is tested above
 @pytest.mark.parametrize("parallel,amp", [(False, None), (False, "bfloat16"), (True, "float16")],
                          ids=["single-stream-fp32", "single-stream-bf16", "parallel-stream-fp16"])
@@ -631,6 +634,7 @@ def counting_compiles(monkeypatch):
     return graphs
 
 
+@pytest.mark.slow
 def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
     """torch.compile keeps 8 graphs per code object, then runs it uncompiled: nine
     predictors each needing its own graph (a batch size each here; in bench.py, models of
@@ -674,6 +678,7 @@ def generates_like_eager(compiled, eager, calls):
     assert compiled._compiled_step not in (None, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
 def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch, parallel):
     """After its first step of each graph a compiled call skips the guards; the next call,
@@ -715,6 +720,7 @@ def spy_on_step_inputs(monkeypatch, predictor):
     return seen
 
 
+@pytest.mark.slow
 def test_a_call_through_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_path,
                                                                          monkeypatch):
     """On a GPU the compiled step reads and writes the cache, the sampler's state and the
@@ -762,6 +768,7 @@ def test_an_error_after_a_compiled_step_has_run_is_raised_not_hidden(tmp_path, m
     assert predictor._compiled_step is not False
 
 
+@pytest.mark.slow
 def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, monkeypatch):
     """torch.compile runs a function that needs more graphs than recompile_limit
     eagerly; the unguarded steps after it would then pick an old graph made for other

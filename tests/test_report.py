@@ -191,6 +191,7 @@ CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser",
                                                   "google-chrome") if shutil.which(name)), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
 def test_a_browser_renders_the_report(tmp_path):
     config = make_tiny_config(str(tmp_path))

@@ -5,7 +5,10 @@ and path errors found before any data is processed, and hostile generation setti
 Starting Python and importing torch costs 2-3 s per process, so the short, independent
 runs are started together, two at a time, by the `quick` fixture (each in its own
 folder); the tests below then check one run each. The tests that depend on timing
-(a lock held by a live run, signals, kills) run their own processes."""
+(a lock held by a live run, signals, kills) run their own processes. All of these are
+in the slow tier (--full); the last section holds in-process twins of the lock and
+checkpoint tests for the fast tier (config, data and signal handling have theirs in
+test_config, test_dataset and test_trainer)."""
 
 import csv
 import os
@@ -20,9 +23,10 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, write_text_corpus
+from tests.conftest import REPO_ROOT, make_tiny_config, write_text_corpus
 from tests.test_main import TINY_MODEL, paths, run_main
 from checkpoint import KEYS_TO_RESUME, CheckpointFolderLock, load_checkpoint
+from utils import UserError
 
 MAIN = os.path.join(REPO_ROOT, "main.py")
 CORPUS = "abcdefghij klmnop, qrstuvwxyz.\n" * 3000
@@ -173,6 +177,7 @@ def quick(tmp_path_factory):
 # ---------------------------------------------------------------------------
 # 1. One training run per checkpoint folder
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_checkpoint_dir_stops_naming_the_first_and_leaves_it_alone(
         tmp_path):
     root = str(tmp_path)
@@ -214,6 +219,7 @@ def test_second_run_on_a_busy_checkpoint_dir_stops_naming_the_first_and_leaves_i
     assert not os.path.exists(f"{ckpt}/{LOCK}")  # released and removed on the way out
 
 
+@pytest.mark.slow
 def test_a_torchrun_job_on_a_busy_checkpoint_dir_stops_on_every_rank_without_traceback(
         tmp_path):
     """Rank 0 takes the lock; the other ranks must stop as cleanly as it does, not crash
@@ -242,6 +248,7 @@ def test_a_torchrun_job_on_a_busy_checkpoint_dir_stops_on_every_rank_without_tra
     assert took < 90, f"the refused job took {took:.0f} s"
 
 
+@pytest.mark.slow
 def test_a_stale_lock_file_is_taken_over_and_removed_after_the_run(quick):
     root, result = quick["stale_lock"]
     assert result.returncode == 0, output(result)
@@ -254,6 +261,7 @@ def test_a_stale_lock_file_is_taken_over_and_removed_after_the_run(quick):
 # ---------------------------------------------------------------------------
 # 2. Preemption under torchrun (SLURM's scancel: SIGTERM to every process, repeated)
 
+@pytest.mark.slow
 def test_torchrun_job_preempted_by_repeated_sigterm_saves_a_complete_latest(tmp_path):
     root = str(tmp_path)
     ckpt = f"{root}/ckpt"
@@ -303,6 +311,7 @@ def test_torchrun_job_preempted_by_repeated_sigterm_saves_a_complete_latest(tmp_
 # ---------------------------------------------------------------------------
 # 3. Fault injection: SIGKILL at random moments, resume, same weights as no kill at all
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_bitwise_the_uninterrupted_weights(
         tmp_path):
     steps = 40
@@ -370,6 +379,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bitwise_the_uninterrupted_w
 # ---------------------------------------------------------------------------
 # 4. Configuration errors, found before any data is processed
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
     ("device_tpu", "'tpu'"),
     ("device_cuda_abc", "'cuda:abc'"),
@@ -386,6 +396,7 @@ def test_impossible_setting_exits_2_before_any_data_processing(quick, name, expe
     assert not os.path.exists(f"{root}/processed")
 
 
+@pytest.mark.slow
 def test_a_model_too_big_for_memory_is_refused_saying_how_many_gb_it_needs(quick):
     _, result = quick["model_too_big"]
     needed = re.search(r"about ([\d,.]+) GB", result.stderr)
@@ -393,6 +404,7 @@ def test_a_model_too_big_for_memory_is_refused_saying_how_many_gb_it_needs(quick
     assert float(needed.group(1).replace(",", "")) > 100  # 100M-wide embeddings
 
 
+@pytest.mark.slow
 def test_a_fraction_of_a_minute_as_distributed_timeout_is_accepted(quick):
     _, result = quick["quarter_minute_timeout"]
     assert result.returncode == 0, output(result)
@@ -401,6 +413,7 @@ def test_a_fraction_of_a_minute_as_distributed_timeout_is_accepted(quick):
 # ---------------------------------------------------------------------------
 # 5 and 6. Data and checkpoint paths
 
+@pytest.mark.slow
 def test_a_data_dir_that_does_not_exist_is_an_error_and_is_not_created(quick):
     root, result = quick["data_dir_missing"]
     missing = f"{root}/no_such_folder"
@@ -409,6 +422,7 @@ def test_a_data_dir_that_does_not_exist_is_an_error_and_is_not_created(quick):
     assert not os.path.exists(missing)  # a mistyped path is not created
 
 
+@pytest.mark.slow
 def test_a_single_txt_file_as_data_dir_is_a_corpus(quick):
     root, result = quick["data_dir_single_file"]
     assert result.returncode == 0, output(result)
@@ -416,6 +430,7 @@ def test_a_single_txt_file_as_data_dir_is_a_corpus(quick):
     assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_that_cannot_be_created_is_reported_before_data_processing(quick):
     root, result = quick["checkpoint_dir_uncreatable"]
     assert result.returncode == 1, output(result)
@@ -427,6 +442,7 @@ def test_a_checkpoint_dir_that_cannot_be_created_is_reported_before_data_process
 # ---------------------------------------------------------------------------
 # 7, 8 and 9. Generation settings, and a checkpoint that cannot be generated from
 
+@pytest.mark.slow
 def test_interactive_mode_survives_invalid_utf8_and_rejects_nan_and_inf(quick):
     root, trained = quick["two_steps_for_interactive"]
     assert trained.returncode == 0, output(trained)
@@ -455,6 +471,7 @@ def test_interactive_mode_survives_invalid_utf8_and_rejects_nan_and_inf(quick):
     assert replies[5] == replies[7] == replies[9] == greedy
 
 
+@pytest.mark.slow
 def test_a_vanishing_interim_sample_temperature_trains_and_samples(quick):
     root, result = quick["interim_temperature_tiny"]
     assert result.returncode == 0, output(result)
@@ -462,9 +479,59 @@ def test_a_vanishing_interim_sample_temperature_trains_and_samples(quick):
     assert "=== step 2 ===" in samples and "=== step 4 ===" in samples
 
 
+@pytest.mark.slow
 def test_prediction_from_a_checkpoint_without_config_names_the_missing_key(quick):
     root, result = quick["checkpoint_without_config"]
     assert result.returncode == 1, output(result)
     assert "grug_v3_best.pth" in result.stderr
     assert re.search(r"lacks config, step\b", result.stderr), result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# In-process twins of the lock and checkpoint tests above, for the fast tier
+
+def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    with CheckpointFolderLock(folder, log=lambda message: None):
+        with pytest.raises(UserError) as caught:
+            CheckpointFolderLock(folder, log=lambda message: None).__enter__()
+        message = str(caught.value)
+        assert "another training run is using checkpoint_dir" in message
+        assert folder in message and f"pid {os.getpid()} on " in message
+        assert f"pid {os.getpid()} on " in read(f"{folder}/{LOCK}")  # still ours
+    assert not os.path.exists(f"{folder}/{LOCK}")  # released and removed on the way out
+
+
+def test_a_stale_lock_file_is_taken_over_in_process(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    os.makedirs(folder)
+    with open(f"{folder}/{LOCK}", "w") as file:  # no process holds its flock
+        file.write(f"pid 999999 on {socket.gethostname()}, started "
+                   f"2024-01-01T00:00:00+00:00: python3 main.py\n")
+    messages = []
+    with CheckpointFolderLock(folder, log=messages.append):
+        assert f"pid {os.getpid()} on " in read(f"{folder}/{LOCK}")
+    assert len(messages) == 1
+    assert "taking over the lock" in messages[0] and "pid 999999" in messages[0]
+    assert not os.path.exists(f"{folder}/{LOCK}")
+
+
+def test_a_lock_in_a_folder_that_cannot_be_created_says_not_writable(tmp_path):
+    (tmp_path / "afile").write_text("a file, so afile/ckpt cannot be a folder")
+    folder = str(tmp_path / "afile" / "ckpt")
+    with pytest.raises(UserError, match="not writable") as caught:
+        CheckpointFolderLock(folder, log=lambda message: None).__enter__()
+    assert folder in str(caught.value)
+
+
+def test_generating_from_a_checkpoint_without_config_names_the_missing_key(tmp_path):
+    from main import load_model_for_prediction
+    config = make_tiny_config(str(tmp_path))
+    os.makedirs(config["checkpoint_dir"])
+    torch.save({"format_version": 1, "model_state": {}},
+               os.path.join(config["checkpoint_dir"], "grug_v3_best.pth"))
+    with pytest.raises(UserError) as caught:
+        load_model_for_prediction(config, torch.device("cpu"))
+    assert "grug_v3_best.pth" in str(caught.value)
+    assert re.search(r"lacks config, step\b", str(caught.value)), str(caught.value)

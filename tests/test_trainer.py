@@ -610,6 +610,7 @@ def fp16_trainer(tmp_path, device="cpu", **overrides):
                         architecture_keys=())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, device):
     straight = fp16_trainer(tmp_path / "a", device, max_steps=8)
