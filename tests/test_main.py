@@ -183,3 +183,55 @@ def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
     assert marks(by_step) == [stopped]  # the resume, marked
     steps = [x for x, _ in plotted(by_step, "training (mean since last row)")]
     assert (round(steps[0]), round(steps[-1])) == (1, stopped + 4)  # both parts of the run
+
+
+# ---------------------------------------------------------------------------
+# In process: what a run does with the files of an earlier one
+
+def in_process(root, *args):
+    import main as main_module
+    return main_module.main([*paths(root), *TINY_MODEL, "--test_every_batches=0", *args])
+
+
+def test_a_second_fresh_run_never_overwrites_the_trained_model(tmp_path, capsys):
+    import hashlib
+    from utils import UserError
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+    assert in_process(root, "--max_steps=3", "--DO_PREDICTION=False") == 0
+
+    def checksums():
+        return {name: hashlib.sha256(open(f"{root}/ckpt/{name}", "rb").read()).hexdigest()
+                for name in ("grug_v3_best.pth", "grug_v3_latest.pth")}
+    trained = checksums()
+    capsys.readouterr()
+    try:
+        in_process(root, "--max_steps=2", "--DO_PREDICTION=False")
+        raise AssertionError("a fresh run trained over the model")
+    except UserError as error:
+        assert "holds a trained model (grug_v3_best.pth, grug_v3_latest.pth)" in str(error)
+    assert "data:" not in capsys.readouterr().out  # refused before any data work
+    assert checksums() == trained
+
+    assert in_process(root, "--max_steps=2", "--DO_PREDICTION=False", "--start_over=True") == 0
+    assert "is now" in capsys.readouterr().out
+    aside = sorted(name for name in os.listdir(f"{root}/ckpt") if "_before_" in name)
+    assert [name.split("_before_")[0] for name in aside] == [
+        "grug_v3_best", "grug_v3_latest", "metrics"]
+    moved = {name.split("_before_")[0] + ".pth": hashlib.sha256(
+        open(f"{root}/ckpt/{name}", "rb").read()).hexdigest() for name in aside[:2]}
+    assert moved == trained  # the first model, intact beside the new one
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 2
+
+
+def test_ctrl_c_during_the_final_validation_still_writes_the_report(tmp_path, monkeypatch):
+    import main as main_module
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+
+    def interrupted(trainer):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main_module, "validate_final_model", interrupted)
+    assert in_process(root, "--max_steps=3") == 130  # and no generation stage
+    assert os.path.isfile(f"{root}/ckpt/report.html")
+    assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")
