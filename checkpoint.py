@@ -160,10 +160,12 @@ def keep_trained_model(config, resume_path, log=print):
         doing = (f"resumes from {resume_path}" if resume_path else "starts fresh (resume_from_"
                  f"checkpoint=None)")
         names = ", ".join(map(os.path.basename, existing))
+        resume = next((kind for kind in ("latest", "best")
+                       if os.path.isfile(checkpoint_path(config, kind))), existing[-1])
         raise UserError(
             f"{config['checkpoint_dir']} holds a trained model ({names}) and this run "
             f"{doing}: training would overwrite it. Choose one:\n"
-            f"  --resume_from_checkpoint=latest   continue that model\n"
+            f"  {'--resume_from_checkpoint=' + resume:<34}continue that model\n"
             f"  --checkpoint_dir=OTHER_FOLDER     train a new model beside it\n"
             f"  --start_over=True                 train a new one here; the old files are "
             f"renamed *_before_<time>.pth, not deleted")

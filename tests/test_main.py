@@ -235,3 +235,15 @@ def test_ctrl_c_during_the_final_validation_still_writes_the_report(tmp_path, mo
     assert in_process(root, "--max_steps=3") == 130  # and no generation stage
     assert os.path.isfile(f"{root}/ckpt/report.html")
     assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")
+
+
+def test_settings_that_cannot_do_what_is_meant_are_warned_about_at_start(tmp_path, capsys):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+    assert in_process(root, "--max_steps=3", "--DO_PREDICTION=False", "--lr_warmup_steps=5",
+                      "--ngram_orders=[2, 20]", "--ngram_buckets=1") == 0
+    said = capsys.readouterr().out
+    for warning in ("warning: lr_warmup_steps (5) is not shorter than this run (3 steps)",
+                    "warning: `ngram_orders` [20] are longer than the window",
+                    "warning: `ngram_buckets` = 1 puts every n-gram in the same row"):
+        assert warning in said
