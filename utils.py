@@ -13,6 +13,7 @@ import csv
 import datetime
 import difflib
 import functools
+import io
 import math
 import os
 import random
@@ -402,9 +403,9 @@ def read_log_rows(path, key="step"):
     Bytes that are not UTF-8 read as U+FFFD."""
     with open(path, newline="", encoding="utf-8", errors="replace") as file:
         text = file.read()
-    lines = text.splitlines(keepends=True)
-    half_written = bool(lines) and not lines[-1].endswith(("\n", "\r"))
-    rows = list(csv.DictReader(lines[:-1] if half_written else lines))
+    complete = text[:text.rfind("\n") + 1]  # "" when no line is complete
+    half_written = int(complete != text)
+    rows = list(csv.DictReader(io.StringIO(complete)))
     kept = [row for row in rows if (row.get(key) or "").isdigit()]
     return kept, len(rows) - len(kept) + half_written
 
