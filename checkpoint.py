@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from utils import UserError, atomic_output, error_summary, process_is_running
+from utils import UserError, atomic_output, error_summary, move_aside, process_is_running
 
 try:
     import fcntl  # POSIX: the lock dies with its process, whatever kills it
@@ -129,13 +129,49 @@ def load_for_resume(path, config, architecture_keys, legacy_architecture=None):
                             f"from it with --resume_from_checkpoint=best") from None
         raise
     saved = {**(legacy_architecture or {}), **state["config"]}
-    differences = architecture_differences(saved, config, architecture_keys)
+    differences = setting_differences(saved, config, architecture_keys)
     if differences:
         raise UserError(f"cannot resume from {path}: its architecture differs from the "
                         "config:\n  " + "\n  ".join(differences) +
                         "\nUse the checkpoint's values or start fresh "
                         "(resume_from_checkpoint=None).")
     return state
+
+
+def model_files(config):
+    """This model's checkpoint files in checkpoint_dir: best, latest, epoch snapshots."""
+    folder = config["checkpoint_dir"]
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile(re.escape(config["model_name"]) + r"_(best|latest|epoch\d+)\.pth")
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if pattern.fullmatch(name)]
+
+
+def keep_trained_model(config, resume_path, log=print):
+    """Before a run that does not resume from one of this model's files in checkpoint_dir:
+    refuse to train over them (the run would overwrite best and latest), or, with
+    start_over=True, move them aside (renamed `..._before_{time}.pth`), never delete them."""
+    existing = model_files(config)
+    resuming_from = resume_path and os.path.abspath(resume_path)
+    if not existing or resuming_from in map(os.path.abspath, existing):
+        return
+    if not config["start_over"]:
+        doing = (f"resumes from {resume_path}" if resume_path else "starts fresh (resume_from_"
+                 f"checkpoint=None)")
+        names = ", ".join(map(os.path.basename, existing))
+        resume = next((kind for kind in ("latest", "best")
+                       if os.path.isfile(checkpoint_path(config, kind))), existing[-1])
+        raise UserError(
+            f"{config['checkpoint_dir']} holds a trained model ({names}) and this run "
+            f"{doing}: training would overwrite it. Choose one:\n"
+            f"  {'--resume_from_checkpoint=' + resume:<34}continue that model\n"
+            f"  --checkpoint_dir=OTHER_FOLDER     train a new model beside it\n"
+            f"  --start_over=True                 train a new one here; the old files are "
+            f"renamed *_before_<time>.pth, not deleted")
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    for path in existing:
+        log(f"note: start_over: {path} is now {move_aside(path, stamp)}")
 
 
 def prune_epoch_snapshots(config):
@@ -162,9 +198,11 @@ def path_to_generate_from(config, log=print):
                     f"at a trained model.")
 
 
-def architecture_differences(saved_config, config, keys):
-    """`key: saved -> current` for every architecture key that differs."""
-    return [f"{k}: checkpoint {saved_config.get(k)!r} vs config {config.get(k)!r}"
+def setting_differences(saved_config, config, keys):
+    """`key: checkpoint saved vs config current` for every one of `keys` that differs."""
+    def saved(key):
+        return repr(saved_config[key]) if key in saved_config else "(not recorded)"
+    return [f"{k}: checkpoint {saved(k)} vs config {config.get(k)!r}"
             for k in keys if saved_config.get(k) != config.get(k)]
 
 

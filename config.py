@@ -41,6 +41,7 @@ CONFIG_V3 = {
     "checkpoint_dir": "./checkpoints_grug_v3",  # checkpoints, metrics.csv and samples go here
     "model_name": "grug_v3",  # prefix of checkpoint files: {model_name}_best.pth, _latest.pth
     "resume_from_checkpoint": None,  # None = fresh start; "latest", "best", or a .pth path
+    "start_over": False,  # True: a fresh run moves this model's existing checkpoints aside (False: refuse)
     "generate_dummy_data_if_empty": True,  # write a generated demo corpus when data_dir has no .txt
     "force_reprocess_data": False,  # rebuild the processed array even if the cache is current
     "data_change_detection": "size_and_mtime",  # notice edits by "size_and_mtime" | "content" (hash)
@@ -197,6 +198,7 @@ RULES = {
     "checkpoint_dir": text(check=_folder_or_missing("checkpoint_dir")),
     "model_name": text(check=_file_name("model_name")),
     "resume_from_checkpoint": text(nullable=True),
+    "start_over": flag(),
     "generate_dummy_data_if_empty": flag(),
     "force_reprocess_data": flag(),
     "data_change_detection": one_of("size_and_mtime", "content"),

@@ -36,6 +36,7 @@ PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
 FORMAT_VERSION = 2  # bump when the processing itself changes, so old caches get rebuilt
+FINGERPRINT_BLOCK = 16 * 2**20  # bytes hashed at a time: memory stays bounded on any corpus
 # Read size: blocks that fit in the CPU's cache decode faster than large ones (measured
 # against 8 MB blocks: docs/benchmarks.md, Figures behind design choices).
 BLOCK_BYTES = 256 * 2**10
@@ -320,6 +321,8 @@ class DataProcessor:
                             f".txt file or a folder of them")
         by_content = self.config["data_change_detection"] == "content"
         sources = scan_sources(self.data_dir, by_content)
+        if not sources and not self.for_training:
+            raise UserError(f"no readable .txt files in {self.data_dir}: nothing to evaluate")
         if not sources:
             if not self.config["generate_dummy_data_if_empty"]:
                 raise UserError(
@@ -404,8 +407,9 @@ class DataProcessor:
                     _warn(f"{path}: {count} invalid UTF-8 sequence(s) {done[self.policy]}")
             num_bytes = out.tell() - len(header)
             if num_bytes == 0:
+                advice = "add text to train on" if self.for_training else "nothing to evaluate"
                 raise UserError(f"the .txt files in {self.data_dir} hold no bytes (all empty "
-                                f"or skipped): add text to train on")
+                                f"or skipped): {advice}")
             out.seek(0)
             final_header = _npy_header(num_bytes)
             assert len(final_header) == len(header), "the .npy header changed length"
@@ -431,6 +435,16 @@ class DataProcessor:
             return ""
         return (f"; {bad} file(s) had invalid UTF-8, handled by policy {self.policy!r} "
                 f"and listed in {self.manifest_path}")
+
+
+def corpus_fingerprint(data):
+    """{"bytes", "blake2b"} of a byte array (the processed corpus): which text a checkpoint
+    was trained on, so that a resume on another text is noticed. Every byte counts: an
+    edited file changes it too."""
+    digest = hashlib.blake2b(digest_size=16)
+    for start in range(0, len(data), FINGERPRINT_BLOCK):
+        digest.update(np.ascontiguousarray(data[start:start + FINGERPRINT_BLOCK]))
+    return {"bytes": int(len(data)), "blake2b": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------------

@@ -24,15 +24,16 @@ if utils.torch_problem():  # checked before the modules that need a newer torch 
 
 import config as config_module  # noqa: E402 (after the torch check)
 from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, checkpoint_path,
-                        load_checkpoint, path_to_generate_from, resolve_resume_path)
+                        keep_trained_model, load_checkpoint, path_to_generate_from,
+                        resolve_resume_path)
 from dataset import ByteSequenceDataset, DataProcessor
 from evaluate import SlidingPlan, breakdown_table, evaluation_problems, score_text
 from model import (ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3, count_parameters,
-                   parameters_of, structure_problems)
+                   parameters_of, structure_problems, structure_warnings)
 from predictor import Predictor, interactive_loop
 from report import write_report
 from trainer import Trainer, schedule_problems, validate_final_model
-from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides,
+from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides, atomic_output,
                    available_memory_bytes,
                    config_comments, config_problems, remove_stale_temporaries,
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
@@ -111,10 +112,13 @@ def check_model_fits(config, device):
     parameters = parameters_of(config)
     needed, free = parameters * TRAINING_BYTES_PER_PARAMETER, available_memory_bytes(device)
     if free is not None and needed > free:
+        tables = len(config["ngram_orders"]) * config["ngram_buckets"] * config["embedding_dim"]
+        lower = ("ngram_buckets (the n-gram tables hold most of them) or ngram_orders"
+                 if 2 * tables > parameters else
+                 "embedding_dim, attention_d_model or the number of layers")
         raise ConfigError([f"the model would have {parameters:,} parameters, about "
                            f"{needed / 1e9:.1f} GB for its weights, gradients and optimizer "
-                           f"state, but {device} has {free / 1e9:.1f} GB free: lower "
-                           f"embedding_dim, attention_d_model or the number of layers"])
+                           f"state, but {device} has {free / 1e9:.1f} GB free: lower {lower}"])
 
 
 # ---------------------------------------------------------------------------
@@ -174,15 +178,24 @@ def together(context, work):
     return result
 
 
-def start_on_rank0(config, locks):
-    """Lock checkpoint_dir for the run, clear an interrupted run's temporaries, and build
-    (or reuse) the processed data: rank 0's part, before the other ranks open the data."""
-    folder = config["checkpoint_dir"]
-    locks.enter_context(CheckpointFolderLock(folder))
+def clear_temporaries(folder):
+    """Remove the temporary files an interrupted write left in `folder`, saying so."""
     freed = remove_stale_temporaries(folder)
     if freed:
         print(f"removed {freed / 1e6:.1f} MB of temporary files left in {folder} by an "
-              f"interrupted checkpoint write")
+              f"interrupted write")
+
+
+def start_on_rank0(config, locks):
+    """Lock checkpoint_dir for the run, clear an interrupted run's temporaries, keep a
+    trained model from being overwritten, and build (or reuse) the processed data: rank
+    0's part, before the other ranks open the data."""
+    folder = config["checkpoint_dir"]
+    locks.enter_context(CheckpointFolderLock(folder))
+    clear_temporaries(folder)
+    keep_trained_model(config, resolve_resume_path(config))
+    for warning in structure_warnings(config):
+        print(f"warning: {warning}")
     first_run = config["data_dir"] == config_module.CONFIG_V3["data_dir"]
     return DataProcessor(config, create_missing_data_dir=first_run).prepare()
 
@@ -204,7 +217,12 @@ def run_training(config, device, context):
             trainer.resume(resume_path)
         summary = trainer.train()
         if not summary["interrupted"]:  # every rank agrees on this, and scores its share
-            validate_final_model(trainer)
+            try:
+                validate_final_model(trainer)
+            except KeyboardInterrupt:  # the model is saved: stop here, as after training
+                print("\nSIGINT received: the final validation is skipped; the checkpoints "
+                      "are saved", file=sys.stderr)
+                summary = {**summary, "interrupted": True}
         # Every rank leaves training together: a rank that tears its process group
         # down while rank 0 is still writing the last checkpoint makes gloo abort.
         context.barrier()
@@ -279,6 +297,9 @@ def evaluation_data(config, path):
     processed_data_dir, so the training cache is never touched."""
     if not os.path.exists(path):
         raise UserError(f"--evaluate={path}: no such file or folder")
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        raise UserError(f"--evaluate={path}: not a regular file (a pipe or a device?); give "
+                        f"a .txt file or a folder of them")
     if os.path.isfile(path) and not path.lower().endswith(".txt"):
         raise UserError(f"--evaluate={path}: not a .txt file; give a .txt file or a folder")
     if os.path.isdir(path) and not any(name.lower().endswith(".txt")
@@ -294,13 +315,43 @@ def evaluation_data(config, path):
     return processor.prepare(), processor.manifest()
 
 
+def check_json_path(json_path):
+    """--json=PATH: a UserError before any work when the figures could not be written
+    there (they are written beside it first, then renamed: its folder must be writable)."""
+    folder = os.path.dirname(os.path.abspath(json_path))
+    if os.path.isdir(json_path):
+        raise UserError(f"--json={json_path} is a folder: give a file path")
+    if not os.path.isdir(folder):
+        raise UserError(f"--json={json_path}: the folder {folder} does not exist; create it "
+                        f"or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--json={json_path}: the folder {folder} is not writable; choose "
+                        f"another path")
+    clear_temporaries(folder)
+
+
+def evaluation_stride(config, model):
+    """The stride of --evaluate, checked against the checkpoint's window (the config's
+    sequence_length does not change a trained model)."""
+    window = model.context_length
+    stride = config["evaluation_stride"] or window
+    if stride > window:
+        raise UserError(f"evaluation_stride ({stride}) is longer than the checkpoint's window "
+                        f"({window} bytes; the config's sequence_length does not change a "
+                        f"trained model): bytes between windows would never be scored. Use "
+                        f"--evaluation_stride={window} or less, or None (= the window)")
+    return stride
+
+
 def run_evaluation(config, device, path, json_path=None):
     """--evaluate=PATH: bits per byte of the trained model over every byte of PATH, per
     file (hardest first) and in total; --json=PATH writes the same figures."""
-    data, manifest = evaluation_data(config, path)
+    if json_path:
+        check_json_path(json_path)
     model = load_model_for_prediction(config, device, purpose="evaluating")
-    plan = SlidingPlan(0, len(data), model.context_length,
-                       config["evaluation_stride"] or model.context_length)
+    stride = evaluation_stride(config, model)
+    data, manifest = evaluation_data(config, path)
+    plan = SlidingPlan(0, len(data), model.context_length, stride)
     if len(plan) == 0:
         raise UserError(f"--evaluate={path}: {len(data)} byte(s), nothing to predict")
     names, spans = zip(*sorted(manifest["spans"].items(), key=lambda item: item[1][0]))
@@ -308,8 +359,13 @@ def run_evaluation(config, device, path, json_path=None):
                                  parts=spans, progress=True)
     files = sorted(zip(names, per_file), key=lambda item: (
         item[1].count == 0, -item[1].bits_per_byte if item[1].count else 0))
-    print(f"{path}: every byte but the first scored once, {len(names)} file(s), window "
-          f"{plan.context_length}, stride {plan.stride} ({len(plan):,} windows)")
+    window = (f"the checkpoint's window {plan.context_length}" if plan.context_length ==
+              model.context_length else f"window {plan.context_length} (the text is shorter "
+              f"than the checkpoint's window of {model.context_length})")
+    source = ("evaluation_stride" if config["evaluation_stride"] else
+              "= the window, as evaluation_stride is None")
+    print(f"{path}: every byte but the first scored once, {len(names)} file(s), {window}, "
+          f"stride {plan.stride} ({source}; {len(plan):,} windows)")
     print(breakdown_table(total, files))
     if json_path:
         figures = {"path": path, "checkpoint": path_to_generate_from(config, log=lambda _: None),
@@ -319,14 +375,23 @@ def run_evaluation(config, device, path, json_path=None):
                    "utf8_error_policy": config["utf8_error_policy"],
                    "invalid_utf8": manifest.get("invalid_utf8", {}),
                    "skipped": manifest.get("skipped", [])}
-        with open(json_path, "w", encoding="utf-8") as file:
-            json.dump(figures, file, indent=1, ensure_ascii=False)
-        print(f"figures written to {json_path}")
+        write_figures(figures, json_path)
+
+
+def write_figures(figures, json_path):
+    try:
+        with atomic_output(json_path) as file:
+            file.write(json.dumps(figures, indent=1, ensure_ascii=False).encode("utf-8"))
+    except OSError as error:
+        raise UserError(f"cannot write the figures to {json_path} ({error.strerror or error}); "
+                        f"they are printed above") from None
+    print(f"figures written to {json_path}")
 
 
 def run_report(config):
     """--report: report.html from an existing metrics.csv, with the run's own config (its
     latest checkpoint's, else best's, else this one)."""
+    clear_temporaries(config["checkpoint_dir"])
     run_config = config
     for kind in ("latest", "best"):
         if os.path.isfile(checkpoint_path(config, kind)):
@@ -355,10 +420,12 @@ def main(argv):
         summary = run_training(config, device, context) if flags["DO_TRAINING"] else None
         interrupted = summary is not None and summary["interrupted"]
         interactive = "interactive" in switches
-        if (flags["DO_PREDICTION"] or interactive) and context.is_main and not interrupted:
-            run_prediction(config, device, interactive)
-        if summary is not None and context.is_main:
-            announce_report(config)  # after the generation stage: it shows the samples
+        try:
+            if (flags["DO_PREDICTION"] or interactive) and context.is_main and not interrupted:
+                run_prediction(config, device, interactive)
+        finally:  # a stopped or failed generation stage leaves the run's report too
+            if summary is not None and context.is_main:
+                announce_report(config)  # after the generation stage: it shows the samples
         if not (flags["DO_TRAINING"] or flags["DO_PREDICTION"] or interactive):
             print("DO_TRAINING and DO_PREDICTION are both False: nothing to do.")
         return 130 if interrupted else 0

@@ -289,6 +289,21 @@ def model_config_problems(c):
     return config_problems(c, RULES, MODEL_KEYS, cross_checks=(structure_problems,))
 
 
+def structure_warnings(c):
+    """Model settings that are valid but cannot do what they are for."""
+    warnings = []
+    longer = [n for n in c["ngram_orders"] if n > c["sequence_length"]]
+    if longer:
+        warnings.append(f"`ngram_orders` {longer} are longer than the window (sequence_length "
+                        f"{c['sequence_length']}): no training window holds such an n-gram, "
+                        f"so those tables only learn padding; drop them or widen the window")
+    if c["ngram_orders"] and c["ngram_buckets"] == 1:
+        warnings.append("`ngram_buckets` = 1 puts every n-gram in the same row: the n-gram "
+                        "tables cannot tell n-grams apart; use thousands of buckets, or "
+                        "ngram_orders=[] to turn them off")
+    return warnings
+
+
 def structure_problems(c):
     """Rules that tie model keys together. `c` holds only keys whose own values are valid,
     so a rule whose keys are missing is skipped."""

@@ -188,7 +188,11 @@ def utf8_next_state(state, byte):
     """The state after `byte`, or None if `byte` makes the text invalid UTF-8."""
     need, low, high = state
     if need > 0:
-        return (need - 1, 0x80, 0xBF) if low <= byte <= high else None
+        if not low <= byte <= high:
+            return None
+        # The narrower ranges above hold for the second byte only; a complete character
+        # is back at the start (one state, not a twin that merely behaves like it).
+        return (need - 1, 0x80, 0xBF) if need > 1 else UTF8_START
     if byte <= 0x7F:
         return UTF8_START
     if 0xC2 <= byte <= 0xDF:
@@ -735,7 +739,7 @@ HELP = """Type a prompt and press Enter to see its continuation. Commands:
   /rep R    repetition penalty (1 = off)
   /seed S   sampling seed (an integer)
   /help     this text and the current settings
-  /quit     leave (Ctrl-D and Ctrl-C work too)
+  /quit     leave (Ctrl-D too; Ctrl-C stops a continuation, and at the prompt leaves)
 """
 
 
@@ -756,8 +760,9 @@ def _changed_settings(config, settings, command, argument):
 
 
 def interactive_loop(predictor, config, input_fn=input, write=_write_stdout):
-    """Read prompts and /commands with `input_fn` until /quit, Ctrl-D or Ctrl-C,
-    streaming each continuation through `write(text)` (which adds no newline)."""
+    """Read prompts and /commands with `input_fn` until /quit, Ctrl-D or Ctrl-C at the
+    prompt, streaming each continuation through `write(text)` (which adds no newline);
+    Ctrl-C during a continuation stops it and returns to the prompt."""
     if input_fn is input and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in: U+FFFD
     settings = generation_settings(config)
@@ -779,7 +784,10 @@ def interactive_loop(predictor, config, input_fn=input, write=_write_stdout):
             elif command.startswith("/"):
                 write(f"unknown command {command}; /help lists them\n")
             elif line:
-                predictor.generate(line, on_text=write, **settings)
+                try:
+                    predictor.generate(line, on_text=write, **settings)
+                except KeyboardInterrupt:  # stops this generation, not the session
+                    write("\n[stopped]")
                 write("\n")
     except (EOFError, KeyboardInterrupt):
         write("\n")

@@ -7,14 +7,13 @@ config (the keys that differ from config.CONFIG_V3 first), the final figures and
 interim and final samples.
 """
 
-import csv
 import html
 import math
 import os
 import statistics
 
 import config as config_module
-from utils import UserError, atomic_output, bits_per_byte
+from utils import UserError, atomic_output, bits_per_byte, read_log_rows
 
 REPORT_FILENAME = "report.html"
 SAMPLES_SHOWN = 20_000  # characters of each samples file shown (its end)
@@ -27,21 +26,24 @@ MARGIN = {"left": 64, "right": 16, "top": 34, "bottom": 48}
 # metrics.csv
 
 def read_metrics(path):
-    """The rows of metrics.csv, numbers as floats (None where a row has none)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as file:
-        for row in csv.DictReader(file):
-            parsed = {key: _number(value) for key, value in row.items() if key != "event"}
-            parsed["event"] = row.get("event") or ""
-            rows.append(parsed)
-    return rows
+    """(rows, unreadable) of metrics.csv: the rows with numbers as floats (None where a
+    row has none, or a value that is not a finite number), and how many rows could not
+    be read at all (utils.read_log_rows)."""
+    rows, unreadable = read_log_rows(path)
+    parsed = []
+    for row in rows:
+        numbers = {key: _number(value) for key, value in row.items()
+                   if key not in ("event", None)}  # None: the extra fields of a garbled row
+        parsed.append({**numbers, "event": row.get("event") or ""})
+    return parsed, unreadable
 
 
 def _number(text):
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         return None
+    return value if math.isfinite(value) else None
 
 
 def resume_points(rows):
@@ -340,19 +342,25 @@ pre { background: #f6f6f6; padding: 10px; white-space: pre-wrap; font-size: 12px
 """
 
 
-def write_report(run_config):
-    """Write checkpoint_dir/report.html from checkpoint_dir/metrics.csv; return its path."""
+def write_report(run_config, log=print):
+    """Write checkpoint_dir/report.html from checkpoint_dir/metrics.csv; return its path.
+    Rows of metrics.csv that cannot be read are left out, and counted (`log`, the page)."""
     folder = run_config["checkpoint_dir"]
     metrics = os.path.join(folder, "metrics.csv")
     if not os.path.isfile(metrics):
         raise UserError(f"no {metrics} to report on: train first (the report draws its rows)")
-    rows = read_metrics(metrics)
+    rows, unreadable = read_metrics(metrics)
+    left_out = (f"; {unreadable} unreadable row(s) (garbled, or half-written by a killed "
+                f"run) left out" if unreadable else "")
+    if unreadable:
+        log(f"note: {metrics}{left_out}")
     figures = "".join(f"<tr><td>{_esc(what)}</td><td>{_esc(value)}</td></tr>"
                       for what, value in final_figures(rows))
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>GrugV3 training report: {_esc(folder)}</title><style>{STYLE}</style></head>",
-        f"<body><h1>GrugV3 training report</h1><p>{_esc(metrics)}, {len(rows)} rows. Bits "
+        f"<body><h1>GrugV3 training report</h1><p>{_esc(metrics)}, {len(rows)} rows"
+        f"{_esc(left_out)}. Bits "
         f"per byte = nats / ln 2; 8 is a uniform guess over the 256 bytes.</p>",
         f"<h2>Final figures</h2><table>{figures}</table>",
         '<h2>Curves</h2><div class="plots">', *training_plots(rows), "</div>",

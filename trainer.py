@@ -8,6 +8,7 @@ nanoGPT's: set the rate and step, then decide what else this step calls for.
 
 import contextlib
 import csv
+import hashlib
 import io
 import math
 import os
@@ -22,15 +23,38 @@ from tqdm import tqdm
 
 from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint_path,
                         load_for_resume, prune_epoch_snapshots, restore_rng_states,
-                        save_checkpoint, unwrap_model)
-from dataset import BatchOrder
+                        save_checkpoint, setting_differences, unwrap_model)
+from dataset import BatchOrder, corpus_fingerprint
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
                    autocast_context, bits_per_byte, cpu_has_bf16_units, error_summary,
-                   precision_name, run_precision)
+                   move_aside, precision_name, read_log_rows, run_precision)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
+
+# The config keys, besides the architecture (which a resume must share), that decide what
+# training does from a checkpoint on. A resume where one differs is a continuation with
+# changes, not an exact resume, and says which (tests/test_trainer.py classifies every
+# key of CONFIG_V3, so a new key cannot be left out unnoticed).
+TRAINING_KEYS = (
+    # which windows, in which order, and how many per step
+    "seed", "batch_size", "gradient_accumulation_steps", "data_stride", "val_split_ratio",
+    # the run's length: the schedule's horizon
+    "num_epochs", "max_steps", "max_train_minutes",
+    # the optimizer
+    "optimizer_type", "learning_rate", "muon_learning_rate", "muon_momentum", "adam_beta1",
+    "adam_beta2", "adam_eps", "weight_decay", "clip_grad_norm_value",
+    # the learning-rate schedule
+    "scheduler_type", "lr_decay_fraction", "lr_scheduler_T_max", "lr_scheduler_eta_min",
+    "lr_scheduler_patience", "lr_scheduler_factor", "use_lr_warmup", "lr_warmup_steps",
+    "lr_warmup_init_factor",
+    # validation: the best checkpoint and ReduceLROnPlateau follow it
+    "validate_and_checkpoint_best_every_batches", "eval_max_batches",
+    # what a training step computes
+    "training_objective", "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout",
+    "use_amp", "amp_dtype",
+)
 
 
 class TrainingDiverged(UserError):
@@ -43,6 +67,22 @@ def schedule_problems(c):
             and c["lr_scheduler_eta_min"] > c["learning_rate"]:
         return [f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
                 f"`learning_rate` ({c['learning_rate']})"]
+    return []
+
+
+def schedule_warnings(schedule):
+    """What the schedule, as configured, cannot do within the run's step limit."""
+    steps, warmup = schedule.step_limit, schedule.warmup_steps
+    if warmup >= steps:
+        reach = "never reaches" if warmup > steps else "reaches only at the last step"
+        return [f"lr_warmup_steps ({warmup}) is not shorter than this run ({steps} steps): "
+                f"the learning rate {reach} its peak and never decays; lower lr_warmup_steps"]
+    if schedule.kind == "wsd":
+        decay = max(1, round(schedule.decay_fraction * steps))
+        if steps - decay < warmup:
+            return [f"the wsd decay (the last {decay} of {steps} steps, lr_decay_fraction "
+                    f"{schedule.decay_fraction}) begins inside the {warmup}-step warmup: the "
+                    f"rate never holds its peak; lower lr_decay_fraction or lr_warmup_steps"]
     return []
 
 
@@ -121,6 +161,10 @@ class LearningRateSchedule:
         length = self.cosine_length or max(self.horizon() - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / max(length - 1, 1), 1.0)
         return self.eta_min + (self.peak - self.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def forget_validations(self):
+        """ReduceLROnPlateau forgets its best loss (measured on other validation text)."""
+        self.plateau_best, self.plateau_bad_checks = math.inf, 0
 
     def on_validation(self, val_loss):
         if self.kind != "ReduceLROnPlateau":
@@ -353,17 +397,17 @@ class TrainingLog:
         self._reset()
 
     def _start_file(self, resumed_at):
-        rows = []
+        rows, unreadable = [], 0
         if os.path.exists(self.path):
-            with open(self.path, newline="") as file:
-                rows = list(csv.DictReader(file))
-            if resumed_at is None and rows:
-                aside = self.path[:-len(".csv")] + time.strftime("_before_%Y%m%d_%H%M%S.csv")
-                os.replace(self.path, aside)
+            rows, unreadable = read_log_rows(self.path)
+            if resumed_at is None and (rows or unreadable):
+                aside = move_aside(self.path)
                 self.message(f"note: a fresh run; the earlier {self.path} is now {aside}")
-                rows = []
-        kept = [row for row in rows if resumed_at is not None and row.get("step", "").isdigit()
-                and int(row["step"]) <= resumed_at]
+                rows, unreadable = [], 0
+        if unreadable:
+            self.message(f"note: {self.path}: {unreadable} unreadable row(s) (garbled, or "
+                         f"half-written by a killed run) left out")
+        kept = [row for row in rows if resumed_at is not None and int(row["step"]) <= resumed_at]
         with atomic_output(self.path) as file:
             text = io.TextIOWrapper(file, encoding="utf-8", newline="")
             writer = csv.DictWriter(text, METRICS_COLUMNS, extrasaction="ignore", restval="")
@@ -537,6 +581,13 @@ class Trainer:
         self.schedule = LearningRateSchedule(config, min(total, config["max_steps"] or total),
                                              self.time_budget)
 
+        # What the validations measure on: a resume on other text or another validation
+        # sample must not compare its losses with the checkpoint's best.
+        self.corpus = corpus_fingerprint(train_dataset.data)
+        self.validation_sample = hashlib.blake2b(np.asarray(val_dataset.window_starts(
+            self.validation_indices()), dtype=np.int64).tobytes() + str(
+            val_dataset.sequence_length).encode(), digest_size=16).hexdigest()
+
         # Progress, restored on resume (the data position lives in self.order).
         self.step, self.best_val_loss, self.resumed = 0, math.inf, False
         self.elapsed_before = 0.0  # seconds of training in earlier (resumed-from) runs
@@ -574,6 +625,7 @@ class Trainer:
             "rng_states": capture_rng_states(),
             "config": dict(self.config),
             "precision": precision_name(self.amp_dtype),
+            "corpus": self.corpus, "validation_sample": self.validation_sample,
         }
 
     def save(self, kind, final=False):
@@ -614,12 +666,44 @@ class Trainer:
         self.step, self.resumed = state["step"], True
         self.order.load_state_dict(state, self._log)
         self.best_val_loss = state["best_val_loss"]
-        if self.config["reset_best_val_loss_on_resume"]:
-            self.best_val_loss = math.inf
         self.elapsed_before = state["elapsed_seconds"]
         restore_rng_states(state["rng_states"])
         self._log(f"resumed from {path}: step {self.step}, epoch {self.order.epoch + 1}, "
                   f"best validation loss {self.best_val_loss:.4f}")
+        self._say_what_changed(state)
+
+    def _say_what_changed(self, state):
+        """After a resume: every training setting that differs from the checkpoint's, and
+        whether the corpus or the validation sample did (then the checkpoint's best
+        validation loss, measured on other text, is forgotten)."""
+        changes = setting_differences(state["config"], self.config, TRAINING_KEYS)
+        if changes:
+            self._log(f"note: a continuation with changes, not an exact resume: "
+                      f"{len(changes)} training setting(s) differ from the checkpoint's:\n  "
+                      + "\n  ".join(changes))
+        saved, now = state.get("corpus"), self.corpus
+        if saved is None:
+            self._log("note: the checkpoint records no corpus fingerprint (an older "
+                      "version saved it): whether the corpus changed cannot be told")
+        elif saved != now:
+            self._log(f"note: the corpus differs from the one the checkpoint was trained on "
+                      f"({saved['bytes']:,} bytes, fingerprint {saved['blake2b'][:12]}; now "
+                      f"{now['bytes']:,} bytes, {now['blake2b'][:12]}): training continues "
+                      f"on this text")
+        sample = state.get("validation_sample")
+        measured_on = ("other text" if saved not in (None, now) else
+                       "another validation sample (val_split_ratio, data_stride, "
+                       "eval_max_batches, batch_size or the number of ranks changed)"
+                       if sample not in (None, self.validation_sample) else None)
+        if measured_on:
+            if math.isfinite(self.best_val_loss):
+                self._log(f"note: the checkpoint's best validation loss "
+                          f"{self.best_val_loss:.4f} was measured on {measured_on}: it is "
+                          f"forgotten, and this run's first validation is the best so far")
+            self.best_val_loss = math.inf
+            self.schedule.forget_validations()
+        elif self.config["reset_best_val_loss_on_resume"]:
+            self.best_val_loss = math.inf
 
     def _keep_recorded_precision(self, recorded, path):
         """amp_dtype="auto" decides once per run: a resumed run keeps the precision its
@@ -746,6 +830,8 @@ class Trainer:
                          f"({self.order.steps_per_epoch} per epoch, {self.windows_per_step()} "
                          f"windows per step)" + (f", {c['max_train_minutes']} minutes at most"
                                                  if self.time_budget else ""))
+        for warning in schedule_warnings(self.schedule):
+            self.log.message(f"warning: {warning}")
         self._start_time = time.perf_counter()
         self.model.train()
         batches = self.order.loader(self.train_dataset, self.config["num_workers"],

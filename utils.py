@@ -9,9 +9,11 @@
 
 import ast
 import contextlib
+import csv
 import datetime
 import difflib
 import functools
+import io
 import math
 import os
 import random
@@ -67,7 +69,8 @@ class Rule:
             if not all(_has_kind(v, self.item) for v in value):
                 return f"`{key}` must be a list of {self.item.__name__}, got {value!r}"
             if self.low is not None and any(self._out_of_range(v) for v in value):
-                return f"`{key}` must hold positive integers, got {value!r}"
+                bound = f"{'>' if self.low_open else '>='} {self.low}"
+                return f"every item of `{key}` must be {bound}, got {value!r}"
             return None
         if self.choices is not None and value not in self.choices:
             return f"`{key}` = {value!r} is not one of {', '.join(map(repr, self.choices))}"
@@ -436,6 +439,34 @@ def atomic_output(path):
             os.remove(temp_path)
         raise
     _fsync_folder(folder)
+
+
+def move_aside(path, stamp=None):
+    """Rename `path` to `{name}_before_{stamp}{extension}` beside it (stamp: the time, by
+    default), never over an existing file; returns the new path. What a fresh run does
+    with an earlier run's files: they are kept, out of its way."""
+    stamp = stamp or time.strftime("%Y%m%d_%H%M%S")
+    root, extension = os.path.splitext(path)
+    aside, count = f"{root}_before_{stamp}{extension}", 1
+    while os.path.exists(aside):
+        count += 1
+        aside = f"{root}_before_{stamp}_{count}{extension}"
+    os.rename(path, aside)
+    return aside
+
+
+def read_log_rows(path, key="step"):
+    """(rows, unreadable) of a CSV log such as metrics.csv: rows as dicts of strings,
+    whose `key` is a whole number; `unreadable` counts the rows left out (a garbled row,
+    and a last line without its newline, which a killed writer left half-written).
+    Bytes that are not UTF-8 read as U+FFFD."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as file:
+        text = file.read()
+    complete = text[:text.rfind("\n") + 1]  # "" when no line is complete
+    half_written = int(complete != text)
+    rows = list(csv.DictReader(io.StringIO(complete)))
+    kept = [row for row in rows if (row.get(key) or "").isdigit()]
+    return kept, len(rows) - len(kept) + half_written
 
 
 def remove_stale_temporaries(folder):

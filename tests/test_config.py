@@ -293,3 +293,31 @@ def test_generation_setting_keys_are_the_defaults_of_generate_arguments():
         assert key == f"generation_{name}" and key in DEFAULTS
         assert parameters[name].default is None, name
     assert set(parameters) - set(SETTING_KEYS) == {"self", "prompt", "on_text"}
+
+
+def test_messages_name_the_real_rule_and_the_real_cause(monkeypatch):
+    import main
+    import torch
+    assert problems_of(ngram_orders=[1]) == [
+        "every item of `ngram_orders` must be >= 2, got [1]"]
+    monkeypatch.setattr(main, "available_memory_bytes", lambda device: 8e9)
+    with pytest.raises(ConfigError, match="lower ngram_buckets") as caught:
+        main.check_model_fits({**DEFAULTS, "ngram_buckets": 2**31}, torch.device("cpu"))
+    assert "embedding_dim" not in str(caught.value)
+    with pytest.raises(ConfigError, match="lower embedding_dim"):
+        main.check_model_fits({**DEFAULTS, "num_attention_layers": 3000}, torch.device("cpu"))
+
+
+def test_model_settings_that_cannot_do_their_job_are_warned_about():
+    from model import structure_warnings
+    assert structure_warnings(dict(DEFAULTS)) == []
+    said = " ".join(structure_warnings({**DEFAULTS, "sequence_length": 4}))
+    assert "`ngram_orders` [5, 6] are longer than the window" in said
+    assert "every n-gram in the same row" in " ".join(
+        structure_warnings({**DEFAULTS, "ngram_buckets": 1}))
+    assert structure_warnings({**DEFAULTS, "ngram_buckets": 1, "ngram_orders": []}) == []
+
+
+def test_start_over_is_a_flag_that_refuses_by_default():
+    assert DEFAULTS["start_over"] is False
+    assert problems_of(start_over="yes") == ["`start_over` must be bool, got str ('yes')"]

@@ -214,3 +214,74 @@ def test_evaluate_errors_are_clear(trained):
         main_module.main(arguments(trained, f"--evaluate={trained}/missing"))
     with pytest.raises(ConfigError, match="--evaluate"):
         main_module.main(arguments(trained, "--json=out.json"))
+
+
+def test_the_stride_is_checked_against_the_checkpoints_window(trained, capsys):
+    write(f"{trained}/held.txt", b"the dog sat on the log. " * 40)
+    write(f"{trained}/stride.txt", b"the dog sat on the log. " * 40)
+    # The config's window is 64, the checkpoint's 16: a stride of 48 would skip bytes.
+    with pytest.raises(UserError, match=r"longer than the checkpoint's window \(16 bytes"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/stride.txt",
+                                   "--sequence_length=64", "--evaluation_stride=48"))
+    assert not [name for name in os.listdir(f"{trained}/processed")
+                if name.startswith("evaluate_stride")]  # said before the data work
+    figures = evaluate(trained, f"{trained}/held.txt", "--sequence_length=64",
+                       "--evaluation_stride=8")
+    assert (figures["context_length"], figures["stride"]) == (16, 8)
+    printed = capsys.readouterr().out
+    assert "the checkpoint's window 16, stride 8 (evaluation_stride;" in printed
+
+
+def test_an_unwritable_json_path_is_refused_before_the_work(trained, capsys):
+    write(f"{trained}/held.txt", b"the dog sat on the log. " * 40)
+    capsys.readouterr()
+    with pytest.raises(UserError, match="does not exist"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/held.txt",
+                                   f"--json={trained}/no_such_folder/figures.json"))
+    assert "evaluating with" not in capsys.readouterr().out  # nothing was loaded or scored
+    with pytest.raises(UserError, match="is a folder"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/held.txt",
+                                   f"--json={trained}"))
+
+
+def test_a_failed_json_write_is_a_clear_error_after_the_figures_are_printed(
+        trained, capsys, monkeypatch):
+    write(f"{trained}/held.txt", b"the dog sat on the log. " * 40)
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(main_module, "atomic_output", full_disk)
+    capsys.readouterr()
+    with pytest.raises(UserError, match="cannot write the figures to .*No space left on device"):
+        main_module.main(arguments(trained, f"--evaluate={trained}/held.txt",
+                                   f"--json={trained}/figures.json"))
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "total" in printed  # the figures are not lost
+
+
+def test_evaluate_speaks_of_evaluation_and_checks_the_checkpoint_first(trained, tmp_path):
+    write(f"{trained}/empty.txt", b"")
+    with pytest.raises(UserError, match="nothing to evaluate") as caught:
+        main_module.main(arguments(trained, f"--evaluate={trained}/empty.txt"))
+    assert "to train" not in str(caught.value) and "dummy" not in str(caught.value)
+    os.mkfifo(f"{tmp_path}/pipe.txt")
+    with pytest.raises(UserError, match="not a regular file"):
+        main_module.main(arguments(trained, f"--evaluate={tmp_path}/pipe.txt"))
+
+    untrained = arguments(tmp_path, f"--evaluate={trained}/empty.txt")
+    with pytest.raises(UserError, match="no checkpoint to generate from"):
+        main_module.main(untrained)
+    assert not os.path.exists(f"{tmp_path}/processed")  # no data processed before it
+
+
+def test_evaluate_and_report_remove_their_stale_temporaries(trained, tmp_path):
+    import socket
+    stale = f".tmp_{socket.gethostname()}_999999_"  # a writer that no longer runs
+    for folder, name in ((f"{trained}/ckpt", "report.html"), (str(tmp_path), "figures.json")):
+        write(f"{folder}/{stale}{name}", b"half written")
+    write(f"{trained}/held.txt", b"the dog sat on the log. " * 40)
+    main_module.main(arguments(trained, "--report"))
+    main_module.main(arguments(trained, f"--evaluate={trained}/held.txt",
+                               f"--json={tmp_path}/figures.json"))
+    assert not [n for n in os.listdir(f"{trained}/ckpt") if n.startswith(".tmp_")]
+    assert os.listdir(tmp_path) == ["figures.json"]

@@ -247,3 +247,70 @@ def test_main_in_process_trains_generates_resumes_and_reports(tmp_path, capsys, 
     os.remove(f"{root}/ckpt/report.html")
     assert main.main([*common, "--report"]) == 0
     assert os.path.exists(f"{root}/ckpt/report.html")
+
+
+# ---------------------------------------------------------------------------
+# In process: what a run does with the files of an earlier one
+
+def in_process(root, *args):
+    import main as main_module
+    return main_module.main([*paths(root), *TINY_MODEL, "--test_every_batches=0", *args])
+
+
+def test_a_second_fresh_run_never_overwrites_the_trained_model(tmp_path, capsys):
+    import hashlib
+    from utils import UserError
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+    assert in_process(root, "--max_steps=3", "--DO_PREDICTION=False") == 0
+
+    def checksums():
+        return {name: hashlib.sha256(open(f"{root}/ckpt/{name}", "rb").read()).hexdigest()
+                for name in ("grug_v3_best.pth", "grug_v3_latest.pth")}
+    trained = checksums()
+    capsys.readouterr()
+    try:
+        in_process(root, "--max_steps=2", "--DO_PREDICTION=False")
+        raise AssertionError("a fresh run trained over the model")
+    except UserError as error:
+        assert "holds a trained model (grug_v3_best.pth, grug_v3_latest.pth)" in str(error)
+    assert "data:" not in capsys.readouterr().out  # refused before any data work
+    assert checksums() == trained
+
+    assert in_process(root, "--max_steps=2", "--DO_PREDICTION=False", "--start_over=True") == 0
+    assert "is now" in capsys.readouterr().out
+    aside = sorted(name for name in os.listdir(f"{root}/ckpt") if "_before_" in name)
+    assert [name.split("_before_")[0] for name in aside] == [
+        "grug_v3_best", "grug_v3_latest", "metrics"]
+    moved = {name.split("_before_")[0] + ".pth": hashlib.sha256(
+        open(f"{root}/ckpt/{name}", "rb").read()).hexdigest() for name in aside[:2]}
+    assert moved == trained  # the first model, intact beside the new one
+    assert load_checkpoint(f"{root}/ckpt/grug_v3_latest.pth")["step"] == 2
+
+
+def test_ctrl_c_during_the_final_validation_still_writes_the_report(tmp_path, monkeypatch):
+    import main as main_module
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+
+    def interrupted(trainer):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main_module, "validate_final_model", interrupted)
+    try:
+        assert in_process(root, "--max_steps=3") == 130  # and no generation stage
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("Ctrl-C during the final validation ended the run without its report")
+    assert os.path.isfile(f"{root}/ckpt/report.html")
+    assert not os.path.exists(f"{root}/ckpt/generated_samples.txt")
+
+
+def test_settings_that_cannot_do_what_is_meant_are_warned_about_at_start(tmp_path, capsys):
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "the cat sat on the mat. " * 300)
+    assert in_process(root, "--max_steps=3", "--DO_PREDICTION=False", "--lr_warmup_steps=5",
+                      "--ngram_orders=[2, 20]", "--ngram_buckets=1") == 0
+    said = capsys.readouterr().out
+    for warning in ("warning: lr_warmup_steps (5) is not shorter than this run (3 steps)",
+                    "warning: `ngram_orders` [20] are longer than the window",
+                    "warning: `ngram_buckets` = 1 puts every n-gram in the same row"):
+        assert warning in said

@@ -186,6 +186,35 @@ def test_utf8_state_machine_matches_the_standard():
             assert accepted == completable(bytes([first, second])), (hex(first), hex(second))
 
 
+EDGE_CODE_POINTS = (0x0800, 0xD7FF, 0xE000, 0xFFFF, 0x10000, 0x1F642, 0x10FFFF)
+
+
+def test_every_complete_character_returns_the_utf8_state_machine_to_its_start():
+    """The narrower second-byte ranges of E0, ED, F0 and F4 hold for the second byte only:
+    the edge code points of 3- and 4-byte characters, and every valid encoding of every
+    code point, walk through the sampling tables without a masked byte, back to the start."""
+    from predictor import utf8_tables
+    states, allowed, following = utf8_tables()
+    for code_point in EDGE_CODE_POINTS:
+        state = UTF8_START
+        for byte in chr(code_point).encode("utf-8"):
+            state = utf8_next_state(state, byte)
+            assert state is not None, hex(code_point)
+        assert state == UTF8_START, hex(code_point)
+    by_length = {}
+    for code_point in range(0x110000):
+        if not 0xD800 <= code_point <= 0xDFFF:  # surrogates have no UTF-8 encoding
+            encoded = chr(code_point).encode("utf-8")
+            by_length.setdefault(len(encoded), []).append(encoded)
+    for length, encodings in by_length.items():
+        data = torch.tensor(list(b"".join(encodings)), dtype=torch.long).view(-1, length)
+        state = torch.zeros(len(data), dtype=torch.long)  # states[0] is UTF8_START
+        for position in range(length):
+            assert allowed[state, data[:, position]].all(), f"a {length}-byte character masked"
+            state = following[state, data[:, position]]
+        assert (state == 0).all() and states[0] == UTF8_START
+
+
 def test_unfinished_tail_of_a_prompt():
     assert utf8_unfinished_tail(b"caf\xc3") == ((1, 0x80, 0xBF), b"\xc3")
     assert utf8_unfinished_tail("x€".encode()[:-1])[1] == b"\xe2\x82"
@@ -402,6 +431,23 @@ def test_interactive_loop_exits_on_quit_and_ctrl_c(tmp_path, ending):
     interactive_loop(predictor, predictor.config, write=written.append, input_fn=scripted(lines))
     assert "seed = 3" in "".join(written)
     assert lines == ["never read"]  # it stopped asking
+
+
+def test_ctrl_c_during_a_continuation_returns_to_the_prompt(tmp_path):
+    predictor = make_predictor(tmp_path)
+    generate = predictor.generate
+
+    def interrupted_after_some_text(prompt, on_text, **settings):
+        if prompt == "long":
+            on_text("a beginning")
+            raise KeyboardInterrupt
+        return generate(prompt, on_text=on_text, **settings)
+    predictor.generate = interrupted_after_some_text
+    written, lines = [], ["long", "/seed 3", "/quit", "never read"]
+    interactive_loop(predictor, predictor.config, write=written.append, input_fn=scripted(lines))
+    output = "".join(written)
+    assert "a beginning\n[stopped]\n" in output and "seed = 3" in output  # still asking
+    assert lines == ["never read"]
 
 
 # --- values at the edges ------------------------------------------------------------------

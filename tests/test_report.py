@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 import main as main_module
+from config import CONFIG_V3
 from report import Axis, tick_label, write_report
 from tests.conftest import make_tiny_config
 from trainer import METRICS_COLUMNS
@@ -210,3 +211,68 @@ def test_a_browser_renders_the_report(tmp_path):
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (1280, 1400)
     assert len(png) > 50_000  # plots and tables drawn, not a blank page (~5 KB)
+
+
+def table_cells(html):
+    """[[cell text, ...] per row] of every <table> of the page, as a browser parses it."""
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.rows[-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+    parser = Tables()
+    parser.feed(html)
+    return parser.rows
+
+
+def test_every_text_of_the_page_is_escaped(tmp_path):
+    hostile = "</td><b>&"
+    config = make_tiny_config(str(tmp_path), generation_prompts=[hostile],
+                              interim_test_prompt=hostile, data_dir=hostile)
+    write_metrics(config["checkpoint_dir"], a_resumed_run())
+    with open(write_report(config), encoding="utf-8") as file:
+        html = file.read()
+    assert hostile not in html and "&lt;/td&gt;&lt;b&gt;&amp;" in html
+    config_rows = [row for row in table_cells(html) if row and row[0] in CONFIG_V3]
+    assert len(config_rows) == len(CONFIG_V3)  # one row a key: no cell broke out
+    assert all(len(row) == 3 for row in config_rows)  # key | this run | default
+    rows = {row[0]: row[1:] for row in config_rows}
+    for key, value in (("generation_prompts", [hostile]), ("interim_test_prompt", hostile),
+                       ("data_dir", hostile)):
+        assert rows[key] == [repr(value), repr(CONFIG_V3[key])]
+
+
+def test_a_damaged_metrics_file_is_reported_without_its_unreadable_rows(tmp_path, capsys):
+    config = make_tiny_config(str(tmp_path))
+    write_metrics(config["checkpoint_dir"], a_resumed_run())
+    metrics = f"{config['checkpoint_dir']}/metrics.csv"
+    with open(metrics, "ab") as file:
+        file.write(b"abc,x,1,2,3,4,5,6,\n"  # garbled
+                   b"90,1,inf,,,0.001,inf,1300,\n"  # non-finite: missing values
+                   b"95,1,\xff\xfe,,,0.001,100,1310,\n"  # not UTF-8
+                   b"99,1,2.5,,,0.001,25000,13")  # half-written by a killed run
+    with open(write_report(config, log=print), encoding="utf-8") as file:
+        html = file.read()
+    assert "2 unreadable row(s)" in html and "2 unreadable row(s)" in capsys.readouterr().out
+    plots = plots_of(html)
+    steps = [x for x, _ in plotted(plots["Bits per byte by step (log scale)"],
+                                   "training (mean since last row)")]
+    assert round(steps[-1]) == 80  # neither the inf nor the half-written row is plotted
+    assert f"{len(a_resumed_run()) + 2} rows" in html  # the rows at steps 90 and 95
+    assert "<td>steps</td><td>95</td>" in html

@@ -851,3 +851,152 @@ def test_a_checkpoint_from_before_the_modern_keys_keeps_its_old_meaning(tmp_path
     same = real_trainer(tmp_path, max_steps=3, optimizer_type="AdamW", **LEGACY_ARCHITECTURE)
     same.resume(path)  # the old meaning, asked for explicitly: resumes
     assert same.train()["steps"] == 3
+
+
+# -- what a resume keeps, changes and refuses -----------------------------------------
+
+# The keys that deliberately do not shape training from a checkpoint on: where data and
+# files live, what is logged, sampled or generated, and settings whose effect is over
+# once the checkpoint's weights are loaded (initialisation).
+NOT_TRAINING_KEYS = {
+    "data_dir", "processed_data_dir", "checkpoint_dir", "model_name", "resume_from_checkpoint",
+    "start_over", "generate_dummy_data_if_empty", "force_reprocess_data",
+    "data_change_detection", "num_workers",
+    # the text itself is the corpus fingerprint's business
+    "file_separator", "utf8_error_policy",
+    "zero_init_output_projections", "reset_best_val_loss_on_resume", "evaluation_stride",
+    "print_every", "metrics_every", "test_every_batches", "interim_test_prompt",
+    "interim_test_max_new_bytes", "interim_test_temperature", "interim_test_top_k",
+    "checkpoint_every_batches", "save_epoch_snapshots", "keep_last_checkpoints",
+    "generation_prompts", "generation_max_new_bytes", "generation_temperature",
+    "generation_top_k", "generation_top_p", "generation_repetition_penalty",
+    "generation_repetition_window", "generation_seed", "generation_valid_utf8_only",
+    "use_kv_cache", "generation_compile", "generation_output_file",
+    "enable_profiler", "profiler_log_dir", "profiler_schedule_wait", "profiler_schedule_warmup",
+    "profiler_schedule_active", "profiler_schedule_repeat",
+    # the same computation, run elsewhere or compiled
+    "device", "use_torch_compile", "distributed_timeout_minutes",
+}
+
+
+def test_every_config_key_is_classified_as_architecture_training_or_neither():
+    from config import CONFIG_V3
+    from model import ARCHITECTURE_KEYS
+    groups = [set(ARCHITECTURE_KEYS), set(trainer_module.TRAINING_KEYS), NOT_TRAINING_KEYS]
+    assert sum(map(len, groups)) == len(set().union(*groups)), "a key in two groups"
+    assert set().union(*groups) == set(CONFIG_V3), "classify the new key here"
+    for key in ("batch_size", "gradient_accumulation_steps", "learning_rate", "seed",
+                "lr_warmup_steps", "scheduler_type", "optimizer_type", "use_amp", "amp_dtype"):
+        assert key in trainer_module.TRAINING_KEYS
+
+
+def test_a_resume_with_other_training_settings_lists_every_difference(tmp_path, capsys):
+    config = tiny(tmp_path, max_steps=6)
+    make_trainer(config).train()
+    exact = make_trainer(dict(config, max_steps=6))
+    capsys.readouterr()
+    exact.resume(checkpoint_path(config, "latest"))
+    assert "continuation with changes" not in capsys.readouterr().out  # an exact resume
+
+    changed = make_trainer(dict(config, batch_size=2, learning_rate=0.01, max_steps=9))
+    changed.resume(checkpoint_path(config, "latest"))
+    said = capsys.readouterr().out
+    assert "a continuation with changes, not an exact resume: 3 training setting(s)" in said
+    for line in ("batch_size: checkpoint 4 vs config 2",
+                 f"learning_rate: checkpoint {config['learning_rate']!r} vs config 0.01",
+                 "max_steps: checkpoint 6 vs config 9"):
+        assert line in said
+    # The checkpoint records every setting and the corpus it was trained on.
+    state = load_checkpoint(checkpoint_path(config, "latest"))
+    assert state["config"]["batch_size"] == 4 and state["corpus"]["bytes"] == len(byte_data())
+
+
+def trainer_on(config, data):
+    seed_everything(config["seed"])
+    train_set, val_set = datasets(config, data)
+    return Trainer(StandInModel(), train_set, val_set, config, torch.device("cpu"),
+                   architecture_keys=ARCH_KEYS)
+
+
+def test_a_resume_on_another_corpus_says_so_and_forgets_the_best_loss(tmp_path, capsys):
+    config = tiny(tmp_path, max_steps=6)
+    trainer_on(config, byte_data(seed=0)).train()
+    same = trainer_on(config, byte_data(seed=0))
+    same.resume(checkpoint_path(config, "latest"))
+    assert math.isfinite(same.best_val_loss)
+    capsys.readouterr()
+
+    other = trainer_on(dict(config, max_steps=9), byte_data(seed=1))
+    other.resume(checkpoint_path(config, "latest"))
+    said = capsys.readouterr().out
+    assert "the corpus differs from the one the checkpoint was trained on" in said
+    assert "measured on other text: it is forgotten" in said
+    assert other.best_val_loss == math.inf
+    other.train()  # its first validation is the new best, measured on this text
+    best = load_checkpoint(checkpoint_path(config, "best"))
+    assert best["step"] > 6 and best["corpus"] == other.corpus
+
+
+def test_another_validation_sample_forgets_the_best_loss(tmp_path, capsys):
+    config = tiny(tmp_path, max_steps=6)
+    make_trainer(config).train()
+    resumed = make_trainer(dict(config, eval_max_batches=1))
+    resumed.resume(checkpoint_path(config, "latest"))
+    assert resumed.best_val_loss == math.inf
+    assert "measured on another validation sample" in capsys.readouterr().out
+
+
+def test_settings_the_schedule_cannot_follow_are_warned_about():
+    def warnings(steps, **overrides):
+        schedule = LearningRateSchedule(schedule_config(**overrides), steps)
+        return " ".join(trainer_module.schedule_warnings(schedule))
+    assert warnings(100) == ""
+    assert "never reaches its peak and never decays" in warnings(5, lr_warmup_steps=10)
+    assert "reaches only at the last step" in warnings(10, lr_warmup_steps=10)
+    assert warnings(10, lr_warmup_steps=10, use_lr_warmup=False) == ""
+    assert "begins inside the 10-step warmup" in warnings(
+        20, scheduler_type="wsd", lr_decay_fraction=0.6)
+    assert warnings(20, scheduler_type="wsd", lr_decay_fraction=0.4) == ""
+
+
+def test_a_resume_reads_a_damaged_metrics_file(tmp_path, capsys):
+    config = tiny(tmp_path, max_steps=6, metrics_every=1)
+    make_trainer(config).train()
+    with open(os.path.join(config["checkpoint_dir"], "metrics.csv"), "ab") as file:
+        file.write(b"abc,x,\xff\xfe,,\n2,1,4.\xff5,,,0.001,100,1.0,\n5,1,3.0,,,0.0")
+    resumed = make_trainer(dict(config, max_steps=8))
+    resumed.resume(checkpoint_path(config, "latest"))
+    resumed.train()
+    assert "2 unreadable row(s)" in capsys.readouterr().out  # the garbled and the half row
+    rows = metrics_rows(config)
+    assert [int(r["step"]) for r in rows if r["train_loss"] and "\ufffd" not in r["train_loss"]] \
+        == list(range(1, 9))
+
+
+# -- a fresh run never overwrites a trained model -------------------------------------------
+
+def test_a_fresh_run_refuses_a_folder_holding_a_trained_model_and_start_over_keeps_it(tmp_path):
+    config = tiny(tmp_path, max_steps=3)
+    make_trainer(config).train()
+    folder = config["checkpoint_dir"]
+    before = {name: open(os.path.join(folder, name), "rb").read()
+              for name in os.listdir(folder) if name.endswith(".pth")}
+    assert set(before) == {"grug_v3_best.pth", "grug_v3_latest.pth"}
+    with pytest.raises(UserError) as caught:
+        checkpoint_module.keep_trained_model(config, None)
+    message = str(caught.value)
+    for words in ("grug_v3_best.pth, grug_v3_latest.pth", "--resume_from_checkpoint=latest",
+                  "--checkpoint_dir=", "--start_over=True", "not deleted"):
+        assert words in message
+    # A resume from this model's own files, or a folder without it, goes ahead.
+    checkpoint_module.keep_trained_model(config, checkpoint_path(config, "best"))
+    checkpoint_module.keep_trained_model(dict(config, model_name="other"), None)
+
+    moved = []
+    checkpoint_module.keep_trained_model(dict(config, start_over=True), None, moved.append)
+    assert len(moved) == 2 and not checkpoint_module.model_files(config)
+    for name, content in before.items():  # renamed, byte for byte, never deleted
+        aside = [n for n in os.listdir(folder)
+                 if n.startswith(name[:-4] + "_before_") and n.endswith(".pth")]
+        assert len(aside) == 1
+        assert open(os.path.join(folder, aside[0]), "rb").read() == content
