@@ -326,6 +326,10 @@ ROLES = {
                     "fits only a model built with the same value (model.ARCHITECTURE_KEYS)",
     "generate": "the default of Predictor.generate's argument named like it without "
                 "`generation_` (predictor.SETTING_KEYS)",
+    "training": "it shapes training from a checkpoint on (which windows in which order, "
+                "the run's length, the optimizer and schedule, validation, what a step "
+                "computes), so a resume that changes it is no longer exact "
+                "(trainer.TRAINING_KEYS)",
 }
 
 KEY_ROLES = {
@@ -338,7 +342,9 @@ KEY_ROLES = {
     "file_separator": ("data",),
     "utf8_error_policy": ("data",),
     "sequence_length": ("data", "model", "architecture"),
-    "val_split_ratio": ("data",),
+    "data_stride": ("training",),
+    "val_split_ratio": ("data", "training"),
+    "batch_size": ("training",),
     "vocab_size": ("model", "architecture"),
     # model
     "embedding_dim": ("model", "architecture"),
@@ -348,25 +354,25 @@ KEY_ROLES = {
     "cnn_out_channels_list": ("model", "architecture"),
     "cnn_kernel_sizes": ("model", "architecture"),
     "cnn_activation": ("model", "architecture"),
-    "cnn_dropout": ("model",),
+    "cnn_dropout": ("model", "training"),
     "cnn_use_layernorm": ("model", "architecture"),
     "positional_encoding_type": ("model", "architecture"),
     "max_positional_encoding_len": ("model", "architecture"),
-    "pe_dropout": ("model",),
+    "pe_dropout": ("model", "training"),
     "attention_d_model": ("model", "architecture"),
     "attention_num_heads": ("model", "architecture"),
     "ffn_dim_multiply": ("model", "architecture"),
-    "transformer_dropout": ("model",),
+    "transformer_dropout": ("model", "training"),
     "transformer_norm_first": ("model", "architecture"),
     "norm_type": ("model", "architecture"),
     "qk_norm": ("model", "architecture"),
     "ffn_activation": ("model", "architecture"),
     "zero_init_output_projections": ("model",),
     "logit_softcap": ("model", "architecture"),
-    "output_dropout": ("model",),
+    "output_dropout": ("model", "training"),
     "num_attention_layers": ("model", "architecture"),
-    "training_objective": ("model",),
-    # parallel stream
+    "training_objective": ("model", "training"),
+    # parallel stream (a strided-CNN "aggregated" stream beside the byte stream)
     "use_parallel_stream_model": ("model", "architecture"),
     "parallel_fusion": ("model", "architecture"),
     "num_byte_stream_layers": ("model", "architecture"),
@@ -374,6 +380,34 @@ KEY_ROLES = {
     "agg_cnn_kernel_size": ("model", "architecture"),
     "agg_cnn_stride": ("model", "architecture"),
     "agg_cnn_out_dim": ("model", "architecture"),
+    # training
+    "num_epochs": ("training",),
+    "max_steps": ("training",),
+    "max_train_minutes": ("training",),
+    "learning_rate": ("training",),
+    "optimizer_type": ("training",),
+    "muon_learning_rate": ("training",),
+    "muon_momentum": ("training",),
+    "adam_beta1": ("training",),
+    "adam_beta2": ("training",),
+    "adam_eps": ("training",),
+    "weight_decay": ("training",),
+    "gradient_accumulation_steps": ("training",),
+    "clip_grad_norm_value": ("training",),
+    "validate_and_checkpoint_best_every_batches": ("training",),
+    "eval_max_batches": ("training",),
+    # schedule and AMP
+    "scheduler_type": ("training",),
+    "lr_decay_fraction": ("training",),
+    "lr_scheduler_T_max": ("training",),
+    "lr_scheduler_eta_min": ("training",),
+    "lr_scheduler_patience": ("training",),
+    "lr_scheduler_factor": ("training",),
+    "use_lr_warmup": ("training",),
+    "lr_warmup_steps": ("training",),
+    "lr_warmup_init_factor": ("training",),
+    "use_amp": ("training",),
+    "amp_dtype": ("training",),
     # generation
     "generation_max_new_bytes": ("generate",),
     "generation_temperature": ("generate",),
@@ -381,6 +415,8 @@ KEY_ROLES = {
     "generation_top_p": ("generate",),
     "generation_repetition_penalty": ("generate",),
     "generation_seed": ("generate",),
+    # runtime
+    "seed": ("training",),
 }
 
 # What a checkpoint saved before an architecture key existed meant by it (the math of its

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint_path,
                         load_for_resume, prune_epoch_snapshots, restore_rng_states,
                         save_checkpoint, setting_differences, unwrap_model)
+from config import keys_with
 from dataset import BatchOrder, corpus_fingerprint
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
@@ -37,24 +38,7 @@ METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte
 # training does from a checkpoint on. A resume where one differs is a continuation with
 # changes, not an exact resume, and says which (tests/test_trainer.py classifies every
 # key of CONFIG_V3, so a new key cannot be left out unnoticed).
-TRAINING_KEYS = (
-    # which windows, in which order, and how many per step
-    "seed", "batch_size", "gradient_accumulation_steps", "data_stride", "val_split_ratio",
-    # the run's length: the schedule's horizon
-    "num_epochs", "max_steps", "max_train_minutes",
-    # the optimizer
-    "optimizer_type", "learning_rate", "muon_learning_rate", "muon_momentum", "adam_beta1",
-    "adam_beta2", "adam_eps", "weight_decay", "clip_grad_norm_value",
-    # the learning-rate schedule
-    "scheduler_type", "lr_decay_fraction", "lr_scheduler_T_max", "lr_scheduler_eta_min",
-    "lr_scheduler_patience", "lr_scheduler_factor", "use_lr_warmup", "lr_warmup_steps",
-    "lr_warmup_init_factor",
-    # validation: the best checkpoint and ReduceLROnPlateau follow it
-    "validate_and_checkpoint_best_every_batches", "eval_max_batches",
-    # what a training step computes
-    "training_objective", "cnn_dropout", "pe_dropout", "transformer_dropout", "output_dropout",
-    "use_amp", "amp_dtype",
-)
+TRAINING_KEYS = keys_with("training")
 
 
 class TrainingDiverged(UserError):

@@ -20,6 +20,7 @@ import random
 import re
 import socket
 import tempfile
+import time
 
 import numpy as np
 import torch

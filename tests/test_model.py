@@ -455,7 +455,7 @@ def test_architecture_keys_are_config_keys():
     (dict(use_cnn_frontend=True, cnn_out_channels_list=[8, 8], cnn_kernel_sizes=[3]),
      ["cnn_kernel_sizes", "cnn_out_channels_list"]),
     (dict(use_cnn_frontend=True, cnn_out_channels_list=[0], cnn_kernel_sizes=[3]),
-     ["cnn_out_channels_list", "positive"]),
+     ["cnn_out_channels_list", "must be >= 1"]),
     (dict(embedding_dim=0), ["embedding_dim", "0"]),
     (dict(num_attention_layers=-1), ["num_attention_layers", "-1"]),
     (dict(PARALLEL, agg_cnn_stride=0), ["agg_cnn_stride", "0"]),
