@@ -113,6 +113,7 @@ CONFIG_V3 = {
     "eval_max_batches": 20,  # validation batches per evaluation (None = the whole split)
     "evaluation_stride": None,  # bytes between --evaluate windows (None = sequence_length)
                                 # (final validation too); costs ~sequence_length/stride
+    "final_validation_max_bytes": 200_000,  # final model scored on this many spread-out validation bytes (None = all)
     "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
 
     # --- schedule and AMP ---
@@ -264,6 +265,7 @@ RULES = {
     "validate_and_checkpoint_best_every_batches": POSITIVE,
     "eval_max_batches": integer(1, nullable=True),
     "evaluation_stride": integer(1, nullable=True),  # <= sequence_length: evaluation_problems
+    "final_validation_max_bytes": integer(1, nullable=True),
     "reset_best_val_loss_on_resume": flag(),
     # schedule and AMP
     "scheduler_type": one_of("CosineAnnealingLR", "wsd", "ReduceLROnPlateau", "constant"),

@@ -24,13 +24,14 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
                         load_for_resume, prune_epoch_snapshots, restore_rng_states,
                         save_checkpoint, unwrap_model)
 from dataset import BatchOrder
-from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
+from evaluate import bounded_plan, evenly_spread, score_text, score_windows
 from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
                    autocast_context, bits_per_byte, cpu_has_bf16_units, error_summary,
                    precision_name, run_precision)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
-                   "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
+                   "learning_rate", "bytes_per_second", "elapsed_seconds", "event",
+                   "scored_bytes", "split_bytes")  # the last two: final validation only
 
 
 class TrainingDiverged(UserError):
@@ -424,14 +425,16 @@ class TrainingLog:
                          val_bits_per_byte=bits_per_byte(val_loss),
                          learning_rate=learning_rate, elapsed_seconds=elapsed)
 
-    def final_validation(self, step, totals, elapsed):
-        """The final model over the whole validation split: shown, and an event row."""
-        self.message(f"final model on the whole validation split ({totals.count:,} bytes): "
+    def final_validation(self, step, totals, elapsed, scope, split_bytes):
+        """The final model on `scope` (what was scored, in words) of the validation split:
+        shown, and an event row with the bytes scored and the split's size."""
+        self.message(f"final model on {scope}; {totals.count:,} bytes scored: "
                      f"{totals.bits_per_byte:.4f} bits/byte ({totals.nats_per_byte:.4f} nats)")
         if self.enabled:
             self._append(step, val_loss=totals.nats_per_byte,
                          val_bits_per_byte=totals.bits_per_byte, elapsed_seconds=elapsed,
-                         event="final_validation")
+                         event="final_validation", scored_bytes=totals.count,
+                         split_bytes=split_bytes)
 
     def sample(self, step, prompt, text):
         """Show an interim sample and append it to interim_samples.txt."""
@@ -461,17 +464,20 @@ class TrainingLog:
 
 
 def validate_final_model(trainer):
-    """Bits per byte of the trained model over every byte of the validation split (the
-    validations during training score an eval_max_batches sample), after train(): every
-    rank scores its share of the windows; rank 0 prints and records the total."""
+    """Bits per byte of the trained model over the validation split, after train(): all
+    of it, or final_validation_max_bytes of it in evenly spread pieces (bounded_plan), so
+    that its cost does not grow with the corpus; the validations during training score
+    an eval_max_batches sample. Every rank scores its share of the same plan; rank 0
+    prints and records the total and what it covers."""
     val, c = trainer.val_dataset, trainer.config
-    plan = SlidingPlan(val.span_start, val.span_end, val.sequence_length,
-                       c["evaluation_stride"] or val.sequence_length)
+    plan, scope = bounded_plan(val.span_start, val.span_end, val.sequence_length,
+                               c["evaluation_stride"] or val.sequence_length,
+                               c.get("final_validation_max_bytes"), "validation split")
     share, elapsed = plan.share(trainer.rank, trainer.world_size), trainer.elapsed_seconds()
     totals, _ = score_text(trainer.raw_model, val.data, plan, trainer.device, trainer.amp_dtype,
                            windows=share, progress=trainer.is_main)
     totals = totals.summed_over_ranks(trainer.device)
-    trainer.log.final_validation(trainer.step, totals, elapsed)
+    trainer.log.final_validation(trainer.step, totals, elapsed, scope, val.num_bytes)
     return totals
 
 

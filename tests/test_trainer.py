@@ -310,6 +310,28 @@ def test_metrics_file_records_the_run(tmp_path):
     assert elapsed == sorted(elapsed)
 
 
+def test_the_final_validation_scores_at_most_its_bound_and_says_what(tmp_path, capsys):
+    """byte_data's validation split is 600 bytes; a bound of 160 scores 10 pieces of 16."""
+    figures = {}
+    for name, bound in (("bounded", 160), ("whole", None), ("above", 10**6)):
+        config = tiny(tmp_path / name, max_steps=2, final_validation_max_bytes=bound)
+        trainer = make_trainer(config)
+        trainer.train()
+        capsys.readouterr()
+        figures[name] = trainer_module.validate_final_model(trainer)
+        shown = capsys.readouterr().out
+        final = [r for r in metrics_rows(config) if r["event"] == "final_validation"]
+        assert len(final) == 1 and final[0]["split_bytes"] == "600"
+        assert final[0]["scored_bytes"] == str(figures[name].count)
+        if name == "bounded":
+            assert figures[name].count == 160 and "final model on 160 bytes of the 600-byte " \
+                "validation split (10 evenly spread pieces of 16 bytes); 160 bytes scored" in shown
+        else:
+            assert figures[name].count == 599 and "final model on the whole validation split " \
+                "of 600 bytes; 599 bytes scored" in shown
+    assert figures["above"].nats == figures["whole"].nats  # the same model, the same bytes
+
+
 def test_interim_samples_are_written(tmp_path):
     config = tiny(tmp_path, test_every_batches=3, interim_test_prompt="Th")
     prompts = []
