@@ -113,7 +113,7 @@ CONFIG_V3 = {
     "eval_max_batches": 20,  # validation batches per evaluation (None = the whole split)
     "evaluation_stride": None,  # bytes between --evaluate windows (None = sequence_length)
                                 # (final validation too); costs ~sequence_length/stride
-    "final_validation_max_bytes": 200_000,  # final model scored on this many spread-out validation bytes (None = all)
+    "final_validation_max_bytes": 200_000,  # final validation: bytes scored, evenly spread (None = all)
     "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
 
     # --- schedule and AMP ---

@@ -223,7 +223,8 @@ def bounded_plan(begin, end, context_length, stride, max_bytes=None, name="text"
     would be shorter than one window)."""
     whole = end - begin
     if max_bytes is None or max_bytes >= whole - 1:
-        return SlidingPlan(begin, end, context_length, stride), f"the whole {name} of {whole:,} bytes"
+        whole_span = SlidingPlan(begin, end, context_length, stride)
+        return whole_span, f"the whole {name} of {whole:,} bytes"
     pieces = max(1, min(SAMPLE_PIECES, max_bytes // max(context_length, 1)))
     length = max_bytes // pieces
     plan = SpreadPlan(begin, end, context_length, stride, pieces, length)
