@@ -49,6 +49,7 @@ CONFIG_V3 = {
     "sequence_length": 64,  # bytes per training window (the model's context), bytes
     "data_stride": 64,  # bytes between the starts of consecutive training windows
     "val_split_ratio": 0.1,  # fraction of the byte stream (the end) held out for validation
+    "val_split_max_bytes": 100_000_000,  # ...but at most this many bytes (None = no cap)
     "batch_size": 16,  # windows per optimizer micro-step
     "num_workers": 0,  # DataLoader worker processes (0 = load in the main process)
     "vocab_size": 256,  # byte vocabulary; fixed at 256
@@ -206,6 +207,7 @@ RULES = {
     "sequence_length": POSITIVE,
     "data_stride": POSITIVE,
     "val_split_ratio": real(0, 1, low_open=True, high_open=True),
+    "val_split_max_bytes": integer(1, nullable=True),  # >= one window: dataset.split_problems
     "batch_size": POSITIVE,
     "num_workers": COUNT,
     "vocab_size": POSITIVE,

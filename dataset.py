@@ -40,7 +40,8 @@ BLOCK_BYTES = 256 * 2**10  # read size: blocks that fit in cache decode ~3x fast
 # The config keys DataProcessor reads.
 DATA_KEYS = ("data_dir", "processed_data_dir", "generate_dummy_data_if_empty",
              "force_reprocess_data", "file_separator", "utf8_error_policy",
-             "data_change_detection", "sequence_length", "val_split_ratio")
+             "data_change_detection", "sequence_length", "val_split_ratio",
+             "val_split_max_bytes")
 
 
 def _warn(message):
@@ -50,9 +51,21 @@ def _warn(message):
 # ---------------------------------------------------------------------------
 # Train / validation split
 
-def split_point(num_bytes, val_split_ratio):
-    """Index of the first validation byte: train = data[:split], val = data[split:]."""
-    return int(num_bytes * (1 - val_split_ratio))
+def split_point(num_bytes, val_split_ratio, val_split_max_bytes=None):
+    """Index of the first validation byte: train = data[:split], val = data[split:], the
+    last val_split_ratio of the bytes, or val_split_max_bytes where that is fewer."""
+    split = int(num_bytes * (1 - val_split_ratio))
+    return split if val_split_max_bytes is None else max(split, num_bytes - val_split_max_bytes)
+
+
+def split_problems(c):
+    """Cross-key rule: a capped validation split must hold one window. Then a corpus has
+    enough bytes with the cap exactly when it has without it: min_bytes_needed ignores it."""
+    cap, length = c.get("val_split_max_bytes"), c.get("sequence_length")
+    if cap is not None and length is not None and cap < length + 1:
+        return [f"`val_split_max_bytes` ({cap}) is less than one window (sequence_length + "
+                f"1 = {length + 1} bytes)"]
+    return []
 
 
 def min_bytes_needed(sequence_length, val_split_ratio):
@@ -82,7 +95,7 @@ def check_enough_data(n_bytes, config):
     needed = min_bytes_needed(length, ratio)
     if n_bytes >= needed:
         return
-    split = split_point(n_bytes, ratio)
+    split = split_point(n_bytes, ratio, config["val_split_max_bytes"])
     raise UserError(
         f"not enough data: found {n_bytes:,} bytes, but sequence_length={length} with "
         f"val_split_ratio={ratio} needs at least {needed:,} bytes (train and validation "
@@ -522,22 +535,24 @@ def dummy_corpus_text(target_bytes=3_000_000, seed=1234):
 class ByteSequenceDataset(Dataset):
     """(input, target) windows of one split of a 1-D uint8 array.
 
-    The split is contiguous: with split = int(len(data) * (1 - val_split_ratio)), train is
-    data[:split] and val is data[split:]. Window i of a span starts at s = i * stride and
-    uses T + 1 bytes: x = span[s:s+T], y = span[s+1:s+T+1]. No window reaches past its
-    span, so no training window sees a validation byte and vice versa."""
+    The split is contiguous: with split = split_point(len(data), val_split_ratio,
+    val_split_max_bytes), train is data[:split] and val is data[split:]. Window i of a
+    span starts at s = i * stride and uses T + 1 bytes: x = span[s:s+T], y =
+    span[s+1:s+T+1]. No window reaches past its span, so no training window sees a
+    validation byte and vice versa."""
 
-    def __init__(self, data, sequence_length, stride, split, val_split_ratio):
+    def __init__(self, data, sequence_length, stride, split, val_split_ratio,
+                 val_split_max_bytes=None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if data.ndim != 1 or data.dtype != np.uint8:
             raise ValueError(f"data must be a 1-D uint8 array, got {data.ndim}-D {data.dtype}")
-        problems = config_problems({"sequence_length": sequence_length, "data_stride": stride,
-                                    "val_split_ratio": val_split_ratio}, RULES,
-                                   ("sequence_length", "data_stride", "val_split_ratio"))
+        arguments = {"sequence_length": sequence_length, "data_stride": stride,
+                     "val_split_ratio": val_split_ratio, "val_split_max_bytes": val_split_max_bytes}
+        problems = config_problems(arguments, RULES, tuple(arguments), (split_problems,))
         if problems:
             raise ValueError("; ".join(problems))
-        boundary = split_point(len(data), val_split_ratio)
+        boundary = split_point(len(data), val_split_ratio, val_split_max_bytes)
         self.data = data
         train = split == "train"
         self.span_start, self.span_end = (0, boundary) if train else (boundary, len(data))

@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset
+import main as main_module
 from tests.conftest import make_tiny_config
 from dataset import (BatchOrder, ByteSequenceDataset, DataProcessor, check_enough_data,
-                     min_bytes_needed)
-from utils import UserError
+                     min_bytes_needed, split_point)
+from utils import ConfigError, UserError
 
 BAD = b"ok\xff\xfe bad \xe2\x82"  # two invalid bytes, then a sequence cut off at the end
 BAD_REPLACED = "ok\ufffd\ufffd bad \ufffd".encode()
@@ -369,6 +370,21 @@ def test_no_training_window_touches_validation_bytes():
     assert max(int(train.window_starts(i)) + 16 for i in range(len(train))) <= train_end - 1
     assert min(int(val.window_starts(i)) for i in range(len(val))) == train_end
     assert len(train) > 0 and len(val) > 0
+
+
+def test_a_capped_validation_split_is_the_corpus_end_up_to_the_cap():
+    n = 100_003
+    assert split_point(n, 0.1) == split_point(n, 0.1, None) == int(n * 0.9)
+    assert split_point(n, 0.1, 5000) == n - 5000  # the cap, where 10 % is more
+    assert split_point(n, 0.1, 50_000) == int(n * 0.9)  # the ratio, where it is less
+    data = np.zeros(n, dtype=np.uint8)
+    train, val = (ByteSequenceDataset(data, 16, 16, split, 0.1, 5000) for split in ("train", "val"))
+    assert (train.span_end, val.span_start, val.span_end) == (n - 5000, n - 5000, n)
+    # A cap must leave the validation split a window: the dataset and the config say so.
+    with pytest.raises(ValueError, match="val_split_max_bytes"):
+        ByteSequenceDataset(data, 16, 16, "val", 0.1, 16)
+    with pytest.raises(ConfigError, match=r"val_split_max_bytes.*one window"):
+        main_module.check_config(make_tiny_config("/unused", val_split_max_bytes=16))
 
 
 def test_getitems_equals_stacked_getitem():
