@@ -8,6 +8,9 @@ needs `model(x) -> logits (B, T, 256)`.
 - score_windows: given windows (the trainer's validation sample, bench's windows),
 - SlidingPlan + score_text: every byte of a span exactly once, streamed from a
   memory-mapped array in bounded memory, optionally attributed to the files it came from.
+- bounded_plan: the same for at most N bytes of a span, in evenly spread pieces
+  (SpreadPlan), so that scoring costs what N bytes cost whatever the span (the trainer's
+  final validation).
 """
 
 import math
