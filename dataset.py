@@ -554,6 +554,10 @@ class ByteSequenceDataset(Dataset):
             raise ValueError("; ".join(problems))
         boundary = split_point(len(data), val_split_ratio, val_split_max_bytes)
         self.data = data
+        # A memory-mapped file: windows are read from it, not through the map (_windows).
+        readable = _maps_whole_file(data) and hasattr(os, "pread")  # pread: not on Windows
+        self._file = (data.filename, data.offset) if readable else None
+        self._descriptor = None  # opened at the first read, in the process that reads
         train = split == "train"
         self.span_start, self.span_end = (0, boundary) if train else (boundary, len(data))
         self.sequence_length, self.stride, self.split = sequence_length, stride, split
@@ -577,12 +581,28 @@ class ByteSequenceDataset(Dataset):
         return x[0], y[0]
 
     def __getitems__(self, indices):
-        """Windows `indices` as (x, y), each (B, T) int64, gathered in one fancy index.
+        """Windows `indices` as (x, y), each (B, T) int64, gathered at once (_windows).
         torch's DataLoader calls this with the whole batch of indices."""
-        starts = self._starts(indices)  # (B,)
-        windows = self.data[starts[:, None] + self._offsets]  # (B, T+1) uint8
-        windows = torch.from_numpy(windows.astype(np.int64))
+        windows = torch.from_numpy(self._windows(self._starts(indices)).astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def _windows(self, starts):
+        """(B, T+1) uint8: the windows at `starts`. Those of a memory-mapped file are read
+        with pread: read through the map, a run's random windows would map the corpus
+        into the process page by page (the kernel maps each page's neighbours with it),
+        and its resident memory would grow to the corpus's size."""
+        if self._file is None:
+            return self.data[starts[:, None] + self._offsets]
+        if self._descriptor is None:
+            self._descriptor = os.open(self._file[0], os.O_RDONLY)
+        size, offset = self.sequence_length + 1, self._file[1]
+        read = b"".join(os.pread(self._descriptor, size, offset + start)
+                        for start in starts.tolist())
+        return np.frombuffer(read, dtype=np.uint8).reshape(len(starts), size)
+
+    def __del__(self):
+        if getattr(self, "_descriptor", None) is not None:
+            os.close(self._descriptor)
 
     def _starts(self, indices):
         """Absolute start of each window index; negative indices count from the end."""
@@ -596,7 +616,7 @@ class ByteSequenceDataset(Dataset):
     # Pickling a memmap copies every byte into the pickle; DataLoader workers started
     # with "spawn" (macOS, Windows) reopen the file instead.
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = {**self.__dict__, "_descriptor": None}
         if _maps_whole_file(self.data):
             state["data"] = ("memmap", self.data.filename, self.data.offset, len(self.data))
         return state

@@ -419,6 +419,28 @@ def test_pickling_reopens_the_memmap_instead_of_copying_it(tmp_path):
     assert torch.equal(copy.__getitems__(range(len(ds)))[1], ds.__getitems__(range(len(ds)))[1])
 
 
+def resident_file_kb():
+    """Pages of files mapped into this process (Linux's RssFile), KB."""
+    with open("/proc/self/status") as file:
+        return int(next(line.split()[1] for line in file if line.startswith("RssFile:")))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_windows_of_a_mapped_file_are_read_without_mapping_the_file(tmp_path):
+    """Through the map, 4,000 random windows of a 4 MB array would map all of it."""
+    np.save(tmp_path / "bytes.npy", np.random.default_rng(0).integers(0, 256, 4_000_000,
+                                                                       dtype=np.uint8))
+    data = np.load(tmp_path / "bytes.npy", mmap_mode="r")
+    ds = ByteSequenceDataset(data, 64, 64, "train", 0.1)
+    indices = np.random.default_rng(1).integers(0, len(ds), 4000)
+    before = resident_file_kb()
+    x, y = ds.__getitems__(indices)
+    assert resident_file_kb() - before < 1000
+    windows = np.asarray(data)[ds.window_starts(indices)[:, None] + np.arange(65)]
+    assert torch.equal(x, torch.from_numpy(windows[:, :-1].astype(np.int64)))
+    assert torch.equal(y, torch.from_numpy(windows[:, 1:].astype(np.int64)))
+
+
 def test_bad_arguments_are_rejected():
     data = np.zeros(100, dtype=np.uint8)
     with pytest.raises(ValueError, match="split"):
