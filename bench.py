@@ -414,7 +414,8 @@ def validation_bits_per_byte(model, data, config, device, max_windows=None, batc
     evaluator over non-overlapping windows of sequence_length of the validation split,
     all of them or `max_windows` evenly spread."""
     length = config["sequence_length"]
-    val = ByteSequenceDataset(data, length, length, "val", config["val_split_ratio"])
+    val = ByteSequenceDataset(data, length, length, "val", config["val_split_ratio"],
+                              config.get("val_split_max_bytes"))
     starts = val.window_starts(evenly_spread(len(val), max_windows))
     totals = score_windows(model, data, starts, length, device, batch_size=batch_size)
     return totals.bits_per_byte, bits_per_byte(totals.last_byte_nats)

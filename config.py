@@ -50,6 +50,7 @@ CONFIG_V3 = {
     "sequence_length": 64,  # bytes per training window (the model's context), bytes
     "data_stride": 64,  # bytes between the starts of consecutive training windows
     "val_split_ratio": 0.1,  # fraction of the byte stream (the end) held out for validation
+    "val_split_max_bytes": 100_000_000,  # ...but at most this many bytes (None = no cap)
     "batch_size": 16,  # windows per optimizer micro-step
     "num_workers": 0,  # DataLoader worker processes (0 = load in the main process)
     "vocab_size": 256,  # byte vocabulary; fixed at 256
@@ -114,6 +115,7 @@ CONFIG_V3 = {
     "eval_max_batches": 20,  # validation batches per evaluation (None = the whole split)
     "evaluation_stride": None,  # bytes between --evaluate windows (None = sequence_length)
                                 # (final validation too); costs ~sequence_length/stride
+    "final_validation_max_bytes": 200_000,  # final validation: bytes scored, evenly spread (None = all)
     "reset_best_val_loss_on_resume": False,  # forget the best validation loss when resuming
 
     # --- schedule and AMP ---
@@ -207,6 +209,7 @@ RULES = {
     "sequence_length": POSITIVE,
     "data_stride": POSITIVE,
     "val_split_ratio": real(0, 1, low_open=True, high_open=True),
+    "val_split_max_bytes": integer(1, nullable=True),  # >= one window: dataset.split_problems
     "batch_size": POSITIVE,
     "num_workers": COUNT,
     "vocab_size": POSITIVE,
@@ -266,6 +269,7 @@ RULES = {
     "validate_and_checkpoint_best_every_batches": POSITIVE,
     "eval_max_batches": integer(1, nullable=True),
     "evaluation_stride": integer(1, nullable=True),  # <= sequence_length: evaluation_problems
+    "final_validation_max_bytes": integer(1, nullable=True),
     "reset_best_val_loss_on_resume": flag(),
     # schedule and AMP
     "scheduler_type": one_of("CosineAnnealingLR", "wsd", "ReduceLROnPlateau", "constant"),
@@ -344,6 +348,7 @@ KEY_ROLES = {
     "sequence_length": ("data", "model", "architecture"),
     "data_stride": ("training",),
     "val_split_ratio": ("data", "training"),
+    "val_split_max_bytes": ("data", "training"),
     "batch_size": ("training",),
     "vocab_size": ("model", "architecture"),
     # model

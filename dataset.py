@@ -50,9 +50,21 @@ def _warn(message):
 # ---------------------------------------------------------------------------
 # Train / validation split
 
-def split_point(num_bytes, val_split_ratio):
-    """Index of the first validation byte: train = data[:split], val = data[split:]."""
-    return int(num_bytes * (1 - val_split_ratio))
+def split_point(num_bytes, val_split_ratio, val_split_max_bytes=None):
+    """Index of the first validation byte: train = data[:split], val = data[split:], the
+    last val_split_ratio of the bytes, or val_split_max_bytes where that is fewer."""
+    split = int(num_bytes * (1 - val_split_ratio))
+    return split if val_split_max_bytes is None else max(split, num_bytes - val_split_max_bytes)
+
+
+def split_problems(c):
+    """Cross-key rule: a capped validation split must hold one window. Then a corpus has
+    enough bytes with the cap exactly when it has without it: min_bytes_needed ignores it."""
+    cap, length = c.get("val_split_max_bytes"), c.get("sequence_length")
+    if cap is not None and length is not None and cap < length + 1:
+        return [f"`val_split_max_bytes` ({cap}) is less than one window (sequence_length + "
+                f"1 = {length + 1} bytes)"]
+    return []
 
 
 def min_bytes_needed(sequence_length, val_split_ratio):
@@ -82,7 +94,7 @@ def check_enough_data(n_bytes, config):
     needed = min_bytes_needed(length, ratio)
     if n_bytes >= needed:
         return
-    split = split_point(n_bytes, ratio)
+    split = split_point(n_bytes, ratio, config["val_split_max_bytes"])
     raise UserError(
         f"not enough data: found {n_bytes:,} bytes, but sequence_length={length} with "
         f"val_split_ratio={ratio} needs at least {needed:,} bytes (train and validation "
@@ -535,23 +547,29 @@ def dummy_corpus_text(target_bytes=3_000_000, seed=1234):
 class ByteSequenceDataset(Dataset):
     """(input, target) windows of one split of a 1-D uint8 array.
 
-    The split is contiguous: with split = int(len(data) * (1 - val_split_ratio)), train is
-    data[:split] and val is data[split:]. Window i of a span starts at s = i * stride and
-    uses T + 1 bytes: x = span[s:s+T], y = span[s+1:s+T+1]. No window reaches past its
-    span, so no training window sees a validation byte and vice versa."""
+    The split is contiguous: with split = split_point(len(data), val_split_ratio,
+    val_split_max_bytes), train is data[:split] and val is data[split:]. Window i of a
+    span starts at s = i * stride and uses T + 1 bytes: x = span[s:s+T], y =
+    span[s+1:s+T+1]. No window reaches past its span, so no training window sees a
+    validation byte and vice versa."""
 
-    def __init__(self, data, sequence_length, stride, split, val_split_ratio):
+    def __init__(self, data, sequence_length, stride, split, val_split_ratio,
+                 val_split_max_bytes=None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if data.ndim != 1 or data.dtype != np.uint8:
             raise ValueError(f"data must be a 1-D uint8 array, got {data.ndim}-D {data.dtype}")
-        problems = config_problems({"sequence_length": sequence_length, "data_stride": stride,
-                                    "val_split_ratio": val_split_ratio}, RULES,
-                                   ("sequence_length", "data_stride", "val_split_ratio"))
+        arguments = {"sequence_length": sequence_length, "data_stride": stride,
+                     "val_split_ratio": val_split_ratio, "val_split_max_bytes": val_split_max_bytes}
+        problems = config_problems(arguments, RULES, tuple(arguments), (split_problems,))
         if problems:
             raise ValueError("; ".join(problems))
-        boundary = split_point(len(data), val_split_ratio)
+        boundary = split_point(len(data), val_split_ratio, val_split_max_bytes)
         self.data = data
+        # A memory-mapped file: windows are read from it, not through the map (_windows).
+        readable = _maps_whole_file(data) and hasattr(os, "pread")  # pread: not on Windows
+        self._file = (data.filename, data.offset) if readable else None
+        self._descriptor = None  # opened at the first read, in the process that reads
         train = split == "train"
         self.span_start, self.span_end = (0, boundary) if train else (boundary, len(data))
         self.sequence_length, self.stride, self.split = sequence_length, stride, split
@@ -575,12 +593,28 @@ class ByteSequenceDataset(Dataset):
         return x[0], y[0]
 
     def __getitems__(self, indices):
-        """Windows `indices` as (x, y), each (B, T) int64, gathered in one fancy index.
+        """Windows `indices` as (x, y), each (B, T) int64, gathered at once (_windows).
         torch's DataLoader calls this with the whole batch of indices."""
-        starts = self._starts(indices)  # (B,)
-        windows = self.data[starts[:, None] + self._offsets]  # (B, T+1) uint8
-        windows = torch.from_numpy(windows.astype(np.int64))
+        windows = torch.from_numpy(self._windows(self._starts(indices)).astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def _windows(self, starts):
+        """(B, T+1) uint8: the windows at `starts`. Those of a memory-mapped file are read
+        with pread: read through the map, a run's random windows would map the corpus
+        into the process page by page (the kernel maps each page's neighbours with it),
+        and its resident memory would grow to the corpus's size."""
+        if self._file is None:
+            return self.data[starts[:, None] + self._offsets]
+        if self._descriptor is None:
+            self._descriptor = os.open(self._file[0], os.O_RDONLY)
+        size, offset = self.sequence_length + 1, self._file[1]
+        read = b"".join(os.pread(self._descriptor, size, offset + start)
+                        for start in starts.tolist())
+        return np.frombuffer(read, dtype=np.uint8).reshape(len(starts), size)
+
+    def __del__(self):
+        if getattr(self, "_descriptor", None) is not None:
+            os.close(self._descriptor)
 
     def _starts(self, indices):
         """Absolute start of each window index; negative indices count from the end."""
@@ -594,7 +628,7 @@ class ByteSequenceDataset(Dataset):
     # Pickling a memmap copies every byte into the pickle; DataLoader workers started
     # with "spawn" (macOS, Windows) reopen the file instead.
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = {**self.__dict__, "_descriptor": None}
         if _maps_whole_file(self.data):
             state["data"] = ("memmap", self.data.filename, self.data.offset, len(self.data))
         return state

@@ -8,6 +8,9 @@ needs `model(x) -> logits (B, T, 256)`.
 - score_windows: given windows (the trainer's validation sample, bench's windows),
 - SlidingPlan + score_text: every byte of a span exactly once, streamed from a
   memory-mapped array in bounded memory, optionally attributed to the files it came from.
+- bounded_plan: the same for at most N bytes of a span, in evenly spread pieces
+  (SpreadPlan), so that scoring costs what N bytes cost whatever the span (the trainer's
+  final validation).
 """
 
 import math
@@ -163,6 +166,75 @@ class SlidingPlan:
         """The windows (first, stop) one rank of `world_size` scores: contiguous shares."""
         return self.count * rank // world_size, self.count * (rank + 1) // world_size
 
+    def bytes_scored(self, first, stop):
+        """How many bytes windows first .. stop-1 score: each window goes on from the last
+        target of the one before it, so this is the distance between their last targets."""
+        stop = min(stop, self.count)
+        if stop <= first:
+            return 0
+        last = self.windows(stop - 1, stop)[0][0] + self.context_length
+        before = self.begin if first == 0 else \
+            self.windows(first - 1, first)[0][0] + self.context_length
+        return int(last - before)
+
+
+class SpreadPlan:
+    """`pieces` evenly spread runs of `length` scored bytes in data[begin:end], each scored
+    as a SlidingPlan scores its own span (one byte longer: its first byte is context only):
+    a bounded sample of a long text, planned like the whole of it.
+
+    Why spread pieces and not the first bytes: a split is a run of files in the corpus's
+    order, so its first bytes are the start of one file (one book, one source folder),
+    while spread pieces sample every part of it. Why runs of windows and not single
+    windows: inside a piece every byte after its first window gets the context it gets
+    when the whole text is scored, so the two figures measure the same thing."""
+
+    def __init__(self, begin, end, context_length, stride, pieces, length):
+        room = end - begin - length - 1  # the last piece's first byte, from begin
+        firsts = [begin + (room * i // (pieces - 1) if pieces > 1 else 0) for i in range(pieces)]
+        # Integer steps of at least `length`: the pieces' scored bytes never overlap.
+        self.plans = [SlidingPlan(s, s + length + 1, context_length, stride) for s in firsts]
+        self.context_length, self.stride = self.plans[0].context_length, self.plans[0].stride
+        self.offsets = np.cumsum([0] + [len(plan) for plan in self.plans])
+        self.count = int(self.offsets[-1])
+
+    __len__, share = SlidingPlan.__len__, SlidingPlan.share
+
+    def _pieces(self, first, stop):
+        """(plan, its first, its stop) of each piece holding windows first .. stop-1."""
+        for plan, offset in zip(self.plans, self.offsets.tolist()):
+            if offset < stop and first < offset + len(plan):
+                yield plan, max(first - offset, 0), min(stop - offset, len(plan))
+
+    def windows(self, first, stop):
+        pieces = [plan.windows(a, b) for plan, a, b in self._pieces(first, stop)]
+        if not pieces:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return tuple(np.concatenate(arrays) for arrays in zip(*pieces))
+
+    def bytes_scored(self, first, stop):
+        return sum(plan.bytes_scored(a, b) for plan, a, b in self._pieces(first, stop))
+
+
+SAMPLE_PIECES = 64  # pieces of a bounded sample: enough to reach every part of a split
+
+
+def bounded_plan(begin, end, context_length, stride, max_bytes=None, name="text"):
+    """(plan, what it scores in words) for scoring data[begin:end] on at most `max_bytes`
+    bytes: the whole span (every byte but its first) when that is within the bound or
+    the bound is None, else a SpreadPlan of SAMPLE_PIECES pieces (fewer where pieces
+    would be shorter than one window)."""
+    whole = end - begin
+    if max_bytes is None or max_bytes >= whole - 1:
+        whole_span = SlidingPlan(begin, end, context_length, stride)
+        return whole_span, f"the whole {name} of {whole:,} bytes"
+    pieces = max(1, min(SAMPLE_PIECES, max_bytes // max(context_length, 1)))
+    length = max_bytes // pieces
+    plan = SpreadPlan(begin, end, context_length, stride, pieces, length)
+    spread = f"{pieces} evenly spread pieces of {length:,} bytes" if pieces > 1 else \
+        f"its first {length:,} bytes"
+    return plan, f"{pieces * length:,} bytes of the {whole:,}-byte {name} ({spread})"
+
 
 @torch.no_grad()
 def score_text(model, data, plan, device, amp_dtype=None, batch_size=None, parts=None,
@@ -180,8 +252,8 @@ def score_text(model, data, plan, device, amp_dtype=None, batch_size=None, parts
     batch_size = batch_size or max(1, POSITIONS_PER_BATCH // max(1, plan.context_length))
     first, stop = windows or (0, len(plan))
     chunk = batch_size * 64  # windows planned at a time: memory does not grow with the text
-    with tqdm(total=stop - first, unit="window", leave=False, desc="evaluating",
-              disable=not (progress and sys.stderr.isatty())) as bar:
+    with tqdm(total=plan.bytes_scored(first, stop), unit="B", unit_scale=True, leave=False,
+              desc="evaluating", disable=not (progress and sys.stderr.isatty())) as bar:
         for begin in range(first, stop, chunk):
             starts, score_from = plan.windows(begin, min(begin + chunk, stop))
             score_from = torch.from_numpy(score_from).to(device)
@@ -194,7 +266,7 @@ def score_text(model, data, plan, device, amp_dtype=None, batch_size=None, parts
                 keep = inside & (targets >= score_from[offset:offset + len(nats), None])
                 nats_sums.index_add_(0, part[keep], nats[keep].double())
                 counts += torch.bincount(part[keep], minlength=len(parts))
-                bar.update(len(nats))
+                bar.update(plan.bytes_scored(begin + offset, begin + offset + len(nats)))
     per_part = [Totals(n, c) for n, c in zip(nats_sums.tolist(), counts.tolist())]
     total = sum(per_part, Totals())
     total.windows = stop - first

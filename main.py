@@ -26,7 +26,7 @@ import config as config_module  # noqa: E402 (after the torch check)
 from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, checkpoint_path,
                         keep_trained_model, load_checkpoint, path_to_generate_from,
                         resolve_resume_path)
-from dataset import ByteSequenceDataset, DataProcessor
+from dataset import ByteSequenceDataset, DataProcessor, split_problems
 from evaluate import SlidingPlan, breakdown_table, evaluation_problems, score_text
 from model import (ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3, count_parameters,
                    parameters_of, structure_problems, structure_warnings)
@@ -39,7 +39,7 @@ from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides, 
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
                    suggestion)
 
-CROSS_KEY_RULES = (structure_problems, schedule_problems, evaluation_problems)
+CROSS_KEY_RULES = (structure_problems, schedule_problems, evaluation_problems, split_problems)
 # The program's own options (not config keys): None = a bare switch.
 SWITCHES = {"help": None, "interactive": None, "evaluate": "PATH", "json": "PATH",
             "report": None}
@@ -139,7 +139,8 @@ def build_training(config, data, device, with_samples=False):
     """The Trainer of a freshly seeded model over the train/validation windows of `data`
     (1-D uint8): what main.py and bench.py both train."""
     split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
-                 val_split_ratio=config["val_split_ratio"])
+                 val_split_ratio=config["val_split_ratio"],
+                 val_split_max_bytes=config["val_split_max_bytes"])
     train_set = ByteSequenceDataset(data, split="train", **split)
     val_set = ByteSequenceDataset(data, split="val", **split)
     seed_everything(config["seed"])

@@ -12,6 +12,8 @@ import math
 import os
 import statistics
 
+import numpy as np
+
 import config as config_module
 from utils import UserError, atomic_output, bits_per_byte, read_log_rows
 
@@ -20,6 +22,9 @@ SAMPLES_SHOWN = 20_000  # characters of each samples file shown (its end)
 COLORS = ("#1f63b4", "#d2452a", "#2a9d3a", "#8a4fb8")
 WIDTH, HEIGHT = 600, 340
 MARGIN = {"left": 64, "right": 16, "top": 34, "bottom": 48}
+# Points of a plotted line at most: a plot is about 520 pixels wide, so a line of more
+# draws nothing new, and a page of a million-step run's every point is tens of MB.
+MAX_LINE_POINTS = 2_000
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +203,31 @@ def _axis_svg(axis, which, label, across):
     return "".join(parts)
 
 
+def downsample(y, cap=MAX_LINE_POINTS):
+    """Indices (ascending) of at most `cap` of the values `y` that draw the line they
+    draw at a plot's width: the first, the last, and in each of (cap - 2) // 2 runs of
+    consecutive values between them its lowest and its highest. A spike stays visible,
+    which evenly spaced points would skip."""
+    if len(y) <= cap:
+        return np.arange(len(y))
+    runs = (cap - 2) // 2
+    run = np.arange(len(y) - 2) * runs // (len(y) - 2)  # of each inner value, nondecreasing
+    by_height = np.lexsort((y[1:-1], run))  # run by run, lowest first
+    firsts = np.searchsorted(run, np.arange(runs))
+    lasts = np.append(firsts[1:], len(run)) - 1
+    inner = np.unique(np.concatenate([by_height[firsts], by_height[lasts]])) + 1
+    return np.concatenate([[0], inner, [len(y) - 1]])
+
+
+def line_points(x, y, log=False):
+    """The (x, y) points of a line from columns `x` and `y` (float arrays, NaN where a row
+    has no value): the rows where both are finite (y > 0 on a log scale), downsampled."""
+    keep = np.isfinite(x) & np.isfinite(y) & ((y > 0) if log else True)
+    x, y = x[keep], y[keep]
+    kept = downsample(y)
+    return list(zip(x[kept].tolist(), y[kept].tolist()))
+
+
 def _series_svg(name, points, style, color, x_axis, y_axis):
     pixels = [(x_axis.pixel(x), y_axis.pixel(y)) for x, y in points]
     parts = [f'<g class="series" data-name="{_esc(name)}" data-style="{style}">']
@@ -230,34 +260,39 @@ def _legend_svg(series, right):
 
 def training_plots(rows):
     """The four plots of a run: bits per byte by step and by time, learning rate and
-    bytes per second, with every resume marked."""
+    bytes per second, with every resume marked. Training lines are downsampled
+    (line_points); validation points and resume marks are all drawn."""
     train = [r for r in rows if r.get("train_loss") is not None]
     validation = [r for r in rows if r.get("val_bits_per_byte") is not None and not r["event"]]
     final = [r for r in rows if r["event"] == "final_validation"]
     resumes = resume_points(rows)
     unit, per_unit = time_unit(max([r["elapsed_seconds"] or 0 for r in rows] + [0]))
+    # Columns of the training rows: a million-step run has a million of them.
+    step, seconds, loss, rate, speed = (
+        np.array([r.get(key) for r in train], dtype=np.float64)
+        for key in ("step", "elapsed_seconds", "train_loss", "learning_rate", "bytes_per_second"))
 
-    def bits_series(x_of):
+    def bits_series(x_of, x_column):
         return [("training (mean since last row)",
-                 [(x_of(r), bits_per_byte(r["train_loss"])) for r in train], "line"),
+                 line_points(x_column, bits_per_byte(loss), log=True), "line"),
                 ("validation (sample)", [(x_of(r), r["val_bits_per_byte"]) for r in validation],
                  "line+dots"),
-                ("whole validation split, end of a run",
+                ("final model, end of a run",
                  [(x_of(r), r["val_bits_per_byte"]) for r in final], "dot")]
 
     def in_time_unit(r):
         return None if r["elapsed_seconds"] is None else r["elapsed_seconds"] / per_unit
     return [
-        line_plot("Bits per byte by step (log scale)", bits_series(lambda r: r["step"]), "step",
-                  "bits per byte", log_y=True, marks=[(s, "resume") for s, _ in resumes]),
-        line_plot("Bits per byte by training time (log scale)", bits_series(in_time_unit),
-                  f"training time ({unit})", "bits per byte", log_y=True,
+        line_plot("Bits per byte by step (log scale)", bits_series(lambda r: r["step"], step),
+                  "step", "bits per byte", log_y=True,
+                  marks=[(s, "resume") for s, _ in resumes]),
+        line_plot("Bits per byte by training time (log scale)",
+                  bits_series(in_time_unit, seconds / per_unit), f"training time ({unit})",
+                  "bits per byte", log_y=True,
                   marks=[(t / per_unit, "resume") for _, t in resumes]),
-        line_plot("Learning rate", [("learning rate", [(r["step"], r["learning_rate"])
-                                                       for r in train], "line")],
+        line_plot("Learning rate", [("learning rate", line_points(step, rate), "line")],
                   "step", "learning rate", marks=[(s, "resume") for s, _ in resumes]),
-        line_plot("Training throughput", [("bytes per second", [(r["step"], r["bytes_per_second"])
-                                                                for r in train], "line")],
+        line_plot("Training throughput", [("bytes per second", line_points(step, speed), "line")],
                   "step", "bytes per second", include_zero=True,
                   marks=[(s, "resume") for s, _ in resumes]),
     ]
@@ -285,8 +320,10 @@ def final_figures(rows):
         figures.append(("best validation (sample)", f"{best['val_bits_per_byte']:.4f} bits/byte "
                                                     f"(step {best['step']:,.0f})"))
     if final:
-        figures.append(("final model, whole validation split",
-                        f"{final[-1]['val_bits_per_byte']:.4f} bits/byte"))
+        scored, split = final[-1].get("scored_bytes"), final[-1].get("split_bytes")
+        of = (f"{scored:,.0f} bytes of the {split:,.0f}-byte validation split"
+              if scored and split else "validation split")  # older files: the whole split
+        figures.append((f"final model, {of}", f"{final[-1]['val_bits_per_byte']:.4f} bits/byte"))
     figures.append(("resumes", str(len(resume_points(rows)))))
     return figures
 

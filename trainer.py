@@ -26,13 +26,14 @@ from checkpoint import (FORMAT_VERSION, DiskFull, capture_rng_states, checkpoint
                         save_checkpoint, setting_differences, unwrap_model)
 from config import keys_with
 from dataset import BatchOrder, corpus_fingerprint
-from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
+from evaluate import bounded_plan, evenly_spread, score_text, score_windows
 from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
                    autocast_context, bits_per_byte, cpu_has_bf16_units, error_summary,
                    move_aside, precision_name, read_log_rows, run_precision)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
-                   "learning_rate", "bytes_per_second", "elapsed_seconds", "event")
+                   "learning_rate", "bytes_per_second", "elapsed_seconds", "event",
+                   "scored_bytes", "split_bytes")  # the last two: final validation only
 
 # The config keys, besides the architecture (which a resume must share), that decide what
 # training does from a checkpoint on. A resume where one differs is a continuation with
@@ -74,16 +75,24 @@ def schedule_warnings(schedule):
 # Learning-rate schedule
 
 class LearningRateSchedule:
-    """The learning rate as a pure function of the step (and, for ReduceLROnPlateau, of
-    the validations so far), so a resumed run follows exactly the curve of an
-    uninterrupted one: warmup, then cosine, wsd (warmup-stable-decay), plateau or constant.
+    """The learning rate as a pure function of the step and of recorded decisions (the
+    horizon estimates below; for ReduceLROnPlateau, the validations so far), so a resumed
+    run follows exactly the curve of an uninterrupted one: warmup, then cosine, wsd
+    (warmup-stable-decay), plateau or constant.
 
-    The curve ends at the horizon, the step at which the run will end. With a time
-    budget that step is not known in advance: it is estimated once, from the measured
-    time of PROBE_STEPS steps, recorded in the checkpoint (state_dict), and from then on
-    the clock is never read for the rate. Until then the step limit stands in for it."""
+    The curve ends at the horizon, the step at which the run will end. With a time budget
+    that step is not known in advance: it is estimated from the measured time per step,
+    first at this run's step PROBE_STEPS[1], then again each time 1/STEPS_LEFT_SHARE of the
+    steps left have run (MIN_GAP steps at least), so it follows a machine whose speed
+    changes, more closely as the end nears. Each estimate is recorded (state_dict): a
+    resumed run replays them and makes new ones only after its resume step, and between
+    estimates the clock is never read for the rate. The decay goes on from where it stands
+    at each new estimate (`decay_done`), so the rate does not jump. Until the first
+    estimate the step limit stands in for the horizon."""
 
-    PROBE_STEPS = (3, 23)  # this run's steps timed: after 3 (warm-up), until 23
+    PROBE_STEPS = (3, 23)  # this run's clock is read from its step 3 (after warm-up) on
+    STEPS_LEFT_SHARE = 8  # estimates per run's rest: a few dozen in a run of any length
+    MIN_GAP = 20  # steps between two estimates at least
 
     def __init__(self, config, step_limit, time_budget_seconds=None):
         self.peak = config["learning_rate"]
@@ -94,8 +103,9 @@ class LearningRateSchedule:
         self.cosine_length = config["lr_scheduler_T_max"]
         self.decay_fraction = config["lr_decay_fraction"]
         self.step_limit, self.time_budget = step_limit, time_budget_seconds
-        self.measured = None  # {"at_step", "elapsed", "seconds_per_step"} once probed
-        self._probe_start = None
+        self.estimates = []  # {"at_step", "elapsed", "seconds_per_step"}, in step order
+        self._timed_from = None  # (step, elapsed) where this run's current timing began
+        self._estimated_at = 0  # this run's last estimate, recorded or not
         # ReduceLROnPlateau state: a multiplier cut after `patience` bad validations.
         self.factor = config["lr_scheduler_factor"]
         self.patience = config["lr_scheduler_patience"]
@@ -103,29 +113,62 @@ class LearningRateSchedule:
         self.plateau_best = math.inf
         self.plateau_bad_checks = 0
 
+    @property
+    def estimated(self):
+        """Whether the horizon is an estimate from the clock (not the step limit)."""
+        return bool(self.time_budget and self.estimates)
+
     def horizon(self):
         """The step the run is expected to end at: the step limit, or sooner where the
-        time budget, at the recorded speed, ends the run first."""
-        if not (self.time_budget and self.measured):
-            return self.step_limit
-        m = self.measured
-        by_time = m["at_step"] + int((self.time_budget - m["elapsed"]) / m["seconds_per_step"])
-        return max(m["at_step"] + 1, min(self.step_limit, by_time))
+        time budget, at the last estimated speed, ends the run first."""
+        return self._horizon_of(self.estimates[-1]) if self.estimated else self.step_limit
+
+    def _horizon_of(self, estimate):
+        at = estimate["at_step"]
+        by_time = at + int((self.time_budget - estimate["elapsed"]) / estimate["seconds_per_step"])
+        return max(at + 1, min(self.step_limit, by_time))
+
+    def _next_estimate(self):
+        if not self.estimates:
+            return 0
+        at = max(self.estimates[-1]["at_step"], self._estimated_at)
+        return at + max(self.MIN_GAP, (self.horizon() - at) // self.STEPS_LEFT_SHARE)
 
     def observe(self, steps_run, step, elapsed_seconds, device=None):
-        """Called after each step of this run; fixes the horizon once, from the training
-        time of this run's steps PROBE_STEPS. Every rank takes rank 0's measurement."""
-        if not self.time_budget or self.measured is not None:
+        """Called after each step of this run; estimates the horizon when one is due, from
+        the time per step since this run's last estimate (or its step 3). Every rank takes
+        rank 0's measurement. An estimate that moves the horizon is recorded; one that
+        does not changes nothing, so a resumed run at the same speed is the same run."""
+        if not self.time_budget:
             return
-        first, last = self.PROBE_STEPS
-        if steps_run == first:
-            self._probe_start = elapsed_seconds
-        elif steps_run == last:
-            seconds_per_step = (elapsed_seconds - self._probe_start) / (last - first)
-            seconds_per_step, elapsed = agree_across_ranks([seconds_per_step, elapsed_seconds],
-                                                           "first", device)
-            self.measured = {"at_step": step, "elapsed": elapsed,
-                             "seconds_per_step": max(seconds_per_step, 1e-9)}
+        if steps_run == self.PROBE_STEPS[0]:
+            self._timed_from = (step, elapsed_seconds)
+        if steps_run < self.PROBE_STEPS[1] or step < self._next_estimate():
+            return
+        since_step, since = self._timed_from
+        seconds_per_step = (elapsed_seconds - since) / (step - since_step)
+        seconds_per_step, elapsed = agree_across_ranks([seconds_per_step, elapsed_seconds],
+                                                       "first", device)
+        estimate = {"at_step": step, "elapsed": elapsed,
+                    "seconds_per_step": max(seconds_per_step, 1e-9)}
+        if not self.estimates or self._horizon_of(estimate) != self.horizon():
+            self.estimates.append(estimate)
+        self._timed_from, self._estimated_at = (step, elapsed_seconds), step
+
+    def decay_done(self, step):
+        """(the fraction of the decay after warmup done by `step`, the horizon in effect
+        at `step`). The fraction is linear in the step from the warmup's end to 1 at the
+        horizon's last step, and from each estimate on (in effect once warmup is over),
+        linear from where it stood to 1 at that estimate's last step."""
+        def along(anchor, done, horizon, at):
+            return done + (1 - done) * (at - anchor) / max(horizon - 1 - anchor, 1)
+        anchor, done, horizon = self.warmup_steps, 0.0, self.step_limit
+        for estimate in self.estimates if self.time_budget else ():
+            at = max(estimate["at_step"], self.warmup_steps)
+            if step < at:
+                break
+            anchor, done, horizon = at, along(anchor, done, horizon, at), self._horizon_of(estimate)
+        return along(anchor, done, horizon, step), horizon
 
     def learning_rate(self, step):
         """Rate for optimizer step `step` (0-based)."""
@@ -139,11 +182,15 @@ class LearningRateSchedule:
         if self.kind == "ReduceLROnPlateau":
             return self.peak * self.plateau_scale
         if self.kind == "wsd":  # warmup, stable, then a linear decay over the last part
-            decay_steps = max(1, round(self.decay_fraction * self.horizon()))
-            progress = min(max(step - (self.horizon() - decay_steps) + 1, 0) / decay_steps, 1.0)
+            done, horizon = self.decay_done(step)
+            decay_steps = max(1, round(self.decay_fraction * horizon))
+            steps_left = (1 - done) * (horizon - 1 - self.warmup_steps)
+            progress = min(max(1 - steps_left / decay_steps, 0.0), 1.0)
             return self.peak + (self.eta_min - self.peak) * progress
-        length = self.cosine_length or max(self.horizon() - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / max(length - 1, 1), 1.0)
+        if self.cosine_length:
+            progress = min((step - self.warmup_steps) / max(self.cosine_length - 1, 1), 1.0)
+        else:
+            progress = min(self.decay_done(step)[0], 1.0)
         return self.eta_min + (self.peak - self.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def forget_validations(self):
@@ -163,13 +210,16 @@ class LearningRateSchedule:
 
     def state_dict(self):
         return {"plateau_scale": self.plateau_scale, "plateau_best": self.plateau_best,
-                "plateau_bad_checks": self.plateau_bad_checks, "horizon_probe": self.measured}
+                "plateau_bad_checks": self.plateau_bad_checks,
+                "horizon_estimates": [dict(estimate) for estimate in self.estimates]}
 
     def load_state_dict(self, state):
         self.plateau_scale = state["plateau_scale"]
         self.plateau_best = state["plateau_best"]
         self.plateau_bad_checks = state["plateau_bad_checks"]
-        self.measured = state.get("horizon_probe")  # absent in checkpoints before it existed
+        # Older checkpoints hold one estimate ("horizon_probe"), or none.
+        probe = state.get("horizon_probe")
+        self.estimates = [dict(e) for e in state.get("horizon_estimates", [probe] if probe else [])]
 
 
 # ---------------------------------------------------------------------------
@@ -423,9 +473,12 @@ class TrainingLog:
         if self.enabled:
             tqdm.write(text)
 
-    def step(self, step, epoch, loss, learning_rate, elapsed, horizon):
+    def step(self, step, epoch, loss, learning_rate, elapsed, horizon, estimated=False):
+        """`horizon`: the step limit, or with `estimated` the time budget's estimate of the
+        last step, which a run may pass before the next estimate moves it on."""
         c = self.config
         self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+        horizon = max(horizon, step)
         self.bar.total = horizon
         self.bar.update(1)
         self.bar.set_description(f"epoch {epoch}/{c['num_epochs']}")
@@ -440,8 +493,10 @@ class TrainingLog:
             self._append(step, epoch=epoch, train_loss=mean, learning_rate=learning_rate,
                          bytes_per_second=rate, elapsed_seconds=elapsed)
         if step % c["print_every"] == 0:
-            self.message(f"step {step}/{horizon} | loss {mean:.4f} ({bits_per_byte(mean):.3f} "
-                         f"bpb) | lr {learning_rate:.2e} | {rate:,.0f} bytes/s")
+            where = (f"step {step} (~{horizon:,} expected)" if estimated
+                     else f"step {step}/{horizon}")
+            self.message(f"{where} | loss {mean:.4f} ({bits_per_byte(mean):.3f} bpb) | lr "
+                         f"{learning_rate:.2e} | {rate:,.0f} bytes/s")
 
     def validation(self, step, epoch, val_loss, learning_rate, elapsed, improved):
         self.message(f"step {step}: validation loss {val_loss:.4f} nats = "
@@ -452,14 +507,16 @@ class TrainingLog:
                          val_bits_per_byte=bits_per_byte(val_loss),
                          learning_rate=learning_rate, elapsed_seconds=elapsed)
 
-    def final_validation(self, step, totals, elapsed):
-        """The final model over the whole validation split: shown, and an event row."""
-        self.message(f"final model on the whole validation split ({totals.count:,} bytes): "
+    def final_validation(self, step, totals, elapsed, scope, split_bytes):
+        """The final model on `scope` (what was scored, in words) of the validation split:
+        shown, and an event row with the bytes scored and the split's size."""
+        self.message(f"final model on {scope}; {totals.count:,} bytes scored: "
                      f"{totals.bits_per_byte:.4f} bits/byte ({totals.nats_per_byte:.4f} nats)")
         if self.enabled:
             self._append(step, val_loss=totals.nats_per_byte,
                          val_bits_per_byte=totals.bits_per_byte, elapsed_seconds=elapsed,
-                         event="final_validation")
+                         event="final_validation", scored_bytes=totals.count,
+                         split_bytes=split_bytes)
 
     def sample(self, step, prompt, text):
         """Show an interim sample and append it to interim_samples.txt."""
@@ -489,17 +546,20 @@ class TrainingLog:
 
 
 def validate_final_model(trainer):
-    """Bits per byte of the trained model over every byte of the validation split (the
-    validations during training score an eval_max_batches sample), after train(): every
-    rank scores its share of the windows; rank 0 prints and records the total."""
+    """Bits per byte of the trained model over the validation split, after train(): all
+    of it, or final_validation_max_bytes of it in evenly spread pieces (bounded_plan), so
+    that its cost does not grow with the corpus; the validations during training score
+    an eval_max_batches sample. Every rank scores its share of the same plan; rank 0
+    prints and records the total and what it covers."""
     val, c = trainer.val_dataset, trainer.config
-    plan = SlidingPlan(val.span_start, val.span_end, val.sequence_length,
-                       c["evaluation_stride"] or val.sequence_length)
+    plan, scope = bounded_plan(val.span_start, val.span_end, val.sequence_length,
+                               c["evaluation_stride"] or val.sequence_length,
+                               c.get("final_validation_max_bytes"), "validation split")
     share, elapsed = plan.share(trainer.rank, trainer.world_size), trainer.elapsed_seconds()
     totals, _ = score_text(trainer.raw_model, val.data, plan, trainer.device, trainer.amp_dtype,
                            windows=share, progress=trainer.is_main)
     totals = totals.summed_over_ranks(trainer.device)
-    trainer.log.final_validation(trainer.step, totals, elapsed)
+    trainer.log.final_validation(trainer.step, totals, elapsed, scope, val.num_bytes)
     return totals
 
 
@@ -845,7 +905,7 @@ class Trainer:
         c, step, epoch = self.config, self.step, self.order.epoch_of_last_step
         if loss is not None:
             self.log.step(step, epoch, loss, self.current_lr(), self.elapsed_seconds(),
-                          self.schedule.horizon())
+                          self.schedule.horizon(), self.schedule.estimated)
         if step % c["validate_and_checkpoint_best_every_batches"] == 0 or epoch_ended or \
                 (reason and not self.interrupted):
             self._validate(step, epoch)

@@ -248,6 +248,9 @@ def test_the_data_processor_reads_exactly_its_data_keys(tmp_path, monkeypatch):
     config = ReadRecorder(make_tiny_config(str(tmp_path), generate_dummy_data_if_empty=False))
     write_text_corpus(config["data_dir"], "some training text. " * 50)
     dataset.DataProcessor(config).prepare()
+    write_text_corpus(config["data_dir"], "too short")
+    with pytest.raises(UserError, match="not enough data"):
+        dataset.DataProcessor(config).prepare()
     os.remove(os.path.join(config["data_dir"], "corpus.txt"))
     with pytest.raises(UserError, match="no .txt files"):
         dataset.DataProcessor(config).prepare()

@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset
+import main as main_module
 from tests.conftest import make_tiny_config
 from dataset import (BatchOrder, ByteSequenceDataset, DataProcessor, check_enough_data,
-                     min_bytes_needed)
-from utils import UserError
+                     min_bytes_needed, split_point)
+from utils import ConfigError, UserError
 
 BAD = b"ok\xff\xfe bad \xe2\x82"  # two invalid bytes, then a sequence cut off at the end
 BAD_REPLACED = "ok\ufffd\ufffd bad \ufffd".encode()
@@ -371,6 +372,21 @@ def test_no_training_window_touches_validation_bytes():
     assert len(train) > 0 and len(val) > 0
 
 
+def test_a_capped_validation_split_is_the_corpus_end_up_to_the_cap():
+    n = 100_003
+    assert split_point(n, 0.1) == split_point(n, 0.1, None) == int(n * 0.9)
+    assert split_point(n, 0.1, 5000) == n - 5000  # the cap, where 10 % is more
+    assert split_point(n, 0.1, 50_000) == int(n * 0.9)  # the ratio, where it is less
+    data = np.zeros(n, dtype=np.uint8)
+    train, val = (ByteSequenceDataset(data, 16, 16, split, 0.1, 5000) for split in ("train", "val"))
+    assert (train.span_end, val.span_start, val.span_end) == (n - 5000, n - 5000, n)
+    # A cap must leave the validation split a window: the dataset and the config say so.
+    with pytest.raises(ValueError, match="val_split_max_bytes"):
+        ByteSequenceDataset(data, 16, 16, "val", 0.1, 16)
+    with pytest.raises(ConfigError, match=r"val_split_max_bytes.*one window"):
+        main_module.check_config(make_tiny_config("/unused", val_split_max_bytes=16))
+
+
 def test_getitems_equals_stacked_getitem():
     data = np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)
     ds = ByteSequenceDataset(data, 12, 7, "train", 0.2)
@@ -401,6 +417,28 @@ def test_pickling_reopens_the_memmap_instead_of_copying_it(tmp_path):
     copy = pickle.loads(blob)
     assert isinstance(copy.data, np.memmap) and len(copy) == len(ds)
     assert torch.equal(copy.__getitems__(range(len(ds)))[1], ds.__getitems__(range(len(ds)))[1])
+
+
+def resident_file_kb():
+    """Pages of files mapped into this process (Linux's RssFile), KB."""
+    with open("/proc/self/status") as file:
+        return int(next(line.split()[1] for line in file if line.startswith("RssFile:")))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_windows_of_a_mapped_file_are_read_without_mapping_the_file(tmp_path):
+    """Through the map, 4,000 random windows of a 4 MB array would map all of it."""
+    np.save(tmp_path / "bytes.npy", np.random.default_rng(0).integers(0, 256, 4_000_000,
+                                                                       dtype=np.uint8))
+    data = np.load(tmp_path / "bytes.npy", mmap_mode="r")
+    ds = ByteSequenceDataset(data, 64, 64, "train", 0.1)
+    indices = np.random.default_rng(1).integers(0, len(ds), 4000)
+    before = resident_file_kb()
+    x, y = ds.__getitems__(indices)
+    assert resident_file_kb() - before < 1000
+    windows = np.asarray(data)[ds.window_starts(indices)[:, None] + np.arange(65)]
+    assert torch.equal(x, torch.from_numpy(windows[:, :-1].astype(np.int64)))
+    assert torch.equal(y, torch.from_numpy(windows[:, 1:].astype(np.int64)))
 
 
 def test_bad_arguments_are_rejected():

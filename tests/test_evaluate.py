@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import main as main_module
-from evaluate import SlidingPlan, Totals, score_text, score_windows
+import evaluate as evaluate_module
+from evaluate import (SAMPLE_PIECES, SlidingPlan, Totals, bounded_plan, score_text,
+                      score_windows)
 from tests.conftest import make_tiny_config
 from tests.test_main import TINY_MODEL
 from utils import ConfigError, UserError
@@ -108,6 +110,81 @@ def test_per_file_figures_match_a_reference_and_add_up_to_the_total():
     combined = sum(shares, Totals())
     assert combined.count == total.count
     assert combined.nats == pytest.approx(total.nats, rel=1e-6)
+
+
+def scored_positions(plan):
+    """Every byte position the plan scores, in order, with the context each one gets."""
+    starts, score_from = plan.windows(0, len(plan))
+    return [(start + 1 + target, target + 1) for start, first in zip(starts, score_from)
+            for target in range(first, plan.context_length)]
+
+
+@pytest.mark.parametrize("begin,end,length,stride,bound", [
+    (0, 10_000, 16, 16, 1000), (7, 5000, 16, 5, 999), (0, 3000, 64, 64, 2000),
+    (0, 1000, 64, 64, 40),  # a bound below one window: one short piece
+])
+def test_a_bounded_plan_scores_spread_pieces_within_the_bound(begin, end, length, stride,
+                                                              bound):
+    plan, scope = bounded_plan(begin, end, length, stride, bound, "validation split")
+    scored = scored_positions(plan)
+    positions = [p for p, _ in scored]
+    count = int(scope.split(" bytes of")[0].replace(",", ""))
+    assert len(positions) == len(set(positions)) == count == plan.bytes_scored(0, len(plan))
+    assert bound - SAMPLE_PIECES < count <= bound and f"of the {end - begin:,}-byte" in scope
+    assert begin < min(positions) and max(positions) < end
+    if bound >= length:  # pieces of whole windows, spread from one end of the span to the other
+        assert plan.context_length == length and "evenly spread" in scope
+        assert min(positions) - begin <= length and end - max(positions) <= length
+        # Inside a piece a byte after the first window has the context it has when the
+        # whole span is scored.
+        pieces = np.split(np.array(scored), np.flatnonzero(np.diff(positions) > 1) + 1)
+        assert all((piece[length:, 1] >= length - stride + 1).all() for piece in pieces)
+    shares = [plan.windows(*plan.share(rank, 3)) for rank in range(3)]
+    assert np.concatenate([starts for starts, _ in shares]).tolist() == \
+        plan.windows(0, len(plan))[0].tolist()
+
+
+def test_a_bound_at_least_the_span_scores_the_whole_of_it():
+    for bound in (None, 999, 10**9):
+        plan, scope = bounded_plan(0, 1000, 16, 4, bound, "validation split")
+        assert scope == "the whole validation split of 1,000 bytes"
+        assert [p for p, _ in scored_positions(plan)] == list(range(1, 1000))
+
+
+def test_a_bounded_plan_scores_its_bytes_as_a_reference_does_and_ranks_add_up():
+    torch.manual_seed(0)
+    model = BigramModel()
+    data = np.random.default_rng(1).integers(0, 256, 3000).astype(np.uint8)
+    plan, _ = bounded_plan(100, 3000, 16, 8, 500)
+    total, _ = score_text(model, data, plan, CPU, batch_size=3)
+    positions = [p for p, _ in scored_positions(plan)]
+    assert total.count == len(positions)
+    assert total.nats == pytest.approx(sum(model.reference_nats(data, p) for p in positions),
+                                       rel=1e-5)
+    shares = [score_text(model, data, plan, CPU, windows=plan.share(r, 3))[0] for r in range(3)]
+    assert sum(shares, Totals()).count == total.count
+    assert sum(shares, Totals()).nats == pytest.approx(total.nats, rel=1e-6)
+
+
+def test_the_progress_bar_counts_bytes_and_ends_at_its_total(monkeypatch):
+    bars = []
+
+    class RecordingBar(evaluate_module.tqdm):
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.options, self.updates = options, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+    monkeypatch.setattr(evaluate_module, "tqdm", RecordingBar)
+    data = (np.arange(5000) % 256).astype(np.uint8)
+    for plan in (SlidingPlan(0, 5000, 32, 8), bounded_plan(0, 5000, 32, 8, 700)[0]):
+        total, _ = score_text(UniformModel(), data, plan, CPU, batch_size=9, progress=True)
+        bar = bars.pop()
+        assert bar.options["unit"] == "B" and bar.options["unit_scale"]
+        assert bar.options["total"] == sum(bar.updates) == total.count
 
 
 def test_a_stride_longer_than_the_window_is_a_config_error(tmp_path):

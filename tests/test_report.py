@@ -13,7 +13,7 @@ import pytest
 
 import main as main_module
 from config import CONFIG_V3
-from report import Axis, tick_label, write_report
+from report import MAX_LINE_POINTS, Axis, tick_label, write_report
 from tests.conftest import make_tiny_config
 from trainer import METRICS_COLUMNS
 from utils import UserError
@@ -124,7 +124,8 @@ def a_resumed_run():
         if step == 40:
             rows.append({"step": 40, "event": "resume"})
     rows.append({"step": 80, "val_loss": 2.0, "val_bits_per_byte": 2.0 / math.log(2),
-                 "elapsed_seconds": 1205.0, "event": "final_validation"})
+                 "elapsed_seconds": 1205.0, "event": "final_validation",
+                 "scored_bytes": 200_000, "split_bytes": 30_000_000})
     return rows
 
 
@@ -142,10 +143,50 @@ def test_plotted_points_are_the_values_of_metrics_csv(tmp_path):
     assert marks(plots["Bits per byte by training time (log scale)"]) == [
         pytest.approx(601 / 60, abs=1e-3)]  # in minutes, as the axis says
     final = plotted(plots["Bits per byte by step (log scale)"],
-                    "whole validation split, end of a run")
+                    "final model, end of a run")
     assert final == [(pytest.approx(80, abs=0.01), pytest.approx(2 / math.log(2), rel=1e-3))]
-    assert "2.8854 bits/byte" in html  # the final figure, in the table too
+    assert "<td>final model, 200,000 bytes of the 30,000,000-byte validation split</td>" \
+        "<td>2.8854 bits/byte</td>" in html  # the final figure, in the table too
     assert "<td>resumes</td><td>1</td>" in html
+
+
+def write_a_million_step_run(folder, spike_at=123_457):
+    """metrics.csv of a 10^6-step run: a training row every step (a loss spike at
+    `spike_at`), a validation every 1,000 steps, a resume at step 500,000 and the final
+    validation; written as text, which is fast."""
+    os.makedirs(folder, exist_ok=True)
+    lines = [",".join(METRICS_COLUMNS)]
+    for step in range(1, 1_000_001):
+        loss = 9.0 if step == spike_at else 1.0 + 4.0 / (1 + step / 1000)
+        lines.append(f"{step},1,{loss:.6g},,,0.003,25000,{step * 0.1:.6g},,,")
+        if step % 1000 == 0:
+            lines.append(f"{step},1,,{loss:.6g},{loss / math.log(2):.6g},0.003,,"
+                         f"{step * 0.1 + 0.05:.6g},,,")
+        if step == 500_000:
+            lines.append(f"{step},,,,,,,,resume,,")
+    lines.append(f"1000000,,,1.5,2.16404,,,100001,final_validation,200000,30000000")
+    with open(os.path.join(folder, "metrics.csv"), "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def test_a_million_step_run_gives_a_small_page_of_downsampled_lines(tmp_path):
+    config = make_tiny_config(str(tmp_path))
+    write_a_million_step_run(config["checkpoint_dir"])
+    path = write_report(config)
+    assert os.path.getsize(path) <= 2_000_000
+    with open(path, encoding="utf-8") as file:
+        plots = plots_of(file.read())
+    for svg in plots.values():
+        for line in svg.iter(f"{SVG}polyline"):
+            assert len(line.get("points").split()) <= MAX_LINE_POINTS
+    by_step = plots["Bits per byte by step (log scale)"]
+    training = plotted(by_step, "training (mean since last row)")
+    assert training[-1][0] == pytest.approx(1_000_000, rel=1e-3)  # the last point is drawn
+    assert max(training, key=lambda point: point[1])[0] == pytest.approx(123_457, rel=1e-3)
+    assert max(y for _, y in training) == pytest.approx(9.0 / math.log(2), rel=1e-3)
+    validation = plotted(by_step, "validation (sample)")
+    assert [round(x, -3) for x, _ in validation] == list(range(1000, 1_000_001, 1000))
+    assert marks(by_step) == [500_000]
 
 
 def test_ticks_are_round_values_with_short_labels():

@@ -7,6 +7,8 @@ import csv
 import errno
 import math
 import os
+import re
+import shutil
 import signal
 
 import numpy as np
@@ -106,24 +108,49 @@ def test_cosine_reaches_the_floor_at_the_last_step():
     assert schedule.learning_rate(55) < schedule.learning_rate(30)
 
 
-def test_a_time_budget_fixes_the_horizon_once_from_the_measured_step_time():
+def test_a_time_budget_estimates_the_horizon_at_recorded_steps_and_follows_the_speed():
     schedule = LearningRateSchedule(schedule_config(), step_limit=10_000,
                                     time_budget_seconds=60)
     assert schedule.horizon() == 10_000  # until measured, the step limit stands in
     first, last = schedule.PROBE_STEPS
-    for steps_run in range(1, last + 1):  # 0.1 s per step, after 0.5 s of start-up
-        schedule.observe(steps_run, steps_run, 0.5 + 0.1 * steps_run)
-    assert schedule.horizon() == last + int((60 - 0.5 - 0.1 * last) / 0.1)
+    clock = {}  # step -> elapsed: 0.1 s per step after 0.5 s of start-up, 0.2 s after step 50
+
+    def observe(steps_run, step):
+        clock[step] = clock.get(step - 1, 0.5) + (0.1 if step <= 50 else 0.2)
+        schedule.observe(steps_run, step, clock[step])
+    for step in range(1, last + 1):
+        observe(step, step)
+    assert schedule.horizon() == last + int((60 - clock[last]) / 0.1)  # timed from step 3
     horizon = schedule.horizon()
-    assert schedule.learning_rate(horizon - 1) == pytest.approx(1e-5)
-    assert schedule.learning_rate(horizon // 2) > 1e-4
-    schedule.observe(last + 1, last + 1, 1e6)  # the clock is never read again
+    schedule.observe(last + 1, last + 1, 1e6)  # not due: the clock is not read
     assert schedule.horizon() == horizon
+    due = last + max(schedule.MIN_GAP, (horizon - last) // schedule.STEPS_LEFT_SHARE)
+    for step in range(last + 1, due + 1):
+        observe(step, step)
+    # Re-estimated at `due` from the time per step since the last estimate.
+    per_step = (clock[due] - clock[last]) / (due - last)
+    assert schedule.horizon() == due + int((60 - clock[due]) / per_step) < horizon
+    while schedule.horizon() > max(clock):
+        observe(max(clock) + 1, max(clock) + 1)
+    # The slower steps end the run early, and the decay has kept up with them.
+    end = max(clock)
+    assert clock[end] == pytest.approx(60, abs=0.2) and schedule.horizon() == end
+    assert [e["at_step"] for e in schedule.estimates][:2] == [last, due]
+    rates = [schedule.learning_rate(s) for s in range(10, end)]
+    assert rates == sorted(rates, reverse=True)  # never up: no jump at an estimate
+    assert rates[-1] == pytest.approx(1e-5)
 
     resumed = LearningRateSchedule(schedule_config(), 10_000, 60)
     resumed.load_state_dict(schedule.state_dict())
-    assert [resumed.learning_rate(s) for s in range(0, horizon, 7)] == \
-        [schedule.learning_rate(s) for s in range(0, horizon, 7)]
+    assert [resumed.learning_rate(s) for s in range(end)] == \
+        [schedule.learning_rate(s) for s in range(end)]
+    for steps_run in range(1, last):  # a resumed run times its own steps first
+        resumed.observe(steps_run, end + steps_run, 1e6 + steps_run)
+    assert resumed.estimates == schedule.estimates
+    older = {**schedule.state_dict(), "horizon_probe": schedule.estimates[0]}
+    del older["horizon_estimates"]  # a checkpoint from when one estimate was all there was
+    resumed.load_state_dict(older)
+    assert resumed.estimates == schedule.estimates[:1]
     # A budget that allows more steps than the limit: the limit is the horizon.
     generous = LearningRateSchedule(schedule_config(), 100, 60)
     for steps_run in range(1, last + 1):
@@ -310,6 +337,28 @@ def test_metrics_file_records_the_run(tmp_path):
     assert elapsed == sorted(elapsed)
 
 
+def test_the_final_validation_scores_at_most_its_bound_and_says_what(tmp_path, capsys):
+    """byte_data's validation split is 600 bytes; a bound of 160 scores 10 pieces of 16."""
+    figures = {}
+    for name, bound in (("bounded", 160), ("whole", None), ("above", 10**6)):
+        config = tiny(tmp_path / name, max_steps=2, final_validation_max_bytes=bound)
+        trainer = make_trainer(config)
+        trainer.train()
+        capsys.readouterr()
+        figures[name] = trainer_module.validate_final_model(trainer)
+        shown = capsys.readouterr().out
+        final = [r for r in metrics_rows(config) if r["event"] == "final_validation"]
+        assert len(final) == 1 and final[0]["split_bytes"] == "600"
+        assert final[0]["scored_bytes"] == str(figures[name].count)
+        if name == "bounded":
+            assert figures[name].count == 160 and "final model on 160 bytes of the 600-byte " \
+                "validation split (10 evenly spread pieces of 16 bytes); 160 bytes scored" in shown
+        else:
+            assert figures[name].count == 599 and "final model on the whole validation split " \
+                "of 600 bytes; 599 bytes scored" in shown
+    assert figures["above"].nats == figures["whole"].nats  # the same model, the same bytes
+
+
 def test_interim_samples_are_written(tmp_path):
     config = tiny(tmp_path, test_every_batches=3, interim_test_prompt="Th")
     prompts = []
@@ -440,16 +489,18 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_twice_the_size(tmp_p
         torch.testing.assert_close(one_weights[key], two_weights[key], rtol=1e-4, atol=1e-6)
 
 
-# -- time budgets: the schedule never reads the clock once its horizon is fixed -----
+# -- time budgets: the horizon follows the clock, at steps recorded for a resume -----
 
-def paced_trainer(config, seconds_per_step, resume_from=None):
-    """A Trainer whose clock advances `seconds_per_step` per optimizer step, exactly."""
+def paced_trainer(config, pace, resume_from=None):
+    """A Trainer whose clock advances exactly `pace` seconds per optimizer step, or
+    pace(step) seconds for step number `step` (a clock that changes speed)."""
     trainer = make_trainer(config)
     if resume_from:
         trainer.resume(resume_from)
     first_step = trainer.step
-    trainer.elapsed_seconds = lambda: (trainer.elapsed_before
-                                       + seconds_per_step * (trainer.step - first_step))
+    seconds = pace if callable(pace) else lambda step: pace
+    trainer.elapsed_seconds = lambda: trainer.elapsed_before + sum(
+        seconds(step) for step in range(first_step + 1, trainer.step + 1))
     return trainer
 
 
@@ -468,31 +519,67 @@ def record_every_step(trainer, stop_at=None):
     return record
 
 
+TIME_BUDGET = dict(max_steps=None, num_epochs=1000, max_train_minutes=1.0, lr_warmup_steps=2,
+                   checkpoint_every_batches=1000, data_stride=1,
+                   validate_and_checkpoint_best_every_batches=1000)
+
+
 def test_a_time_limited_run_resumes_on_its_recorded_horizon(tmp_path):
-    budget = dict(max_steps=None, num_epochs=1000, max_train_minutes=1.0, lr_warmup_steps=2,
-                  checkpoint_every_batches=1000, validate_and_checkpoint_best_every_batches=1000,
-                  data_stride=1)
-    straight = paced_trainer(tiny(tmp_path / "a", **budget), seconds_per_step=0.5)
+    straight = paced_trainer(tiny(tmp_path / "a", **TIME_BUDGET), pace=0.5)
     uninterrupted = record_every_step(straight)
     summary = straight.train()
     assert summary["reason"] == "max_train_minutes" and summary["steps"] == 120
     assert straight.schedule.horizon() == 120  # 60 s at 0.5 s per step
     assert uninterrupted[120][0] == pytest.approx(straight.config["lr_scheduler_eta_min"])
 
-    config = tiny(tmp_path / "b", **budget)
-    first = paced_trainer(config, seconds_per_step=0.5)
+    config = tiny(tmp_path / "b", **TIME_BUDGET)
+    first = paced_trainer(config, pace=0.5)
     record_every_step(first, stop_at=50)
     assert first.train()["interrupted"]
-    # The resumed run's clock runs twice as fast: a schedule that read it would change.
-    resumed = paced_trainer(config, 0.25, resume_from=checkpoint_path(config, "latest"))
+    # At the same speed, the resumed run replays the estimates up to step 50 and its own
+    # come to the same horizon: bitwise the uninterrupted run.
+    replayed = [e for e in straight.schedule.estimates if e["at_step"] <= 50]
+    at_50 = str(tmp_path / "at_50.pth")
+    shutil.copy(checkpoint_path(config, "latest"), at_50)
+    resumed = paced_trainer(config, 0.5, resume_from=at_50)
     continued = record_every_step(resumed)
     assert resumed.train()["reason"] == "max_train_minutes"
-    assert resumed.schedule.horizon() == 120
-    assert sorted(continued)[0] == 51 and max(continued) > 120
+    assert resumed.schedule.estimates == replayed == straight.schedule.estimates
+    assert sorted(continued)[0] == 51 and max(continued) == 120
     for step in range(51, 121):
         rate, weights = continued[step]
         assert rate == uninterrupted[step][0], step
         assert all(torch.equal(weights[k], uninterrupted[step][1][k]) for k in weights), step
+
+    # Twice as fast after the resume: the recorded estimate holds until the resumed run's
+    # own first one (after timing 20 of its steps: 73), which then sees the new speed.
+    fast = paced_trainer(config, 0.25, resume_from=at_50)
+    faster = record_every_step(fast)
+    assert fast.train()["reason"] == "max_train_minutes"
+    assert fast.schedule.estimates[:len(replayed)] == replayed
+    assert fast.schedule.estimates[len(replayed)]["at_step"] == 73
+    assert all(faster[step][0] == uninterrupted[step][0] for step in range(51, 74))
+    assert max(faster) == fast.schedule.horizon() == 50 + int((60 - 25) / 0.25)
+
+
+@pytest.mark.parametrize("before,after,end", [(0.25, 0.5, 150), (0.5, 0.25, 180)],
+                         ids=["slows-down", "speeds-up"])
+def test_a_time_budget_follows_a_clock_that_changes_speed_at_step_60(tmp_path, capsys, before,
+                                                                       after, end):
+    """With the horizon fixed from the first steps' speed, a run that slows down stops
+    mid-decay and one that speeds up trains its last part at the floor rate."""
+    trainer = paced_trainer(tiny(tmp_path, print_every=10, **TIME_BUDGET),
+                            lambda step: before if step <= 60 else after)
+    record = record_every_step(trainer)
+    assert trainer.train()["steps"] == end  # 60 s of steps
+    rates = [record[step][0] for step in range(3, end + 1)]  # after warmup
+    assert rates == sorted(rates, reverse=True)
+    peak, floor = trainer.config["learning_rate"], trainer.config["lr_scheduler_eta_min"]
+    assert rates[-1] - floor < 0.02 * (peak - floor)  # the decay ends with the run
+    assert sum(rate - floor < 1e-4 * (peak - floor) for rate in rates) <= 2  # not before it
+    shown = re.findall(r"step (\d+) \(~(\d+) expected\)", capsys.readouterr().out)
+    assert len(shown) == (end - 20) // 10  # from the first estimate (step 23) on
+    assert all(int(step) <= int(last) for step, last in shown)
 
 
 def test_a_run_that_max_steps_ends_is_reproducible_whatever_the_clock(tmp_path):
@@ -865,6 +952,7 @@ NOT_TRAINING_KEYS = {
     # the text itself is the corpus fingerprint's business
     "file_separator", "utf8_error_policy",
     "zero_init_output_projections", "reset_best_val_loss_on_resume", "evaluation_stride",
+    "final_validation_max_bytes",
     "print_every", "metrics_every", "test_every_batches", "interim_test_prompt",
     "interim_test_max_new_bytes", "interim_test_temperature", "interim_test_top_k",
     "checkpoint_every_batches", "save_epoch_snapshots", "keep_last_checkpoints",
