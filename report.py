@@ -44,6 +44,8 @@ def read_metrics(path):
 
 
 def _number(text):
+    if not text:  # most cells of a row are empty: no exception for them (long runs' logs)
+        return None
     try:
         value = float(text)
     except (TypeError, ValueError):
