@@ -477,6 +477,8 @@ class ByteLLM_GrugV3(nn.Module):
         joined = torch.cat([past, x], dim=1)
         if cache is not None:
             cache.ngram_past.copy_(joined[:, x.size(1):])
+        if x.size(1) == 1:  # a decode step: the shorter path of one byte, same vectors
+            return h + self.ngram_embedding.newest(joined)[:, None]
         return h + self.ngram_embedding(joined)
 
     def _hidden_states(self, x, cache=None, positions=None, patch_due=None):
