@@ -251,12 +251,12 @@ def ngram_hashes(joined, orders, length):
 
 def newest_ngram_hashes(tail, orders):
     """(B, len(orders)) hashes of the n bytes ending at the last byte of `tail`
-    (B, max(orders)), each order n in a column: ngram_hashes(tail, orders, 1), in about
-    a third of the tensor operations, for the decode step, where each one is a dispatch
-    that costs more than its arithmetic. An update of the last step's hashes cannot
-    replace this: FNV-1a here starts from the newest byte, so every order's hash changes
-    from its first step on. The chain runs once for all orders and one finish mixes all
-    of them."""
+    (B, max(orders)), each order n in a column: ngram_hashes(tail, orders, 1) in fewer
+    tensor operations, for the decode step, where each one is a dispatch that costs more
+    than its arithmetic (docs/benchmarks.md, Eager decode step). An update of the last
+    step's hashes cannot replace this: FNV-1a here starts from the newest byte, so every
+    order's hash changes from its first step on. The chain runs once for all orders and
+    one finish mixes all of them."""
     salted = (tail + 1).unbind(1)  # oldest first
     hashed, chain = FNV_BASIS, []
     for back in range(max(orders)):
