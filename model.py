@@ -220,6 +220,12 @@ def one_query_attention(q, k, v, visible):
     to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost a large
     share of the compiled decode step (docs/benchmarks.md, Figures behind design
     choices). Scores and softmax in fp32."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # In fp32 on a CPU, as _attend: under autocast each step would cast the whole cache
+        # (fp32 on a CPU) to bf16, for products of one row that the CPU's bf16 kernels run
+        # slower than its fp32 ones (docs/benchmarks.md, Eager decode step).
+        with torch.autocast("cpu", enabled=False):
+            return one_query_attention(q.float(), k.float(), v.float(), visible)
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
@@ -477,6 +483,8 @@ class ByteLLM_GrugV3(nn.Module):
         joined = torch.cat([past, x], dim=1)
         if cache is not None:
             cache.ngram_past.copy_(joined[:, x.size(1):])
+        if x.size(1) == 1:  # a decode step: the shorter path of one byte, same vectors
+            return h + self.ngram_embedding.newest(joined)[:, None]
         return h + self.ngram_embedding(joined)
 
     def _hidden_states(self, x, cache=None, positions=None, patch_due=None):

@@ -214,26 +214,55 @@ class CNNFrontend(nn.Module):
 NO_BYTE = 256  # stands for the bytes before the start of a view: it has none before it
 
 
+FNV_BASIS, FNV_PRIME = 0x811C9DC5, 0x01000193
+
+
+def fnv_step(hashed, salted_byte):
+    """One FNV-1a step: the hash so far with one more byte (byte value + 1, so that
+    byte 0 changes the hash too)."""
+    return ((hashed ^ salted_byte) * FNV_PRIME) & MASK32
+
+
+def finish_hash(hashed):
+    """A multiply-xorshift finish of FNV hashes (any shape): the low bits that pick a
+    bucket depend on every byte."""
+    for multiplier in (0x7FEB352D, 0x5BD1E995):
+        hashed = hashed ^ (hashed >> 15)
+        hashed = (hashed * multiplier) & MASK32
+    return hashed ^ (hashed >> 16)
+
+
 def ngram_hashes(joined, orders, length):
     """{n: (B, length) int64 hash in [0, 2^32) of the n bytes ending at each of the last
     `length` positions of `joined` (B, max(orders)-1+length), for each order n.
 
     FNV-1a over the bytes from the newest back, so the hash of n bytes extends the hash
-    of n-1, then a multiply-xorshift finish: the low bits that pick a bucket depend on
-    every byte. Every product stays below 2^63, so int64 never overflows."""
+    of n-1, then finish_hash. Every product stays below 2^63, so int64 never overflows."""
     context = joined.size(1) - length
-    hashed = torch.full_like(joined[:, context:], 0x811C9DC5)  # FNV offset basis
+    hashed = torch.full_like(joined[:, context:], FNV_BASIS)
     out = {}
     for back in range(max(orders)):
         byte = joined[:, context - back:joined.size(1) - back]  # byte t-back of each t
-        hashed = ((hashed ^ (byte + 1)) * 0x01000193) & MASK32  # FNV prime
+        hashed = fnv_step(hashed, byte + 1)
         if back + 1 in orders:
-            mixed = hashed
-            for multiplier in (0x7FEB352D, 0x5BD1E995):
-                mixed = mixed ^ (mixed >> 15)
-                mixed = (mixed * multiplier) & MASK32
-            out[back + 1] = mixed ^ (mixed >> 16)
+            out[back + 1] = finish_hash(hashed)
     return out
+
+
+def newest_ngram_hashes(tail, orders):
+    """(B, len(orders)) hashes of the n bytes ending at the last byte of `tail`
+    (B, max(orders)), each order n in a column: ngram_hashes(tail, orders, 1) in fewer
+    tensor operations, for the decode step, where each one is a dispatch that costs more
+    than its arithmetic (docs/benchmarks.md, Eager decode step). An update of the last
+    step's hashes cannot replace this: FNV-1a here starts from the newest byte, so every
+    order's hash changes from its first step on. The chain runs once for all orders and
+    one finish mixes all of them."""
+    salted = (tail + 1).unbind(1)  # oldest first
+    hashed, chain = FNV_BASIS, []
+    for back in range(max(orders)):
+        hashed = fnv_step(hashed, salted[-1 - back])
+        chain.append(hashed)
+    return finish_hash(torch.stack([chain[n - 1] for n in orders], dim=1))
 
 
 class HashedNgramEmbedding(nn.Module):
@@ -262,3 +291,14 @@ class HashedNgramEmbedding(nn.Module):
         hashes = ngram_hashes(joined, self.orders, joined.size(1) - self.context)
         return sum(table(hashes[n] % self.buckets)
                    for n, table in zip(self.orders, self.embeddings))
+
+    def newest(self, tail):
+        """forward's vector of the last byte alone, (B, width), from tail (B, context + 1):
+        the decode step's path (newest_ngram_hashes), summed in forward's order, so the
+        result is the same to the bit."""
+        rows = (newest_ngram_hashes(tail, self.orders) % self.buckets).unbind(1)
+        vectors = [table(row) for row, table in zip(rows, self.embeddings)]
+        total = vectors[0]  # forward's sum starts from 0, which adds nothing
+        for vector in vectors[1:]:
+            total = total + vector
+        return total

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from config import CONFIG_V3
 from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, EncoderLayer, count_parameters
 from model_components import (NO_BYTE, CNNFrontend, LearnablePositionalEncoding,
-                              SinusoidalPositionalEncoding, ngram_hashes)
+                              SinusoidalPositionalEncoding, newest_ngram_hashes,
+                              ngram_hashes)
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +174,21 @@ def test_an_ngram_hash_reads_exactly_its_n_bytes():
                 newest = 4 + t  # position of byte t in joined
                 reads = newest - n < where <= newest
                 assert (hashes[n][0, t] != base[n][0, t]) == reads, (n, t, where)
+
+
+@pytest.mark.parametrize("orders", [(2, 3, 4, 5, 6), (3,), (5, 2), (1, 4)])
+def test_the_decode_steps_ngram_hashes_equal_ngram_hashes(orders):
+    """newest_ngram_hashes (the decode step's) gives ngram_hashes' hash of every order at
+    every position of random streams, from the first byte on, where the tail is still
+    partly NO_BYTE."""
+    torch.manual_seed(0)
+    context = max(orders) - 1
+    joined = torch.cat([torch.full((5, context), NO_BYTE), torch.randint(0, 256, (5, 40))], 1)
+    reference = ngram_hashes(joined, orders, 40)  # {n: (5, 40)}
+    for t in range(40):
+        hashes = newest_ngram_hashes(joined[:, t:t + context + 1], orders)  # (5, len(orders))
+        for column, n in enumerate(orders):
+            assert torch.equal(hashes[:, column], reference[n][:, t]), (n, t)
 
 
 def test_ngram_buckets_fill_like_a_random_function():
