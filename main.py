@@ -19,8 +19,9 @@ import torch
 
 import utils
 
-if utils.torch_problem():  # checked before the modules that need a newer torch load
-    sys.exit(f"error: {utils.torch_problem()}")
+TORCH_PROBLEM = utils.torch_problem()  # checked before the modules that need it load
+if TORCH_PROBLEM:
+    sys.exit(f"error: {TORCH_PROBLEM}")
 
 import config as config_module  # noqa: E402 (after the torch check)
 from checkpoint import (KEYS_TO_GENERATE, CheckpointFolderLock, checkpoint_path,
