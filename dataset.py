@@ -454,8 +454,14 @@ def corpus_fingerprint(data):
     was trained on, so that a resume on another text is noticed. Every byte counts: an
     edited file changes it too."""
     digest = hashlib.blake2b(digest_size=16)
-    for start in range(0, len(data), FINGERPRINT_BLOCK):
-        digest.update(np.ascontiguousarray(data[start:start + FINGERPRINT_BLOCK]))
+    if _maps_whole_file(data):  # read the file, not the map: as ByteSequenceDataset._windows
+        with open(data.filename, "rb") as file:
+            file.seek(data.offset)
+            for _ in range(0, len(data), FINGERPRINT_BLOCK):
+                digest.update(file.read(FINGERPRINT_BLOCK))
+    else:
+        for start in range(0, len(data), FINGERPRINT_BLOCK):
+            digest.update(np.ascontiguousarray(data[start:start + FINGERPRINT_BLOCK]))
     return {"bytes": int(len(data)), "blake2b": digest.hexdigest()}
 
 

@@ -433,12 +433,28 @@ def test_windows_of_a_mapped_file_are_read_without_mapping_the_file(tmp_path):
     data = np.load(tmp_path / "bytes.npy", mmap_mode="r")
     ds = ByteSequenceDataset(data, 64, 64, "train", 0.1)
     indices = np.random.default_rng(1).integers(0, len(ds), 4000)
+    ds.__getitems__(indices[:2])  # a first call loads libraries, which RssFile counts too
     before = resident_file_kb()
     x, y = ds.__getitems__(indices)
     assert resident_file_kb() - before < 1000
     windows = np.asarray(data)[ds.window_starts(indices)[:, None] + np.arange(65)]
     assert torch.equal(x, torch.from_numpy(windows[:, :-1].astype(np.int64)))
     assert torch.equal(y, torch.from_numpy(windows[:, 1:].astype(np.int64)))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_the_corpus_fingerprint_reads_a_mapped_file_without_mapping_it(tmp_path):
+    """Every run fingerprints its corpus: through the map that would bring all of it into
+    the process. The file is read instead, and the digest is the array's."""
+    array = np.random.default_rng(2).integers(0, 256, 4_000_000, dtype=np.uint8)
+    np.save(tmp_path / "bytes.npy", array)
+    data = np.load(tmp_path / "bytes.npy", mmap_mode="r")
+    before = resident_file_kb()
+    mapped = dataset.corpus_fingerprint(data)
+    assert resident_file_kb() - before < 1000
+    assert mapped == dataset.corpus_fingerprint(array)  # the in-memory path, same bytes
+    array[123_456] ^= 1
+    assert dataset.corpus_fingerprint(array) != mapped
 
 
 def test_bad_arguments_are_rejected():
