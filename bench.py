@@ -45,8 +45,9 @@ import numpy as np
 import torch
 
 from config import CONFIG_V3
-from dataset import ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources
-from evaluate import evenly_spread, score_windows
+from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources,
+                     split_point)
+from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from main import build_training, check_config
 from model import ByteLLM_GrugV3, count_parameters
 from predictor import Predictor
@@ -55,7 +56,8 @@ from utils import (UserError, atomic_output, autocast_context, bits_per_byte, re
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-SECTIONS = ("training", "quality", "generation", "data")
+SECTIONS = ("training", "quality", "generation", "data", "long")
+DEFAULT_SECTIONS = ("training", "quality", "generation", "data")  # long: only when asked
 MB = 10**6
 
 
@@ -71,11 +73,11 @@ SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
                  gen_max_new_bytes=256, gen_rounds=3, gen_compile=True,
-                 data_bytes=200 * MB, data_rounds=3),
+                 data_bytes=200 * MB, data_rounds=3, long_seconds=600.0),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
                   gen_max_new_bytes=4, gen_rounds=1, gen_compile=False,
-                  data_bytes=20 * MB, data_rounds=1),
+                  data_bytes=20 * MB, data_rounds=1, long_seconds=2.0),
 }
 
 
@@ -819,6 +821,127 @@ def bench_data(scale):
 
 
 # =============================================================================
+# Section: long (--only long; not run by default)
+# Long context on a large real corpus: each design and window trained for the same
+# wall-clock budget, then scored on one fixed held-out slice with sliding windows of the
+# model's own length, so a longer window is credited for the context it really sees.
+# =============================================================================
+
+
+LONG_HELDOUT_BYTES = MB  # the held-out slice every model is scored on
+LONG_STRIDE_FRACTION = 4  # scoring windows overlap: stride = window / 4
+LONG_BYTES_PER_STEP = 1024  # batch_size x window of every run, so each step sees as much text
+LONG_GAIN_BPB = 0.10  # the best model must beat config.py's defaults by this much
+
+# design -> overrides of config.py's defaults; window and batch come from long_variants.
+LONG_DESIGNS = {
+    "single-stream": {"use_parallel_stream_model": False},
+    "parallel-stream": {"use_parallel_stream_model": True},
+}
+LONG_CONTEXT_WINDOWS = (64, 256, 1024)
+
+
+def long_variants(designs=None, windows=None):
+    """{name: overrides} of the long section's runs: config.py's defaults as they are,
+    then every design at every window, LONG_BYTES_PER_STEP bytes a step."""
+    designs, windows = designs or LONG_DESIGNS, windows or LONG_CONTEXT_WINDOWS
+    variants = {"defaults": {}}
+    for design, overrides in designs.items():
+        for window in windows:
+            variants[f"{design}, window {window}"] = {
+                **overrides, "sequence_length": window, "data_stride": window,
+                "batch_size": max(1, LONG_BYTES_PER_STEP // window)}
+    return variants
+
+
+def heldout_span(data, config, size):
+    """[begin, end) of the held-out slice: the start of the validation split, which no
+    run trains on, far enough in that the longest window has its context inside it."""
+    begin = split_point(len(data), config["val_split_ratio"], config["val_split_max_bytes"])
+    begin += max(LONG_CONTEXT_WINDOWS) + 1
+    end = min(len(data), begin + size)
+    if end - begin < size:
+        skipped = max(LONG_CONTEXT_WINDOWS) + 1
+        raise UserError(f"--data: the validation split holds {max(0, end - begin):,} bytes "
+                        f"past its first {skipped:,}; the long section needs {size:,} "
+                        f"(give a larger corpus)")
+    return begin, end
+
+
+def heldout_bits_per_byte(model, data, span, window, device):
+    """Bits per byte of the bytes in `span`, each predicted by sliding windows of `window`
+    bytes at a stride of window / LONG_STRIDE_FRACTION that may start before the span."""
+    begin, end = span
+    plan = SlidingPlan(begin - window, end, window,
+                       max(1, window // LONG_STRIDE_FRACTION))
+    total, _ = score_text(model, data, plan, device, parts=[[begin, end]])
+    return total.bits_per_byte
+
+
+def long_run(config, data, span, device):
+    trainer = build_training(config, data, device)
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = trainer.train()
+    window = config["sequence_length"]
+    bytes_per_step = config["batch_size"] * window
+    return {"params": count_parameters(trainer.raw_model), "steps": summary["steps"],
+            "bytes_per_s": summary["steps"] * bytes_per_step / summary["elapsed_seconds"],
+            "heldout_bpb": heldout_bits_per_byte(trainer.raw_model, data, span, window,
+                                                 device)}
+
+
+def bench_long(device, scale, data_path, seconds, repeats, heldout_bytes=LONG_HELDOUT_BYTES,
+               variants=None):
+    """Held-out bits/byte of config.py's defaults and of each LONG_DESIGNS design at each
+    of LONG_CONTEXT_WINDOWS after `seconds` of training; `repeats` interleaved runs, medians."""
+    variants = variants or long_variants()
+    with tempfile.TemporaryDirectory(prefix="grug_bench_long_") as workdir:
+        data = prepare_corpus(data_path, workdir)
+        runs = {}  # configuration (as JSON) -> (names, config): equal runs train once
+        for name, overrides in variants.items():
+            config = quality_config(name, seconds, device, workdir, **overrides)
+            key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
+                             sort_keys=True)
+            runs.setdefault(key, ([], config))[0].append(name)
+        configs = {" = ".join(names): config for names, config in runs.values()}
+        span = heldout_span(data, next(iter(configs.values())), heldout_bytes)
+        log(f"long: {len(configs)} runs x {repeats} of {seconds:g} s; held-out slice "
+            f"[{span[0]:,}, {span[1]:,}) of a {len(data) / MB:,.0f} MB corpus")
+        samples = side_by_side_samples(
+            {name: lambda c=config: long_run(c, data, span, device)
+             for name, config in configs.items()}, repeats)
+    rows = []
+    for name, results in samples.items():
+        config = configs[name]
+        rows.append({"run": name,
+                     "model": "parallel" if config["use_parallel_stream_model"] else "single",
+                     "window": config["sequence_length"], **median_result(results),
+                     "flops_per_byte": estimate_flops_per_byte(config),
+                     "each_run_bpb": " ".join(f"{r['heldout_bpb']:.3f}" for r in results)})
+    return ({"seconds": seconds, "heldout": {"begin": span[0], "end": span[1]}, "rows": rows},
+            long_targets(rows))
+
+
+def long_targets(rows):
+    """The first row is config.py's defaults (its name may list the runs equal to it)."""
+    defaults = rows[0]["heldout_bpb"]
+    best = min(rows, key=lambda row: row["heldout_bpb"])
+    targets = [check_target(f"best ({best['run']}) held-out bits/byte: defaults "
+                            f"{defaults:.3f} - {LONG_GAIN_BPB}", best["heldout_bpb"], "<=",
+                            defaults - LONG_GAIN_BPB, "bits/byte")]
+    single = [row for row in rows if row["model"] == "single"]
+    parallel = [row for row in rows if row["model"] == "parallel"]
+    if single and parallel:
+        best_single = min(row["heldout_bpb"] for row in single)
+        best_parallel = min(parallel, key=lambda row: row["heldout_bpb"])
+        targets.append(check_target(
+            f"best parallel ({best_parallel['run']}) held-out bits/byte: best single "
+            f"{best_single:.3f} - {PARALLEL_GAIN_BPB}", best_parallel["heldout_bpb"], "<=",
+            best_single - PARALLEL_GAIN_BPB, "bits/byte"))
+    return targets
+
+
+# =============================================================================
 # Report
 # =============================================================================
 
@@ -909,8 +1032,9 @@ def parse_args(argv):
                         "../shared/data/tinyshakespeare.txt beside the repo, if present)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: every section shrunk to finish in under a minute")
-    parser.add_argument("--only", type=section_list, default=list(SECTIONS),
-                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--only", type=section_list, default=list(DEFAULT_SECTIONS),
+                        help="comma-separated sections to run (default: "
+                             f"{','.join(DEFAULT_SECTIONS)}; also: long)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--quality-seconds", type=float,
@@ -927,9 +1051,20 @@ def parse_args(argv):
                         help="generation section: time every parallel design (all) or only "
                              "config.py's single and parallel stream (main: about a third "
                              "of the time)")
+    parser.add_argument("--long-seconds", type=float,
+                        help="long section: training budget of each run (default: 600; "
+                             "quick: 2)")
+    parser.add_argument("--long-repeats", type=int, default=2,
+                        help="long section: train each run this many times; report medians")
+    parser.add_argument("--long-heldout-mb", type=float, default=LONG_HELDOUT_BYTES / MB,
+                        help="long section: size of the held-out slice every model is "
+                             "scored on (default: 1)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if "long" in args.only and not args.data:
+        parser.error("--only long needs --data: a real corpus of 100 MB or more "
+                     "(docs/benchmarks.md: the reference corpus)")
     if "quality" in args.only and not args.data and not args.data_worker:
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
@@ -955,7 +1090,9 @@ def main(argv):
                            "quality_repeats": args.quality_repeats,
                            "quality_ablation": args.quality_ablation,
                            "parallel_designs": args.parallel_designs,
-                           "generation_designs": args.generation_designs, "scale": scale},
+                           "generation_designs": args.generation_designs,
+                           "long_seconds": args.long_seconds,
+                           "long_repeats": args.long_repeats, "scale": scale},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
@@ -966,6 +1103,9 @@ def main(argv):
         "generation": lambda: bench_generation(device, scale,
                                                generation_designs(args.generation_designs)),
         "data": lambda: bench_data(scale),
+        "long": lambda: bench_long(device, scale, args.data,
+                                   args.long_seconds or scale["long_seconds"],
+                                   args.long_repeats, int(args.long_heldout_mb * MB)),
     }
     for name in SECTIONS:
         if name in args.only:

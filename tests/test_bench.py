@@ -362,3 +362,80 @@ def test_evaluation_matches_the_models_own_loss(tmp_path, objective):
     with torch.no_grad():
         own = bits_per_byte(model(x, y).item())
     assert (all_bpb if objective == "all_positions" else last_bpb) == pytest.approx(own, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The long section: the held-out slice and how a window is credited for its context
+
+class CopyFromPeriodAgo(torch.nn.Module):
+    """Predicts byte i+1 as the byte `period` - 1 places before byte i when the window
+    holds it (certain and right on periodic text), and uniformly when it does not."""
+
+    def __init__(self, period):
+        super().__init__()
+        self.period = period
+
+    def forward(self, x):
+        B, T = x.shape
+        logits = torch.zeros(B, T, 256)
+        lag = self.period - 1
+        if T > lag:
+            seen = x[:, :T - lag]  # the byte at t - lag predicts the one after t
+            logits[:, lag:].scatter_(2, seen[:, :, None].long(), 100.0)
+        return logits
+
+
+def periodic_bytes(length, period, seed=0):
+    pattern = np.random.default_rng(seed).integers(0, 256, period, dtype=np.uint8)
+    return np.resize(pattern, length)
+
+
+@pytest.mark.parametrize("window, expected", [(64, 0.0), (32, 8.0)])
+def test_heldout_scoring_credits_a_window_for_the_context_it_really_sees(window, expected):
+    """Period 40: a 64-byte window holds the byte one period back for every scored byte
+    (the scoring windows start before the slice), a 32-byte window for none."""
+    data = periodic_bytes(5000, 40)
+    bpb = bench.heldout_bits_per_byte(CopyFromPeriodAgo(40), data, (3000, 4000), window,
+                                      torch.device("cpu"))
+    assert bpb == pytest.approx(expected, abs=1e-3)
+
+
+def test_heldout_slice_starts_in_the_validation_split_and_a_small_corpus_is_refused():
+    config = make_tiny_config(".", val_split_ratio=0.1, val_split_max_bytes=None)
+    data = np.zeros(200_000, dtype=np.uint8)
+    begin, end = bench.heldout_span(data, config, 10_000)
+    assert begin == 180_000 + max(bench.LONG_CONTEXT_WINDOWS) + 1 and end == begin + 10_000
+    with pytest.raises(bench.UserError, match="give a larger corpus"):
+        bench.heldout_span(data, config, 30_000)
+
+
+def test_every_long_variant_is_a_valid_config_with_the_same_bytes_per_step():
+    for name, overrides in bench.long_variants().items():
+        config = bench.model_config(**overrides)
+        if name != "defaults":
+            assert config["batch_size"] * config["sequence_length"] == bench.LONG_BYTES_PER_STEP
+
+
+def test_the_long_section_runs_only_when_asked_and_needs_a_corpus(capsys):
+    assert "long" not in bench.parse_args(["--only", "training"]).only
+    assert "long" not in bench.parse_args(["--data", __file__]).only
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "long"])
+    assert "--only long needs --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_long_section_prints_its_table(tmp_path, monkeypatch, capsys):
+    write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=300_000))
+    monkeypatch.setattr(bench, "LONG_CONTEXT_WINDOWS", (32, 64))
+    monkeypatch.setattr(bench, "LONG_DESIGNS", {"single-stream": {"use_parallel_stream_model": False}})
+    out = tmp_path / "long.json"
+    assert bench.main(["--quick", "--only", "long", "--data", str(tmp_path / "corpus"),
+                       "--long-seconds", "1", "--long-repeats", "1",
+                       "--long-heldout-mb", "0.002", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["sections"]["long"]["rows"]
+    # config.py's defaults are the single stream at 64 bytes: trained once, named twice
+    assert [row["run"] for row in rows] == ["defaults = single-stream, window 64",
+                                            "single-stream, window 32"]
+    assert all(row["steps"] > 0 and 0 < row["heldout_bpb"] < 9 for row in rows)
+    assert "best (" in capsys.readouterr().out
