@@ -75,6 +75,7 @@ CONFIG_V3 = {
     "transformer_norm_first": True,  # pre-norm layers (True) or post-norm (False)
     "norm_type": "layernorm",  # norms of the transformer: "layernorm" | "rmsnorm"
     "qk_norm": True,  # normalise queries and keys per head before attention (with norm_type)
+    "attention_window": None,  # byte layers attend to at most this many bytes back (None = all)
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
@@ -233,6 +234,7 @@ RULES = {
     "transformer_norm_first": flag(),
     "norm_type": one_of(*NORMS),
     "qk_norm": flag(),
+    "attention_window": integer(1, nullable=True),
     "ffn_activation": one_of("gelu", "relu2", "swiglu"),
     "zero_init_output_projections": flag(),
     "logit_softcap": real(0),
@@ -371,6 +373,7 @@ KEY_ROLES = {
     "transformer_norm_first": ("model", "architecture"),
     "norm_type": ("model", "architecture"),
     "qk_norm": ("model", "architecture"),
+    "attention_window": ("model", "architecture"),
     "ffn_activation": ("model", "architecture"),
     "zero_init_output_projections": ("model",),
     "logit_softcap": ("model", "architecture"),
@@ -426,7 +429,8 @@ KEY_ROLES = {
 
 # What a checkpoint saved before an architecture key existed meant by it (the math of its
 # day); the architecture keys not named here are as old as the checkpoints.
-LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "ffn_activation": "gelu",
+LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "attention_window": None,
+                       "ffn_activation": "gelu",
                        "logit_softcap": 0.0, "parallel_fusion": "concat_output",
                        "ngram_orders": [], "ngram_buckets": 8192}
 

@@ -157,10 +157,12 @@ class GenerationCache:
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, d_model, num_heads, dropout, qk_norm=False, norm_type="layernorm"):
+    def __init__(self, d_model, num_heads, dropout, qk_norm=False, norm_type="layernorm",
+                 window=None):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
+        self.window = window  # a query sees at most this many keys: its own and those before
         self.qkv = nn.Linear(d_model, 3 * d_model)  # q, k, v stacked like in_proj_weight
         self.out_proj = nn.Linear(d_model, d_model)
         head_dim = d_model // num_heads
@@ -183,22 +185,49 @@ class CausalSelfAttention(nn.Module):
         if positions is not None:  # a stream sees its own positions 0 .. positions[b]
             k, v = kv_cache.write_at(k, v, positions)  # (B, nh, capacity, hs)
             slots = torch.arange(kv_cache.capacity, device=x.device)
-            y = one_query_attention(q, k, v, (slots <= positions[:, None])[:, None, None])
+            visible = slots <= positions[:, None]
+            if self.window is not None:
+                visible = visible & (slots > positions[:, None] - self.window)
+            y = one_query_attention(q, k, v, visible[:, None, None])
+        elif kv_cache is None and self.window is not None and T > self.window:
+            y = self._attend_locally(q, k, v)
         else:
             mask, is_causal = None, True
+            past = 0
             if kv_cache is not None:
                 past = kv_cache.length
                 k, v = kv_cache.append(k, v)  # (B, nh, past+T, hs)
-                if past > 0:
-                    # is_causal aligns its mask top-left, wrong once keys precede the
-                    # queries: query i sits at position past+i and sees keys 0 .. past+i.
-                    is_causal = False
-                    if T > 1:
-                        mask = torch.ones(T, past + T, dtype=torch.bool,
-                                          device=x.device).tril(past)
+            if past > 0 or (self.window is not None and past + T > self.window):
+                # is_causal aligns its mask top-left, wrong once keys precede the queries:
+                # query i sits at position past+i and sees keys 0 .. past+i (the last
+                # `window` of them with a window).
+                is_causal = False
+                mask = band_mask(T, past, self.window, x.device)
             y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.out_proj(y)
+
+    def _attend_locally(self, q, k, v):
+        """Causal attention within the window, in O(T * window): the queries in blocks of
+        `window`, each block attending to its own keys and the previous block's (all that
+        its window can reach), under one (window, 2 * window) mask per block."""
+        B, nh, T, hs = q.shape
+        w = self.window
+        blocks = -(-T // w)
+        q = F.pad(q, (0, 0, 0, blocks * w - T))  # whole blocks; the padded queries are dropped
+        # One block of zero keys in front: block b reads slots b*w .. b*w + 2w of these,
+        # which hold the keys of positions (b-1)*w .. (b+1)*w - 1.
+        k, v = (F.pad(t, (0, 0, w, blocks * w - T)) for t in (k, v))
+        k, v = (t.unfold(2, 2 * w, w).permute(0, 2, 1, 4, 3).reshape(B * blocks, nh, 2 * w, hs)
+                for t in (k, v))  # (B*blocks, nh, 2w, hs)
+        q = q.view(B, nh, blocks, w, hs).transpose(1, 2).reshape(B * blocks, nh, w, hs)
+        r = torch.arange(w, device=q.device)[:, None]  # query row within its block
+        c = torch.arange(2 * w, device=q.device)  # key slot: position (b-1)*w + c
+        mask = (c > r) & (c <= r + w)  # keys from position - window + 1 to position
+        first = mask & (c >= w)  # block 0: the slots before position 0 are padding
+        mask = torch.stack([first] + [mask] * (blocks - 1)).repeat(B, 1, 1)[:, None]
+        y = self._attend(q, k, v, mask, False)  # (B*blocks, nh, w, hs)
+        return y.view(B, blocks, nh, w, hs).transpose(1, 2).reshape(B, nh, blocks * w, hs)[:, :, :T]
 
     def _attend(self, q, k, v, mask, is_causal):
         dropout = self.dropout if self.training else 0.0
@@ -211,6 +240,15 @@ class CausalSelfAttention(nn.Module):
                                                       dropout_p=dropout)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               dropout_p=dropout)
+
+
+def band_mask(queries, past, window, device):
+    """(queries, past + queries) bool: query i, at position past + i, sees the keys at
+    positions past + i - window + 1 .. past + i (all from 0 when window is None)."""
+    mask = torch.ones(queries, past + queries, dtype=torch.bool, device=device).tril(past)
+    if window is not None:
+        mask &= ~torch.ones_like(mask).tril(past - window)
+    return mask
 
 
 def one_query_attention(q, k, v, visible):
@@ -262,10 +300,10 @@ class EncoderLayer(nn.Module):
     """Causal self-attention + feed-forward, pre-norm or post-norm."""
 
     def __init__(self, d_model, num_heads, ffn_mult, dropout, norm_first, norm_type="layernorm",
-                 qk_norm=False, ffn_activation="gelu"):
+                 qk_norm=False, ffn_activation="gelu", window=None):
         super().__init__()
         self.norm_first = norm_first
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout, qk_norm, norm_type)
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout, qk_norm, norm_type, window)
         self.ffn = FeedForward(d_model, ffn_mult, dropout, ffn_activation)
         self.norm1 = NORMS[norm_type](d_model)
         self.norm2 = NORMS[norm_type](d_model)
@@ -279,11 +317,11 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-def encoder_stack(num_layers, d_model, config):
+def encoder_stack(num_layers, d_model, config, window=None):
     return nn.ModuleList(
         EncoderLayer(d_model, config["attention_num_heads"], config["ffn_dim_multiply"],
                      config["transformer_dropout"], config["transformer_norm_first"],
-                     config["norm_type"], config["qk_norm"], config["ffn_activation"])
+                     config["norm_type"], config["qk_norm"], config["ffn_activation"], window)
         for _ in range(num_layers))
 
 
@@ -410,7 +448,8 @@ class ByteLLM_GrugV3(nn.Module):
         self.pos_encoding = positional_encoding(c, d_model)
         out_width = d_model
         if self.parallel:
-            self.byte_stream_encoder = encoder_stack(c["num_byte_stream_layers"], d_model, c)
+            self.byte_stream_encoder = encoder_stack(c["num_byte_stream_layers"], d_model, c,
+                                                     c["attention_window"])
             agg_dim = c["agg_cnn_out_dim"]
             self.agg_kernel, self.agg_stride = c["agg_cnn_kernel_size"], c["agg_cnn_stride"]
             self.aggregator_cnn = nn.Conv1d(front_width, agg_dim, self.agg_kernel,
@@ -426,7 +465,8 @@ class ByteLLM_GrugV3(nn.Module):
                 self.inject_before = (0 if self.fusion == "add_input"
                                       else c["num_byte_stream_layers"] // 2)
         else:
-            self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c)
+            self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c,
+                                                     c["attention_window"])
         self.final_norm = NORMS[c["norm_type"]](out_width)
         self.output_dropout = nn.Dropout(c["output_dropout"])
         self.fc_out = nn.Linear(out_width, c["vocab_size"])

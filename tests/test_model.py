@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import CONFIG_V3
-from model import ARCHITECTURE_KEYS, ByteLLM_GrugV3, EncoderLayer, count_parameters
+from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, EncoderLayer,
+                   band_mask, count_parameters)
 from model_components import (NO_BYTE, CNNFrontend, LearnablePositionalEncoding,
                               SinusoidalPositionalEncoding, newest_ngram_hashes,
                               ngram_hashes)
@@ -93,13 +94,18 @@ ARCHITECTURES = [
     ("parallel-add-input-ngram-4-k4s4", dict(PARALLEL, parallel_fusion="add_input",
                                              ngram_orders=[4], ngram_buckets=97,
                                              agg_cnn_kernel_size=4, agg_cnn_stride=4)),
+    # Local attention: windows shorter than the inputs (13, 16), one of them not dividing.
+    ("single-window4-rotary", {**MODERN, "attention_window": 4}),
+    ("single-default-layers-ngrams-window5", {**DEFAULT_LAYERS, **NGRAMS, "attention_window": 5}),
+    ("parallel-window3-k3s2-sinusoidal", dict(PARALLEL, attention_window=3, agg_cnn_kernel_size=3,
+                                              agg_cnn_stride=2)),
 ]
 ARCH_IDS = [name for name, _ in ARCHITECTURES]
 ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
 
 
 # ---------------------------------------------------------------------------
-# Causality
+# Causality (and locality with attention_window)
 
 def leaking_positions(forward, x):
     """Positions t whose logits change when only bytes after t change."""
@@ -136,7 +142,35 @@ def test_present_and_past_bytes_do_change_logits(model):
             changed[:, t] = (changed[:, t] + 1) % 256
             logits = model(changed)
             assert not torch.allclose(logits[:, t], base[:, t])   # byte t itself
-            assert not torch.allclose(logits[:, -1], base[:, -1])  # and every later position
+            # and a later position: the last, or the last its attention window reaches
+            reach = model.config["attention_window"] or 13
+            later = min(12, t + reach - 1)
+            assert not torch.allclose(logits[:, later], base[:, later])
+
+
+@pytest.mark.parametrize("T, window", [(37, 8), (32, 8), (9, 8), (20, 1)])
+def test_local_attention_in_blocks_equals_attention_under_a_band_mask(T, window):
+    attention = CausalSelfAttention(16, 2, 0.0, window=window)
+    q, k, v = torch.randn(3, 3, 2, T, 8).unbind(0)
+    mask = band_mask(T, 0, window, "cpu")
+    assert mask.sum(1).tolist() == [min(i + 1, window) for i in range(T)]  # the band
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (attention._attend_locally(q, k, v) - expected).abs().max().item() < 1e-5
+
+
+def test_with_a_window_a_byte_reaches_exactly_the_window_after_it():
+    """One layer, no n-grams or convolutions: byte t moves the logits at t .. t+w-1 and
+    nothing after them (and, causally, nothing before)."""
+    window = 5
+    model = tiny_model(**MODERN, attention_window=window, num_attention_layers=1)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        base = model(x)
+        for t in range(16):
+            changed = x.clone()
+            changed[0, t] = (changed[0, t] + 1) % 256
+            moved = (model(changed) - base).abs().amax(dim=(0, 2)) > 1e-6
+            assert moved.nonzero().flatten().tolist() == list(range(t, min(16, t + window)))
 
 
 @pytest.mark.parametrize("kernels", [[1], [2], [3], [4, 5]])

@@ -62,10 +62,12 @@ def spy_on_model(model):
 
 # --- KV cache against the full forward ---------------------------------------------
 
+@pytest.mark.parametrize("window", [None, 5], ids=["full-attention", "window5"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel, device):
-    predictor = make_predictor(tmp_path, parallel, sequence_length=32, device=device)
+def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel, device, window):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=32, device=device,
+                               attention_window=window)
     cached, uncached = generate_both_ways(predictor, "Hello, world", max_new_bytes=24,
                                           seed=7, **RANDOM)
     assert len(cached[1]) > 0
@@ -288,10 +290,12 @@ def test_unfinished_last_character_is_trimmed(tmp_path):
 
 # --- context window ------------------------------------------------------------------
 
+@pytest.mark.parametrize("window", [None, 5], ids=["full-attention", "window5"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_generating_far_past_the_window(tmp_path, parallel, device):
-    predictor = make_predictor(tmp_path, parallel, sequence_length=16, device=device)
+def test_generating_far_past_the_window(tmp_path, parallel, device, window):
+    predictor = make_predictor(tmp_path, parallel, sequence_length=16, device=device,
+                               attention_window=window)
     record = spy_on_model(predictor.model)
     cached, uncached = generate_both_ways(predictor, "ab", max_new_bytes=100, seed=3,
                                           **RANDOM)
