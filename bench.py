@@ -265,6 +265,12 @@ def estimate_flops_per_byte(config):
     def layer_weights(width):
         return (4 + 2 * ffn) * width * width  # qkv 3w², out w², FFN 2·ffn·w²
 
+    # Keys a byte layer's query sees, on average over the window, times 2: T with causal
+    # attention (T/2 keys); with attention_window w < T, the first w queries see w/2 on
+    # average and the rest w each, which tends to 2w as T grows.
+    w = c.get("attention_window") or T
+    span = T if T <= w else w * (2 * T - w) / T
+
     matmul, front = 0, c["embedding_dim"]
     if c["use_cnn_frontend"]:
         for out_channels, kernel in zip(c["cnn_out_channels_list"], c["cnn_kernel_sizes"]):
@@ -275,7 +281,7 @@ def estimate_flops_per_byte(config):
     if not c["use_parallel_stream_model"]:
         layers = c["num_attention_layers"]
         matmul += layers * layer_weights(d) + d * V
-        attention = layers * T * d
+        attention = layers * span * d
     else:
         agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
         agg_layers = c["num_agg_stream_layers"]
@@ -283,7 +289,7 @@ def estimate_flops_per_byte(config):
         # Concatenated states widen the output head; added ones pass a projection first.
         matmul += byte_layers * layer_weights(d) + ((d + agg) * V if concat else agg * d + d * V)
         matmul += (c["agg_cnn_kernel_size"] * front * agg + agg_layers * layer_weights(agg)) / s
-        attention = byte_layers * T * d + agg_layers * (T / s) * agg / s
+        attention = byte_layers * span * d + agg_layers * (T / s) * agg / s
     return 6 * matmul + 6 * attention
 
 
@@ -833,20 +839,22 @@ LONG_STRIDE_FRACTION = 4  # scoring windows overlap: stride = window / 4
 LONG_BYTES_PER_STEP = 1024  # batch_size x window of every run, so each step sees as much text
 LONG_GAIN_BPB = 0.10  # the best model must beat config.py's defaults by this much
 
-# design -> overrides of config.py's defaults; window and batch come from long_variants.
+# design -> (overrides of config.py's defaults, windows it is trained at); the batch comes
+# from long_variants. Local attention only where the window is longer than its reach.
 LONG_DESIGNS = {
-    "single-stream": {"use_parallel_stream_model": False},
-    "parallel-stream": {"use_parallel_stream_model": True},
+    "single-stream": ({"use_parallel_stream_model": False}, (64, 256, 1024, 4096)),
+    "single-stream, attention_window 256": (
+        {"use_parallel_stream_model": False, "attention_window": 256}, (1024, 4096)),
+    "parallel-stream": ({"use_parallel_stream_model": True}, (64, 256, 1024)),
 }
-LONG_CONTEXT_WINDOWS = (64, 256, 1024)
 
 
-def long_variants(designs=None, windows=None):
+def long_variants(designs=None):
     """{name: overrides} of the long section's runs: config.py's defaults as they are,
-    then every design at every window, LONG_BYTES_PER_STEP bytes a step."""
-    designs, windows = designs or LONG_DESIGNS, windows or LONG_CONTEXT_WINDOWS
+    then every design at each of its windows, LONG_BYTES_PER_STEP bytes a step (one
+    window a step where a window is longer)."""
     variants = {"defaults": {}}
-    for design, overrides in designs.items():
+    for design, (overrides, windows) in (designs or LONG_DESIGNS).items():
         for window in windows:
             variants[f"{design}, window {window}"] = {
                 **overrides, "sequence_length": window, "data_stride": window,
@@ -854,14 +862,18 @@ def long_variants(designs=None, windows=None):
     return variants
 
 
+def longest_window():
+    return max(window for _, windows in LONG_DESIGNS.values() for window in windows)
+
+
 def heldout_span(data, config, size):
     """[begin, end) of the held-out slice: the start of the validation split, which no
     run trains on, far enough in that the longest window has its context inside it."""
     begin = split_point(len(data), config["val_split_ratio"], config["val_split_max_bytes"])
-    begin += max(LONG_CONTEXT_WINDOWS) + 1
+    begin += longest_window() + 1
     end = min(len(data), begin + size)
     if end - begin < size:
-        skipped = max(LONG_CONTEXT_WINDOWS) + 1
+        skipped = longest_window() + 1
         raise UserError(f"--data: the validation split holds {max(0, end - begin):,} bytes "
                         f"past its first {skipped:,}; the long section needs {size:,} "
                         f"(give a larger corpus)")
@@ -893,7 +905,7 @@ def long_run(config, data, span, device):
 def bench_long(device, scale, data_path, seconds, repeats, heldout_bytes=LONG_HELDOUT_BYTES,
                variants=None):
     """Held-out bits/byte of config.py's defaults and of each LONG_DESIGNS design at each
-    of LONG_CONTEXT_WINDOWS after `seconds` of training; `repeats` interleaved runs, medians."""
+    at each of its windows after `seconds` of training; `repeats` interleaved runs, medians."""
     variants = variants or long_variants()
     with tempfile.TemporaryDirectory(prefix="grug_bench_long_") as workdir:
         data = prepare_corpus(data_path, workdir)

@@ -298,6 +298,12 @@ def flops_config(**overrides):
                                     **overrides})
 
 
+def weights_of(config):
+    model = ByteLLM_GrugV3(config)
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+
+
 def test_flops_are_six_times_matmul_weights_plus_attention():
     config = flops_config(use_cnn_frontend=True, cnn_out_channels_list=[24, 32],
                           cnn_kernel_sizes=[2, 3], sequence_length=1)
@@ -313,6 +319,14 @@ def test_flops_are_six_times_matmul_weights_plus_attention():
     assert flops(num_attention_layers=3) - flops(num_attention_layers=2) == \
         flops(num_attention_layers=2) - flops(num_attention_layers=1)
     assert flops(sequence_length=64) > flops(sequence_length=16)
+    # With a window of w keys the attention term stops growing with T: it tends to that of
+    # 2w keys a byte.
+    local = [flops(sequence_length=T, attention_window=16) for T in (16, 64, 4096)]
+    assert local[0] == flops(sequence_length=16)
+    assert local[0] < local[1] < local[2] < flops(sequence_length=64) * 2
+    per_layer = 6 * 2 * 16 * config["attention_d_model"]  # 2w keys x 6 FLOPs, one layer
+    assert abs(local[2] - (6 * weights_of(flops_config(sequence_length=4096))
+                           + config["num_attention_layers"] * per_layer)) < 0.01 * local[2]
     # The patch stream costs 1/s per byte: a wider stride makes it cheaper.
     parallel = dict(use_parallel_stream_model=True)
     assert flops(**parallel, agg_cnn_stride=8) < flops(**parallel, agg_cnn_stride=2)
@@ -404,7 +418,7 @@ def test_heldout_slice_starts_in_the_validation_split_and_a_small_corpus_is_refu
     config = make_tiny_config(".", val_split_ratio=0.1, val_split_max_bytes=None)
     data = np.zeros(200_000, dtype=np.uint8)
     begin, end = bench.heldout_span(data, config, 10_000)
-    assert begin == 180_000 + max(bench.LONG_CONTEXT_WINDOWS) + 1 and end == begin + 10_000
+    assert begin == 180_000 + 4096 + 1 and end == begin + 10_000  # the longest window: 4096
     with pytest.raises(bench.UserError, match="give a larger corpus"):
         bench.heldout_span(data, config, 30_000)
 
@@ -413,7 +427,10 @@ def test_every_long_variant_is_a_valid_config_with_the_same_bytes_per_step():
     for name, overrides in bench.long_variants().items():
         config = bench.model_config(**overrides)
         if name != "defaults":
-            assert config["batch_size"] * config["sequence_length"] == bench.LONG_BYTES_PER_STEP
+            assert config["batch_size"] * config["sequence_length"] == \
+                max(bench.LONG_BYTES_PER_STEP, config["sequence_length"])
+        if config["attention_window"]:
+            assert config["attention_window"] < config["sequence_length"]
 
 
 def test_the_long_section_runs_only_when_asked_and_needs_a_corpus(capsys):
@@ -427,8 +444,8 @@ def test_the_long_section_runs_only_when_asked_and_needs_a_corpus(capsys):
 @pytest.mark.slow
 def test_quick_long_section_prints_its_table(tmp_path, monkeypatch, capsys):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=300_000))
-    monkeypatch.setattr(bench, "LONG_CONTEXT_WINDOWS", (32, 64))
-    monkeypatch.setattr(bench, "LONG_DESIGNS", {"single-stream": {"use_parallel_stream_model": False}})
+    monkeypatch.setattr(bench, "LONG_DESIGNS", {
+        "single-stream": ({"use_parallel_stream_model": False}, (32, 64))})
     out = tmp_path / "long.json"
     assert bench.main(["--quick", "--only", "long", "--data", str(tmp_path / "corpus"),
                        "--long-seconds", "1", "--long-repeats", "1",
