@@ -49,7 +49,7 @@ from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan
                      split_point)
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from main import build_training, check_config
-from model import ByteLLM_GrugV3, count_parameters
+from model import ByteLLM_GrugV3, count_parameters, patch_slots
 from predictor import Predictor
 from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
                    seed_everything, synchronize)
@@ -116,10 +116,11 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
 PARALLEL_BASE = {"use_parallel_stream_model": True, "agg_cnn_kernel_size": 8}
 
 
-def parallel_design(fusion, byte_layers, patch_layers, patch_width, patch_bytes):
+def parallel_design(fusion, byte_layers, patch_layers, patch_width, patch_bytes,
+                    boundaries="fixed"):
     return {"parallel_fusion": fusion, "num_byte_stream_layers": byte_layers,
             "num_agg_stream_layers": patch_layers, "agg_cnn_out_dim": patch_width,
-            "agg_cnn_stride": patch_bytes}
+            "agg_cnn_stride": patch_bytes, "patch_boundaries": boundaries}
 
 
 PARALLEL_DESIGNS = {
@@ -130,6 +131,11 @@ PARALLEL_DESIGNS = {
     "1 byte layer + 2 patch layers of 256, input": parallel_design("add_input", 1, 2, 256, 4),
     "1 byte layer + 2 patch layers of 256, patches of 8, input":
         parallel_design("add_input", 1, 2, 256, 8),
+    # SpaceByte: fed from and back into the bytes that end a patch, between the byte layers
+    "at patch ends: 2 byte + 2 patch layers of 256, spacelike patches of at most 16":
+        parallel_design("at_boundaries", 2, 2, 256, 16, "spacelike"),
+    "at patch ends: 2 byte + 2 patch layers of 256, fixed patches of 6":
+        parallel_design("at_boundaries", 2, 2, 256, 6),
 }
 
 
@@ -282,6 +288,14 @@ def estimate_flops_per_byte(config):
         layers = c["num_attention_layers"]
         matmul += layers * layer_weights(d) + d * V
         attention = layers * span * d
+    elif c["parallel_fusion"] == "at_boundaries":
+        # The patch stream runs on every slot the full forward pads a view's patches to.
+        agg, agg_layers = c["agg_cnn_out_dim"], c["num_agg_stream_layers"]
+        slots = patch_slots(T, c["agg_cnn_stride"], c["patch_boundaries"],
+                            c["max_patches_per_window"])
+        matmul += c["num_byte_stream_layers"] * layer_weights(d) + d * V
+        matmul += (2 * d * agg + agg_layers * layer_weights(agg)) * slots / T
+        attention = c["num_byte_stream_layers"] * span * d + agg_layers * slots * agg * slots / T
     else:
         agg, s, byte_layers = c["agg_cnn_out_dim"], c["agg_cnn_stride"], c["num_byte_stream_layers"]
         agg_layers = c["num_agg_stream_layers"]
@@ -846,6 +860,16 @@ LONG_DESIGNS = {
     "single-stream, attention_window 256": (
         {"use_parallel_stream_model": False, "attention_window": 256}, (1024, 4096)),
     "parallel-stream": ({"use_parallel_stream_model": True}, (64, 256, 1024)),
+    # The patch stream takes at most a window / 4 patches (English words with their space
+    # average about 6 bytes): without a cap it runs on the window / 2 slots a view of
+    # spacelike patches may need.
+    "SpaceByte (spacelike patches <= 16, 2 patch layers of 256)": (
+        {"use_parallel_stream_model": True, "max_patches_per_window": "window / 4",
+         **parallel_design("at_boundaries", 2, 2, 256, 16, "spacelike")}, (256, 1024)),
+    "SpaceByte, attention_window 256": (
+        {"use_parallel_stream_model": True, "attention_window": 256,
+         "max_patches_per_window": "window / 4",
+         **parallel_design("at_boundaries", 2, 2, 256, 16, "spacelike")}, (1024, 4096)),
 }
 
 
@@ -859,6 +883,8 @@ def long_variants(designs=None):
             variants[f"{design}, window {window}"] = {
                 **overrides, "sequence_length": window, "data_stride": window,
                 "batch_size": max(1, LONG_BYTES_PER_STEP // window)}
+            if overrides.get("max_patches_per_window") == "window / 4":
+                variants[f"{design}, window {window}"]["max_patches_per_window"] = window // 4
     return variants
 
 

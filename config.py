@@ -86,11 +86,17 @@ CONFIG_V3 = {
     # --- parallel stream (a strided-CNN "aggregated" stream beside the byte stream) ---
     "use_parallel_stream_model": False,  # True = byte stream + aggregated stream
     "parallel_fusion": "concat_output",  # where patch states meet bytes: "concat_output" |
-                                         # "add_input" | "add_middle" (of the byte stream)
+                                         # "add_input" | "add_middle" (of the byte stream) |
+                                         # "at_boundaries" (SpaceByte: fed from and back
+                                         # into the bytes that end patches, mid-stream)
+    "patch_boundaries": "fixed",  # "at_boundaries" patches: "fixed" (every agg_cnn_stride
+                                  # bytes) | "spacelike" (after words, at most agg_cnn_stride)
+    "max_patches_per_window": None,  # "at_boundaries": patches a window takes, later ends
+                                     # ignored (None: all; fewer = a cheaper patch stream)
     "num_byte_stream_layers": 2,  # transformer layers of the byte stream
     "num_agg_stream_layers": 1,  # transformer layers of the aggregated (patch) stream
     "agg_cnn_kernel_size": 8,  # aggregator convolution kernel, bytes
-    "agg_cnn_stride": 4,  # bytes per patch of the aggregated stream
+    "agg_cnn_stride": 4,  # bytes per patch of the aggregated stream (spacelike: at most)
     "agg_cnn_out_dim": 160,  # width of the aggregated stream; attention_num_heads must divide it
 
     # --- training ---
@@ -243,7 +249,9 @@ RULES = {
     "training_objective": one_of("all_positions", "last_byte"),
     # parallel stream
     "use_parallel_stream_model": flag(),
-    "parallel_fusion": one_of("concat_output", "add_input", "add_middle"),
+    "parallel_fusion": one_of("concat_output", "add_input", "add_middle", "at_boundaries"),
+    "patch_boundaries": one_of("fixed", "spacelike"),
+    "max_patches_per_window": integer(1, nullable=True),
     "num_byte_stream_layers": POSITIVE,
     "num_agg_stream_layers": POSITIVE,
     "agg_cnn_kernel_size": POSITIVE,
@@ -383,6 +391,8 @@ KEY_ROLES = {
     # parallel stream (a strided-CNN "aggregated" stream beside the byte stream)
     "use_parallel_stream_model": ("model", "architecture"),
     "parallel_fusion": ("model", "architecture"),
+    "patch_boundaries": ("model", "architecture"),
+    "max_patches_per_window": ("model", "architecture"),
     "num_byte_stream_layers": ("model", "architecture"),
     "num_agg_stream_layers": ("model", "architecture"),
     "agg_cnn_kernel_size": ("model", "architecture"),
@@ -432,6 +442,7 @@ KEY_ROLES = {
 LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "attention_window": None,
                        "ffn_activation": "gelu",
                        "logit_softcap": 0.0, "parallel_fusion": "concat_output",
+                       "patch_boundaries": "fixed", "max_patches_per_window": None,
                        "ngram_orders": [], "ngram_buckets": 8192}
 
 

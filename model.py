@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import LEGACY_ARCHITECTURE, RULES, keys_with  # noqa: F401 (main.py imports it here)
-from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, CNNFrontend,
-                              HashedNgramEmbedding, apply_rotation)
+from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, START_MARKS, CNNFrontend,
+                              HashedNgramEmbedding, apply_rotation, spacelike_patch_ends)
 from utils import config_problems
 
 # The config keys the model reads, and those that change the parameters' shapes or the
@@ -90,8 +90,13 @@ class GenerationCache:
         if model.ngram_embedding is not None:
             self.ngram_past = torch.full((batch_size, model.ngram_embedding.context), NO_BYTE,
                                          dtype=torch.long, device=device)
-        self.agg_kv, self.agg_past, self.agg_state = [], None, None
-        if model.parallel:
+        self.agg_kv, self.agg_past, self.agg_state, self.patch_marks = [], None, None, None
+        if model.parallel and model.fusion == "at_boundaries":
+            slots = model.patch_slots(capacity) + 1  # + 1: a step writes its next patch's slot
+            self.agg_kv = kv_caches(model.agg_stream_encoder, model.config["agg_cnn_out_dim"],
+                                    slots)
+            self.patch_marks = torch.tensor([START_MARKS] * batch_size, device=device)
+        elif model.parallel:
             agg_dim = model.config["agg_cnn_out_dim"]
             self.agg_kv = kv_caches(model.agg_stream_encoder, agg_dim,
                                     capacity // model.agg_stride + 1)
@@ -111,11 +116,14 @@ class GenerationCache:
             self.agg_state[b].copy_(self.no_patch_state)
         if self.ngram_past is not None:
             self.ngram_past[b].fill_(NO_BYTE)
+        if self.patch_marks is not None:
+            self.patch_marks[b] = torch.tensor(START_MARKS)
 
     def tensors(self):
         """Every tensor decode_step reads or writes, in the order with_tensors takes them."""
         keys_and_values = [t for kv in self.byte_kv + self.agg_kv for t in (kv.k, kv.v)]
-        pasts = [t for t in (self.ngram_past, self.agg_past, self.agg_state) if t is not None]
+        pasts = [t for t in (self.ngram_past, self.agg_past, self.agg_state, self.patch_marks)
+                 if t is not None]
         return keys_and_values + self.conv_pasts + pasts
 
     def with_tensors(self, tensors):
@@ -134,7 +142,7 @@ class GenerationCache:
             return views
         view.byte_kv, view.agg_kv = kv_views(self.byte_kv), kv_views(self.agg_kv)
         view.conv_pasts = [next(given) for _ in self.conv_pasts]
-        for name in ("ngram_past", "agg_past", "agg_state"):
+        for name in ("ngram_past", "agg_past", "agg_state", "patch_marks"):
             if getattr(self, name) is not None:
                 setattr(view, name, next(given))
         return view
@@ -389,11 +397,35 @@ def structure_problems(c):
             and c["sequence_length"] < c["agg_cnn_stride"]:
         problems.append(f"`sequence_length` ({c['sequence_length']}) must be at least "
                         f"`agg_cnn_stride` ({c['agg_cnn_stride']})")
+    if has("patch_boundaries", "parallel_fusion") and c["patch_boundaries"] == "spacelike" \
+            and c["parallel_fusion"] != "at_boundaries":
+        problems.append("`patch_boundaries` \"spacelike\" needs `parallel_fusion` "
+                        "\"at_boundaries\" (the other fusions pool fixed patches)")
     return problems
 
 
 # ---------------------------------------------------------------------------
 # The model
+
+def patch_slots(length, stride, boundaries, max_patches=None):
+    """The most patches a view of `length` bytes can end ("at_boundaries"): the full
+    forward pads every view's patches to this, so that its shapes, and so its rounding,
+    depend on the length alone and never on the bytes (the causality tests compare bits).
+    `stride`: the patch length (fixed) or the longest patch (spacelike)."""
+    if boundaries == "fixed":
+        most = length // stride
+    elif stride == 1:
+        most = length
+    elif stride == 2:
+        # Two ends in a row only as a length-forced end then a spacelike one, after which
+        # the next byte ends none: no three ends in a row ("aa.aa.").
+        most = length - length // 3
+    else:
+        # Ends two bytes apart at the closest ("a.a."), or a forced end then a spacelike
+        # one, at least `stride` bytes after the end before ("aaa.").
+        most = (length + 1) // 2
+    return most if max_patches is None else min(most, max_patches)
+
 
 def positional_encoding(config, width):
     """The configured positional encoding for a stream of `width` channels."""
@@ -429,6 +461,7 @@ class ByteLLM_GrugV3(nn.Module):
         self.context_length = c["sequence_length"]  # the window the model was trained on
         self.training_objective = c["training_objective"]
         self.parallel = c["use_parallel_stream_model"]
+        self.fusion = self.inject_before = None  # the parallel stream's (below)
         self.softcap = c["logit_softcap"]
         d_model = c["attention_d_model"]
 
@@ -452,15 +485,23 @@ class ByteLLM_GrugV3(nn.Module):
                                                      c["attention_window"])
             agg_dim = c["agg_cnn_out_dim"]
             self.agg_kernel, self.agg_stride = c["agg_cnn_kernel_size"], c["agg_cnn_stride"]
-            self.aggregator_cnn = nn.Conv1d(front_width, agg_dim, self.agg_kernel,
-                                            stride=self.agg_stride)
             self.agg_pos_encoding = positional_encoding(c, agg_dim)
             self.agg_stream_encoder = encoder_stack(c["num_agg_stream_layers"], agg_dim, c)
-            self.no_patch_state = nn.Parameter(torch.randn(agg_dim) * 0.02)  # before patch 0
-            self.fusion = c["parallel_fusion"]
+            self.fusion, self.inject_before = c["parallel_fusion"], None
+            self.boundaries = c["patch_boundaries"]
+            self.max_patches = c["max_patches_per_window"]
+            if self.fusion == "at_boundaries":  # SpaceByte: no aggregator, no lag
+                self.bytes_to_patch = nn.Linear(d_model, agg_dim)
+                self.patch_to_bytes = nn.Linear(agg_dim, d_model)
+                self.inject_before = c["num_byte_stream_layers"] // 2
+            else:
+                self.aggregator_cnn = nn.Conv1d(front_width, agg_dim, self.agg_kernel,
+                                                stride=self.agg_stride)
+                self.no_patch_state = nn.Parameter(torch.randn(agg_dim) * 0.02)  # before patch 0
             if self.fusion == "concat_output":
                 out_width += agg_dim
-            else:  # the patch state enters the byte stream, before the first or middle layer
+            elif self.fusion in ("add_input", "add_middle"):
+                # the patch state enters the byte stream, before the first or middle layer
                 self.patch_to_bytes = nn.Linear(agg_dim, d_model)
                 self.inject_before = (0 if self.fusion == "add_input"
                                       else c["num_byte_stream_layers"] // 2)
@@ -540,25 +581,26 @@ class ByteLLM_GrugV3(nn.Module):
             h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
         z, rotation = placed(self.pos_encoding, self.projection(h), start, positions)
         patches = None  # (B, T, D_agg): for each byte, the state of its last complete patch
-        if self.parallel and positions is None:
-            patches = self._patch_state_per_byte(h, cache)
-        elif self.parallel:
-            patches = self._patch_state_at(h, cache, positions, patch_due)
+        if self.parallel and self.fusion != "at_boundaries":
+            patches = (self._patch_state_per_byte(h, cache) if positions is None
+                       else self._patch_state_at(h, cache, positions, patch_due))
         kvs = [None] * len(self.byte_layers) if cache is None else cache.byte_kv
         for i, (layer, kv) in enumerate(zip(self.byte_layers, kvs)):
-            if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
+            if i == self.inject_before and self.fusion == "at_boundaries":
+                z = z + self._patches_at_ends(z, x, cache, positions, patch_due)
+            elif i == self.inject_before:
                 z = z + self.patch_to_bytes(patches.to(z.dtype))
             z = layer(z, kv, rotation, positions)  # (B, T, d_model)
         if patches is not None and self.fusion == "concat_output":
             z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
 
-    def _patch_stream(self, patches, cache, start, positions=None):
-        """Aggregator outputs (B, n, D_agg) -> the patch stream's states of those patches:
-        n patches from patch `start`, or (positions (B,)) one per stream at its own."""
+    def _patch_stream(self, patches, kvs, start, positions=None):
+        """Patch inputs (B, n, D_agg) -> the patch stream's states of those patches: n
+        patches from patch `start`, or (positions (B,)) one per stream at its own. `kvs`:
+        the patch layers' KV caches, or None."""
         patches, rotation = placed(self.agg_pos_encoding, patches, start, positions)
-        kvs = [None] * len(self.agg_stream_encoder) if cache is None else cache.agg_kv
-        for layer, kv in zip(self.agg_stream_encoder, kvs):
+        for layer, kv in zip(self.agg_stream_encoder, kvs or [None] * len(self.agg_stream_encoder)):
             patches = layer(patches, kv, rotation, positions)
         return patches
 
@@ -580,7 +622,7 @@ class ByteLLM_GrugV3(nn.Module):
             first = (done + 1) * s - 1 - start  # where patch `done`'s window starts in joined
             window = joined[:, first:first + (new - 1) * s + k]  # (B, (new-1)s+k, C)
             patches = self.aggregator_cnn(window.transpose(1, 2)).transpose(1, 2)  # (B, new, D_agg)
-            patches = self._patch_stream(patches, cache, done)
+            patches = self._patch_stream(patches, None if cache is None else cache.agg_kv, done)
             states = torch.cat([previous.to(patches.dtype), patches], dim=1)  # (B, 1+new, D_agg)
         if cache is not None:
             cache.agg_past.copy_(joined[:, joined.size(1) - (k - 1):])
@@ -608,11 +650,79 @@ class ByteLLM_GrugV3(nn.Module):
         conv = self.aggregator_cnn
         patch = F.linear(window.transpose(1, 2).flatten(1), conv.weight.flatten(1),
                          conv.bias)[:, None]  # (B, 1, D_agg)
-        patch = self._patch_stream(patch, cache, None, positions // s)  # each byte's patch
+        patch = self._patch_stream(patch, cache.agg_kv, None, positions // s)  # each byte's patch
         complete = ((positions + 1) % s == 0)[:, None, None]
         cache.agg_state.copy_(torch.where(complete, patch.to(cache.agg_state.dtype),
                                           cache.agg_state))
         return cache.agg_state
+
+    def _patch_ends(self, x, cache, positions):
+        """(ends (B, T) bool, marks after x) for bytes x: which bytes end a patch. A view
+        takes at most max_patches_per_window patches: later ends are not ends."""
+        marks = (torch.tensor([START_MARKS], device=x.device).expand(x.size(0), 3)
+                 if cache is None else cache.patch_marks)
+        if self.boundaries == "spacelike":
+            ends, after = spacelike_patch_ends(x, self.agg_stride, marks)
+        else:
+            if positions is None:
+                at = torch.arange(x.size(1), device=x.device) + (0 if cache is None
+                                                                  else cache.length)
+                ends = ((at + 1) % self.agg_stride == 0).expand(x.size(0), -1)
+            else:
+                ends = ((positions + 1) % self.agg_stride == 0)[:, None]
+            after = torch.cat([marks[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
+        if self.max_patches is not None:
+            ends = ends & (marks[:, 2:] + ends.cumsum(dim=1) <= self.max_patches)
+            after = torch.cat([after[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
+        return ends, after
+
+    def patch_slots(self, length):
+        return patch_slots(length, self.agg_stride, self.boundaries, self.max_patches)
+
+    def _patches_at_ends(self, z, x, cache=None, positions=None, patch_due=None):
+        """SpaceByte's patch stream: the byte stream's states z (B, T, d) at the bytes that
+        end a patch, one patch each, through the patch layers; their outputs come back as
+        (B, T, d) to add to z at those same bytes (zeros elsewhere). A byte's state
+        depends on the bytes up to it only, so the patch it ends informs it and every
+        later byte, with no lag. Three paths as _hidden_states: a whole view, a chunk
+        after a cache (each stream's patches in a loop, since streams end different
+        numbers), and one byte per stream (patch_due False: no stream ends a patch)."""
+        ends, marks = self._patch_ends(x, cache, positions)
+        if cache is not None:
+            done = cache.patch_marks[:, 2].clone()
+            cache.patch_marks.copy_(marks)
+        added = torch.zeros_like(z)
+        if positions is not None:
+            if patch_due is False:
+                return added
+            # Every stream runs its next patch (one shape for every step); a stream whose
+            # byte ends none discards the output, and the keys it wrote at that patch's slot
+            # are overwritten before any query reads them.
+            patch = self._patch_stream(self.bytes_to_patch(z), cache.agg_kv, None, done)
+            return torch.where(ends[:, :, None], self.patch_to_bytes(patch).to(z.dtype), added)
+        if cache is None:
+            counts, most = ends.sum(dim=1), self.patch_slots(z.size(1))
+            if most == 0:
+                return added
+            # The ends of each row first, in order (a stable sort of not-end), padded with
+            # other bytes whose outputs are zeroed: they come after every real patch, so
+            # causal attention keeps them out of the real ones.
+            order = torch.sort((~ends).to(torch.uint8), dim=1, stable=True).indices[:, :most]
+            index = order[:, :, None].expand(-1, -1, z.size(2))
+            patches = self._patch_stream(self.bytes_to_patch(z.gather(1, index)), None, 0)
+            real = (torch.arange(most, device=z.device) < counts[:, None])[:, :, None]
+            out = self.patch_to_bytes(patches).to(z.dtype) * real
+            return added.scatter(1, index, out)
+        for b in range(z.size(0)):
+            where = ends[b].nonzero().flatten()
+            if len(where) == 0:
+                continue
+            kvs = [copy.copy(kv) for kv in cache.agg_kv]  # row b's caches, at its own length
+            for kv in kvs:
+                kv.k, kv.v, kv.length = kv.k[b:b + 1], kv.v[b:b + 1], int(done[b])
+            patches = self._patch_stream(self.bytes_to_patch(z[b:b + 1, where]), kvs, int(done[b]))
+            added[b, where] = self.patch_to_bytes(patches[0]).to(z.dtype)
+        return added
 
     def _logits(self, hidden):
         logits = self.fc_out(self.output_dropout(self.final_norm(hidden)))

@@ -302,3 +302,40 @@ class HashedNgramEmbedding(nn.Module):
         for vector in vectors[1:]:
             total = total + vector
         return total
+
+
+# ---------------------------------------------------------------------------
+# Patch boundaries of the boundary-fed patch stream (SpaceByte)
+
+START_MARKS = (1, 0, 0)  # the patch marks of a view's start: as if after a spacelike end
+
+
+def spacelike(x):
+    """Bytes x (any shape) -> bool: an ASCII byte that is not a letter or a digit (space,
+    punctuation, newline, a control byte). Every byte of 128 and above counts as a
+    letter: it is part of a multi-byte character, and most scripts' letters are those."""
+    letter_or_digit = (((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90))
+                       | ((x >= 97) & (x <= 122)))
+    return (x < 128) & ~letter_or_digit
+
+
+def spacelike_patch_ends(x, longest, marks):
+    """Which bytes of x (B, T) end a patch: a spacelike byte after a byte that is not (the
+    first space or punctuation after a word), and otherwise every `longest`-th byte since
+    the last such end, so no patch is longer than `longest` bytes. `marks` (B, 3) long is
+    what the bytes before x left, [previous byte spacelike (0/1), bytes since the last
+    spacelike end, patches ended]; (1, 0, 0) starts a view. Returns (ends (B, T) bool,
+    marks after x) without writing `marks`. Data-parallel: the last natural end before
+    each byte comes from a running maximum, not a loop over bytes."""
+    T = x.size(1)
+    space = spacelike(x)
+    before = torch.cat([marks[:, :1].bool(), space[:, :-1]], dim=1)
+    natural = space & ~before
+    at = torch.arange(T, device=x.device)
+    start = -1 - marks[:, 1:2]  # where the last natural end before x sits, in x's places
+    last = torch.cummax(torch.where(natural, at, start), dim=1).values  # (B, T): at or before t
+    since = at - torch.cat([start, last[:, :-1]], dim=1)  # bytes from that end to t
+    ends = natural | (since % longest == 0)
+    after = torch.stack([space[:, -1].long(), T - 1 - last[:, -1],
+                         marks[:, 2] + ends.sum(dim=1)], dim=1)
+    return ends, after

@@ -570,8 +570,8 @@ class Predictor:
     def _patch_due(self, at):
         """Parallel stream: whether a byte fed at the host-side positions `at` completes
         a patch in some stream (only then does the patch stream need to run); else None."""
-        if not self.model.parallel:
-            return None
+        if not self.model.parallel or self.model.boundaries == "spacelike":
+            return None  # spacelike ends depend on the bytes, which stay on the device
         return any((p + 1) % self.model.agg_stride == 0 for p in at)
 
     def _compiles(self, steps):

@@ -330,6 +330,12 @@ def test_flops_are_six_times_matmul_weights_plus_attention():
     # The patch stream costs 1/s per byte: a wider stride makes it cheaper.
     parallel = dict(use_parallel_stream_model=True)
     assert flops(**parallel, agg_cnn_stride=8) < flops(**parallel, agg_cnn_stride=2)
+    # Fed at patch ends: the patch stream costs what its padded slots cost.
+    at_ends = dict(parallel, parallel_fusion="at_boundaries", sequence_length=64)
+    assert flops(**at_ends, agg_cnn_stride=8) < flops(**at_ends, agg_cnn_stride=2)
+    spacelike = dict(at_ends, patch_boundaries="spacelike", agg_cnn_stride=16)
+    assert flops(**spacelike, max_patches_per_window=16) < flops(**spacelike)  # 16 < 32 slots
+    assert flops(**spacelike) == flops(**at_ends, agg_cnn_stride=2)  # 32 slots either way
 
 # ---------------------------------------------------------------------------
 # Validation bits per byte: the same measure for every model

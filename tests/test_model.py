@@ -3,6 +3,7 @@ config errors, learning. Tiny models only: the whole file runs in seconds."""
 
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from config import CONFIG_V3
 from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, EncoderLayer,
                    band_mask, count_parameters)
-from model_components import (NO_BYTE, CNNFrontend, LearnablePositionalEncoding,
+from model_components import (NO_BYTE, START_MARKS, CNNFrontend, LearnablePositionalEncoding,
                               SinusoidalPositionalEncoding, newest_ngram_hashes,
-                              ngram_hashes)
+                              ngram_hashes, spacelike_patch_ends)
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +100,16 @@ ARCHITECTURES = [
     ("single-default-layers-ngrams-window5", {**DEFAULT_LAYERS, **NGRAMS, "attention_window": 5}),
     ("parallel-window3-k3s2-sinusoidal", dict(PARALLEL, attention_window=3, agg_cnn_kernel_size=3,
                                               agg_cnn_stride=2)),
+    # SpaceByte's patch stream: fed from and back into the bytes that end a patch, fixed
+    # patches or spacelike ones (at most 3 or 5 bytes), with the other options around it.
+    ("parallel-at-boundaries-fixed-s3", dict(PARALLEL, parallel_fusion="at_boundaries",
+                                             agg_cnn_stride=3)),
+    ("parallel-at-boundaries-spacelike-max3", dict(PARALLEL, parallel_fusion="at_boundaries",
+                                                   patch_boundaries="spacelike", agg_cnn_stride=3)),
+    ("parallel-at-boundaries-spacelike-default-layers-3-layers", {
+        **PARALLEL, **DEFAULT_LAYERS, **NGRAMS, "parallel_fusion": "at_boundaries",
+        "patch_boundaries": "spacelike", "agg_cnn_stride": 5, "num_byte_stream_layers": 3,
+        "num_agg_stream_layers": 2, "agg_cnn_out_dim": 48, "attention_window": 6}),
 ]
 ARCH_IDS = [name for name, _ in ARCHITECTURES]
 ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
@@ -306,9 +317,16 @@ def test_decoding_streams_at_different_positions_equals_full_forward(model):
     assert (logits - expected).abs().max().item() < 1e-4
 
 
-def test_the_decode_step_traces_as_one_graph():
+AT_SPACELIKE_ENDS = dict(PARALLEL, parallel_fusion="at_boundaries", patch_boundaries="spacelike",
+                         agg_cnn_stride=4, attention_window=5)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(PARALLEL, **CNN, **MODERN, agg_cnn_stride=3, parallel_fusion="add_input"),
+    dict(AT_SPACELIKE_ENDS, **MODERN)], ids=["add-input-cnn", "at-spacelike-ends-window"])
+def test_the_decode_step_traces_as_one_graph(overrides):
     # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
-    model = tiny_model(**PARALLEL, **CNN, **MODERN, agg_cnn_stride=3, parallel_fusion="add_input")
+    model = tiny_model(**overrides)
     x = torch.randint(0, 256, (2, 12))
     compiled = torch.compile(model.decode_step, backend="eager", fullgraph=True)
     eager, _ = decoded_logits(model, x, [2, 4], steps=6)
@@ -356,8 +374,12 @@ def test_fresh_cache_starts_again_at_position_zero():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(PARALLEL, **CNN), MODERN,
-                                       dict(PARALLEL, **CNN, **MODERN)],
-                         ids=["single", "parallel", "single-modern", "parallel-modern"])
+                                       dict(PARALLEL, **CNN, **MODERN),
+                                       dict(PARALLEL, **MODERN, parallel_fusion="at_boundaries",
+                                            patch_boundaries="spacelike", agg_cnn_stride=3,
+                                            attention_window=4)],
+                         ids=["single", "parallel", "single-modern", "parallel-modern",
+                              "at-spacelike-ends-window-modern"])
 def test_incremental_under_autocast(overrides):
     model = tiny_model(**overrides)
     x = torch.randint(0, 256, (2, 9))
@@ -475,9 +497,11 @@ def test_state_dict_holds_parameters_only(overrides):
     assert list(torch.compile(model)._orig_mod.state_dict()) == keys
 
 
-def test_full_forward_traces_as_one_graph():
+@pytest.mark.parametrize("overrides", [dict(PARALLEL, **CNN, agg_cnn_stride=3), AT_SPACELIKE_ENDS],
+                         ids=["parallel-cnn", "at-spacelike-ends-window"])
+def test_full_forward_traces_as_one_graph(overrides):
     # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
-    model = tiny_model(**PARALLEL, **CNN, agg_cnn_stride=3)
+    model = tiny_model(**overrides)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
@@ -515,8 +539,10 @@ def test_architecture_keys_are_config_keys():
     (dict(ngram_orders=[2, 1]), ["ngram_orders", "1"]),
     (dict(ngram_orders=[3, 2, 3]), ["ngram_orders", "twice", "[3, 2, 3]"]),
     (dict(ngram_buckets=0), ["ngram_buckets", "0"]),
+    (dict(PARALLEL, patch_boundaries="spacelike"), ["patch_boundaries", "at_boundaries"]),
 ], ids=["heads", "agg-heads", "kernel-list", "channels", "embedding", "layers", "stride",
-        "activation", "pe-type", "ngram-order", "ngram-repeat", "ngram-buckets"])
+        "activation", "pe-type", "ngram-order", "ngram-repeat", "ngram-buckets",
+        "spacelike-needs-at-boundaries"])
 def test_bad_configs_raise_clear_errors(overrides, names):
     with pytest.raises(ValueError) as error:
         ByteLLM_GrugV3(tiny_config(**overrides))
@@ -556,3 +582,78 @@ def test_count_parameters():
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
     model.embedding.weight.requires_grad_(False)
     assert count_parameters(model) == sum(p.numel() for p in model.parameters()) - 256 * 32
+
+
+# ---------------------------------------------------------------------------
+# The patch stream fed at patch ends (SpaceByte): where patches end, and no lag
+
+def patch_ends_one_byte_at_a_time(data, longest):
+    """The rule as written: a spacelike byte after one that is not ends a patch, and so
+    does every `longest`-th byte since the last such end; bytes >= 128 are letters."""
+    ends, before_spacelike, since = [], True, 0
+    for byte in data:
+        space = byte < 128 and not chr(byte).isalnum()
+        natural = space and not before_spacelike
+        since += 1
+        ends.append(natural or since % longest == 0)
+        since = 0 if natural else since
+        before_spacelike = space
+    return ends
+
+
+@pytest.mark.parametrize("longest", [1, 2, 3, 8])
+def test_spacelike_patch_ends_follow_the_rule_in_any_chunks(longest):
+    rng = np.random.default_rng(longest)
+    alphabet = np.frombuffer("ab c.d\n  ,é9Q_(".encode("utf-8"), dtype=np.uint8)
+    for _ in range(50):
+        data = rng.choice(alphabet, size=rng.integers(1, 40))
+        x = torch.from_numpy(data.astype(np.int64))[None]
+        start = torch.tensor([START_MARKS])
+        ends, marks = spacelike_patch_ends(x, longest, start)
+        assert ends[0].tolist() == patch_ends_one_byte_at_a_time(data.tolist(), longest)
+        cut = int(rng.integers(1, x.size(1) + 1))
+        first, middle = spacelike_patch_ends(x[:, :cut], longest, start)
+        if cut < x.size(1):
+            second, middle = spacelike_patch_ends(x[:, cut:], longest, middle)
+            first = torch.cat([first, second], dim=1)
+        assert torch.equal(first, ends) and torch.equal(middle, marks)
+        assert marks[0, 2] == ends.sum()
+
+
+@pytest.mark.parametrize("longest", [1, 2, 3, 5])
+def test_no_view_ends_more_patches_than_the_full_forward_has_slots_for(longest):
+    model = tiny_model(**{**AT_SPACELIKE_ENDS, "agg_cnn_stride": longest})
+    densest = b"aa." * 11 if longest == 2 else b"a." * 16  # 2 ends in 3 bytes; 1 in 2
+    rng = np.random.default_rng(0)
+    views = [densest] + [bytes(rng.choice(list(b"ab .,\n"), size=32)) for _ in range(50)]
+    most = 0
+    for view in views:
+        x = torch.tensor([list(view)])
+        ends, _ = model._patch_ends(x, None, None)
+        assert ends.sum() <= model.patch_slots(len(view))
+        most = max(most, int(ends.sum()) / model.patch_slots(len(view)))
+    assert most > 0.9  # and the bound is nearly reached
+
+
+def test_the_byte_that_ends_a_patch_already_reads_the_patch_stream():
+    """No lag: with the patch stream's output switched off, the logits are the same up to
+    the byte before the first patch end, and differ from that byte on."""
+    model = tiny_model(**{**AT_SPACELIKE_ENDS, "attention_window": None, "agg_cnn_stride": 8})
+    x = torch.tensor([list(b"hello world, again")])
+    first_end = b"hello world, again".index(b" ")
+    with torch.no_grad():
+        with_patches = model(x)
+        model.patch_to_bytes.weight.zero_()
+        model.patch_to_bytes.bias.zero_()
+        without = model(x)
+    moved = (with_patches - without).abs().amax(dim=2)[0] > 1e-6
+    assert moved.nonzero().flatten().tolist()[0] == first_end
+    assert not moved[:first_end].any() and moved[first_end]
+
+
+def test_a_window_takes_at_most_max_patches_per_window_patches():
+    x = torch.tensor([list(b"one two three four five six")])
+    every = tiny_model(**AT_SPACELIKE_ENDS)._patch_ends(x, None, None)[0]
+    two = tiny_model(**AT_SPACELIKE_ENDS, max_patches_per_window=2)._patch_ends(x, None, None)[0]
+    assert every.sum() > 2 and two.sum() == 2
+    assert torch.equal(two, every & (every.cumsum(1) <= 2))  # the first two, later ones ignored

@@ -15,13 +15,18 @@ from predictor import (
     top_p_filter, utf8_next_state, utf8_unfinished_tail,
 )
 
-ARCHITECTURES = [False, True]  # use_parallel_stream_model
+# use_parallel_stream_model, or a parallel stream fed at patch ends (SpaceByte), with
+# spacelike patches (ends found on the device) or fixed ones (patch_due from the host)
+ARCHITECTURES = [False, True, "at-spacelike-ends", "at-fixed-ends"]
+AT_ENDS = {"at-spacelike-ends": dict(parallel_fusion="at_boundaries", patch_boundaries="spacelike",
+                                     agg_cnn_stride=6),
+           "at-fixed-ends": dict(parallel_fusion="at_boundaries", agg_cnn_stride=3)}
 RANDOM = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)  # raw model sampling
 
 
 def make_predictor(tmp_path, parallel=False, use_kv_cache=True, device="cpu", **overrides):
-    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=parallel, device=device,
-                              **overrides)
+    config = make_tiny_config(str(tmp_path), use_parallel_stream_model=bool(parallel),
+                              device=device, **{**AT_ENDS.get(parallel, {}), **overrides})
     torch.manual_seed(0)
     model = ByteLLM_GrugV3(config).to(device)  # the same weights on every device
     return Predictor(model, device, config, use_kv_cache=use_kv_cache)

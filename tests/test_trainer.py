@@ -890,9 +890,16 @@ def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
     assert (decay < 0).all() and np.allclose(decay, decay[0])  # linear
 
 
-def test_exact_resume_with_muon_and_wsd(tmp_path):
+# A parallel stream fed at spacelike patch ends, with local attention in the byte layers.
+AT_ENDS_WINDOW = dict(use_parallel_stream_model=True, parallel_fusion="at_boundaries",
+                      patch_boundaries="spacelike", agg_cnn_stride=5, attention_window=6)
+
+
+@pytest.mark.parametrize("architecture", [{}, AT_ENDS_WINDOW], ids=["single", "at-ends-window"])
+def test_exact_resume_with_muon_and_wsd(tmp_path, architecture):
     recipe = dict(MODERN_RECIPE, transformer_dropout=0.1, gradient_accumulation_steps=2,
-                  lr_scheduler_T_max=None, num_epochs=1, validate_and_checkpoint_best_every_batches=4)
+                  lr_scheduler_T_max=None, num_epochs=1, validate_and_checkpoint_best_every_batches=4,
+                  **architecture)
     straight = real_trainer(tmp_path / "a", max_steps=12, **recipe)
     straight.train()
     first = real_trainer(tmp_path / "b", max_steps=12, **recipe)
