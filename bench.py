@@ -854,7 +854,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 IMPORT_TORCH = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
 # The run's lines each phase starts or ends at (print_every=1 logs every step).
-LINES = {"rebuilding": r"^data: rebuilding cache", "wrote": r"^data: wrote ", "step": r"^step (\d+)[ /]",
+LINES = {"rebuilding": r"^data: rebuilding cache", "wrote": r"^data: wrote ",
+         "step": r"^step (\d+)[ /]",
          "validation": r"^step (\d+): validation loss", "trained": r"^training finished",
          "stopped": r"^stopped by", "final": r"^final model on", "report": r"^report: ",
          "evaluated": r": every byte but the first scored once",
@@ -1015,8 +1016,8 @@ def growth_per_decade(rows):
     growth = []
     for key in first:
         a, b = first[key], last[key]
-        if key not in ("corpus_mb", "steps") and isinstance(a, (int, float)) and isinstance(b, (int, float)) \
-                and a > 0 and b > 0 and decades > 0:
+        numbers = all(isinstance(v, (int, float)) and v > 0 for v in (a, b))
+        if key not in ("corpus_mb", "steps") and numbers and decades > 0:
             growth.append({"figure": key, "smallest": a, "largest": b,
                            "growth_per_10x": (b / a) ** (1 / decades)})
     return growth
