@@ -48,11 +48,10 @@ def read_metrics(path):
 
 def _numbers(cells):
     """Floats of a column's strings: NaN where a cell is empty, or not a finite number."""
-    cells = np.array(cells, dtype=object)
     values = np.full(len(cells), np.nan)
-    filled = cells != ""  # most cells of most columns are empty: they need no parsing
-    try:
-        values[filled] = np.fromiter(map(float, cells[filled]), np.float64)
+    filled = np.fromiter(map(bool, cells), bool, len(cells))  # most cells of most columns
+    try:                                                      # are empty: not parsed
+        values[filled] = np.fromiter(map(float, filter(None, cells)), np.float64)
     except ValueError:  # a garbled cell: parse one by one, so that it alone is left out
         values = np.array([_number(cell) for cell in cells], dtype=np.float64)  # None: NaN
     values[~np.isfinite(values)] = np.nan
