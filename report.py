@@ -49,8 +49,9 @@ def read_metrics(path):
 def _numbers(cells):
     """Floats of a column's strings: NaN where a cell is empty, or not a finite number."""
     values = np.full(len(cells), np.nan)
-    filled = np.fromiter(map(bool, cells), bool, len(cells))  # most cells of most columns
-    try:                                                      # are empty: not parsed
+    # Most cells of most columns are empty: only the others are parsed.
+    filled = np.fromiter(map(bool, cells), bool, len(cells))
+    try:
         values[filled] = np.fromiter(map(float, filter(None, cells)), np.float64)
     except ValueError:  # a garbled cell: parse one by one, so that it alone is left out
         values = np.array([_number(cell) for cell in cells], dtype=np.float64)  # None: NaN
