@@ -852,7 +852,10 @@ sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-IMPORT_TORCH = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+# `import torch`, then torch._dynamo, which torch itself imports at the first optimizer
+# step (or building a model on the meta device): both are PyTorch's own start-up.
+IMPORT_TORCH = ("import time; t = time.perf_counter(); import torch; u = time.perf_counter(); "
+                "import torch._dynamo; print(u - t, time.perf_counter() - u)")
 # The run's lines each phase starts or ends at (print_every=1 logs every step).
 LINES = {"rebuilding": r"^data: rebuilding cache", "wrote": r"^data: wrote ",
          "step": r"^step (\d+)[ /]",
@@ -1071,9 +1074,10 @@ def bench_scale(data, sizes_mb, seconds, evaluate_mb, validate_every, main_args,
         raise UserError(f"--data {data}: no .txt files")
     total = sum(os.path.getsize(source) for source in sources)
     sizes = sorted({min(round(mb * MB), total) for mb in sizes_mb})
-    import_torch = statistics.median(float(subprocess.run(
+    imports = [[float(seconds) for seconds in subprocess.run(
         [sys.executable, "-c", IMPORT_TORCH], capture_output=True, text=True,
-        check=True).stdout) for _ in range(3))
+        check=True).stdout.split()] for _ in range(3)]
+    import_torch, import_dynamo = (statistics.median(column) for column in zip(*imports))
     options = {"seconds": seconds, "validate_every": validate_every, "device": device,
                "main_args": main_args, "import_torch_s": import_torch}
     with tempfile.TemporaryDirectory(prefix="grug_bench_scale_") as workdir:
@@ -1082,7 +1086,8 @@ def bench_scale(data, sizes_mb, seconds, evaluate_mb, validate_every, main_args,
         evaluated, evaluate_s = evaluate_run(workdir, sources, round(evaluate_mb * MB),
                                              largest, options)
         report_s, report_bytes = report_of_rows(workdir, report_rows)
-    extras = [{"import_torch_s": import_torch, "evaluate_mb": evaluated / MB,
+    extras = [{"import_torch_s": import_torch, "import_torch_dynamo_s": import_dynamo,
+               "evaluate_mb": evaluated / MB,
                "evaluate_s": evaluate_s,
                "evaluate_kb_per_s": evaluated / 1e3 / evaluate_s if evaluate_s else None,
                "report_rows": report_rows, "report_of_rows_s": report_s,
