@@ -1039,8 +1039,8 @@ def write_metrics_rows(path, rows):
         if step == rows // 2:
             lines.append(f"{step},,,,,,,,resume,,")
     lines.append(f"{rows},,,1.5,2.16404,,,{rows * 0.1:.6g},final_validation,200000,30000000")
-    with open(path, "w", encoding="utf-8") as file:
-        file.write("\n".join(lines) + "\n")
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        file.write("\r\n".join(lines) + "\r\n")  # csv.writer's line ends, as the trainer's
 
 
 def report_of_rows(workdir, rows):

@@ -479,6 +479,8 @@ def read_log_columns(path, key="step"):
 def _log_cells(text):
     """(header, cells, rows) of complete CSV lines: the cells of the rows after the header
     in one list, each row cut or padded with "" to the header's width; blank lines skipped."""
+    if text.count("\r") == text.count("\r\n"):  # no \r but in csv.writer's line ends
+        text = text.replace("\r\n", "\n")
     lines = text.split("\n")[:-1]
     if not lines:
         return [], [], 0
