@@ -148,7 +148,7 @@ def test_the_scale_section_times_every_phase_of_real_runs(tmp_path, capsys):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
     out = tmp_path / "scale.json"
     assert bench.main(["--quick", "--only", "scale", "--data", str(tmp_path / "corpus"),
-                       "--threads", "1", "--device", "cpu", "--scale-sizes", "0.02,0.2",
+                       "--device", "cpu", "--scale-sizes", "0.02,0.2",
                        "--scale-seconds", "2", "--scale-evaluate-mb", "0.005",
                        "--scale-validate-every", "3", "--scale-main-args", TINY_MAIN_ARGS,
                        "--json", str(out)]) == 0
