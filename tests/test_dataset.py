@@ -167,6 +167,19 @@ def test_the_corpus_fingerprint_is_computed_once_with_the_cache(tmp_path, monkey
     assert edited["bytes"] == corpus["bytes"] and edited != corpus
 
 
+@pytest.mark.parametrize("policy", ["replace", "skip", "keep"])
+def test_the_fingerprint_written_with_the_cache_is_the_arrays(tmp_path, monkeypatch, policy):
+    """The manifest's fingerprint is the array's, whatever the policy did to the bytes,
+    a file skipped after some of its bytes were written included (blocks of 2 bytes: "ok"
+    is out before the invalid bytes)."""
+    monkeypatch.setattr(dataset, "BLOCK_BYTES", 2)
+    for name, content in (("a.txt", "alpha"), ("b.txt", BAD), ("c.txt", "gamma")):
+        write(tmp_path, name, content)
+    data, corpus = main_module.open_corpus(make_config(tmp_path, utf8_error_policy=policy))
+    assert (bytes(data) == b"alpha|gamma") == (policy == "skip")
+    assert corpus == dataset.corpus_fingerprint(np.array(data))
+
+
 def _modify_same_size(tmp_path):
     path = write(tmp_path, "a.txt", "ALPHA")
     stat = path.stat()
