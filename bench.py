@@ -4,6 +4,8 @@
     python3 bench.py --quick --data corpus.txt        # smoke test, under a minute
     python3 bench.py --only training,generation --json bench_results.json
     python3 bench.py --data my_texts/ --quality-seconds 300 --threads 2
+    python3 bench.py --only scale --data big_corpus/ --json scale.json   # about an hour
+    python3 bench.py --only long --data big_corpus/ --json long.json     # hours
 
 Sections (--only):
     training    bytes/s, ms per optimizer step and model FLOP utilisation (MFU) against a
@@ -11,6 +13,13 @@ Sections (--only):
     quality     validation bits per byte after a fixed wall-clock training budget
     generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024
     data        DataProcessor MB/s on a generated corpus, and the peak memory it takes
+    scale       (only with --only) each phase of real `python3 main.py` runs on prefixes
+                of --data of --scale-sizes MB: processing, start-up, steps/s, validations,
+                checkpoint save and load, report, --evaluate, disk and peak memory, with
+                the growth of each per 10x of corpus
+    long        (only with --only) held-out bits/byte of each design and window after
+                --long-seconds of training on a large corpus (--data), scored with
+                sliding windows of each model's own length
 
 Every comparison is measured side by side in the same run (interleaved, medians of
 repeats) and reported as a ratio beside the absolute figures. stdout carries the report
@@ -33,7 +42,10 @@ import operator
 import os
 import platform
 import random
+import re
+import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
 from config import CONFIG_V3
 from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources,
                      split_point)
@@ -51,13 +64,16 @@ from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from main import build_training, check_config
 from model import ByteLLM_GrugV3, count_parameters, patch_slots
 from predictor import Predictor
+from report import write_report
+from trainer import METRICS_COLUMNS
 from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
                    seed_everything, synchronize)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-SECTIONS = ("training", "quality", "generation", "data", "long")
-DEFAULT_SECTIONS = ("training", "quality", "generation", "data")  # long: only when asked
+SECTIONS = ("training", "quality", "generation", "data", "scale", "long")
+# scale runs main.py for minutes a size, long trains for 10 minutes a run: only when asked
+DEFAULT_SECTIONS = ("training", "quality", "generation", "data")
 MB = 10**6
 
 
@@ -73,11 +89,11 @@ SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
                  gen_max_new_bytes=256, gen_rounds=3, gen_compile=True,
-                 data_bytes=200 * MB, data_rounds=3, long_seconds=600.0),
+                 data_bytes=200 * MB, data_rounds=3, long_seconds=600.0, report_rows=10**6),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
                   gen_max_new_bytes=4, gen_rounds=1, gen_compile=False,
-                  data_bytes=20 * MB, data_rounds=1, long_seconds=2.0),
+                  data_bytes=20 * MB, data_rounds=1, long_seconds=2.0, report_rows=10**4),
 }
 
 
@@ -107,6 +123,14 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
     "batch_of_8_vs_one": (">=", 4.0),
     "data_mb_per_s": (">=", 100.0),
     "data_peak_mb": ("<", 300.0),
+    # The scale section's, at its largest corpus (docs/benchmarks.md, Scale: why these)
+    "scale_processing_mb_per_s": (">=", 100.0),
+    "scale_content_hash_mb_per_s": (">=", 300.0),
+    "scale_startup_s": ("<=", 5.0),  # to the first step, less import torch
+    "scale_final_validation_s": ("<=", 18.0),  # 10 % of the default 3-minute run
+    "scale_peak_rss_growth_mb": ("<=", 100.0),
+    "scale_report_s": ("<=", 5.0),  # report.html of a 10^6-row metrics.csv
+    "scale_report_mb": ("<=", 2.0),
 }
 
 
@@ -980,6 +1004,294 @@ def long_targets(rows):
 
 
 # =============================================================================
+# Section: scale (--only scale; not run by default)
+# What each phase of a real run costs as the corpus grows.
+# =============================================================================
+
+
+# Runs main.py as `python3 main.py ARGS` does, then prints the process's peak resident
+# memory (VmHWM, as peak_rss_bytes reads it) as its last line. It imports nothing else
+# first, so the run's start-up is main.py's own.
+RUN_MAIN = """
+import atexit, os, runpy, sys
+def peak():
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            line = next(l for l in status if l.startswith("VmHWM:"))
+        print("bench: peak_rss_bytes", int(line.split()[1]) * 1024, flush=True)
+    except (OSError, StopIteration):
+        pass
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# `import torch`, then torch._dynamo, which torch itself imports at the first optimizer
+# step (or building a model on the meta device): both are PyTorch's own start-up.
+IMPORT_TORCH = ("import time; t = time.perf_counter(); import torch; u = time.perf_counter(); "
+                "import torch._dynamo; print(u - t, time.perf_counter() - u)")
+# The run's lines each phase starts or ends at (print_every=1 logs every step).
+LINES = {"rebuilding": r"^data: rebuilding cache", "wrote": r"^data: wrote ",
+         "step": r"^step (\d+)[ /]",
+         "validation": r"^step (\d+): validation loss", "trained": r"^training finished",
+         "stopped": r"^stopped by", "final": r"^final model on", "report": r"^report: ",
+         "evaluated": r": every byte but the first scored once",
+         "peak": r"^bench: peak_rss_bytes (\d+)", "training": r"^training \d+ steps at most"}
+
+
+def write_prefix(sources, size, path):
+    """The first `size` bytes of the sorted .txt files `sources` joined, cut back to the
+    last line break (else to a whole UTF-8 character) so the text stays valid. Returns
+    the bytes written: fewer than `size` when the corpus is smaller."""
+    written = 0
+    with open(path, "wb") as out:
+        for source in sources:
+            with open(source, "rb") as file:
+                while written < size:
+                    block = file.read(min(8 * MB, size - written))
+                    if not block:
+                        break
+                    if written + len(block) == size:  # the last block: end on a boundary
+                        block = block[:block.rfind(b"\n") + 1 or character_boundary(block)]
+                        size = written + len(block)
+                    out.write(block)
+                    written += len(block)
+    return written
+
+
+def character_boundary(block):
+    """The length of `block` without its last UTF-8 character, which may be cut off."""
+    cut = len(block)
+    while cut and block[cut - 1] & 0xC0 == 0x80:  # continuation bytes
+        cut -= 1
+    return cut - 1 if cut and block[cut - 1] >= 0xC0 else cut
+
+
+def corpus_sources(data):
+    if os.path.isfile(data):
+        return [data]
+    return sorted(str(path) for path in Path(data).rglob("*") if path.is_file()
+                  and path.suffix.lower() == ".txt")
+
+
+def main_run(workdir, args, stop_at=None):
+    """`python3 main.py ARGS` in workdir: [(seconds since its start, line)] of its output
+    (stdout and stderr) as it arrives. At the first line matching `stop_at` it is sent
+    SIGINT (main.py stops as after Ctrl-C) and the rest of its output read."""
+    began = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", RUN_MAIN, os.path.join(REPO, "main.py"),
+                                *args], cwd=workdir, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append((time.perf_counter() - began, line.rstrip("\n")))
+        if stop_at and re.search(LINES[stop_at], line):
+            process.send_signal(signal.SIGINT)
+            stop_at = None
+    if process.wait() not in (0, 130):
+        raise RuntimeError("main.py " + " ".join(args) + " failed:\n"
+                           + "\n".join(line for _, line in lines[-30:]))
+    return lines
+
+
+def found(lines, name):
+    """[(seconds, regex match)] of the output lines matching LINES[name]."""
+    return [(t, match) for t, line in lines for match in [re.search(LINES[name], line)] if match]
+
+
+def first_time(lines, name):
+    hits = found(lines, name)
+    return hits[0][0] if hits else None
+
+
+def phase_seconds(lines):
+    """The phases of one training run, from its output lines' arrival times."""
+    steps = {int(match[1]): t for t, match in found(lines, "step")}
+    validations = [t - steps[int(match[1])] for t, match in found(lines, "validation")
+                   if int(match[1]) in steps]  # from its step's line: the validation (+ save)
+    gaps = [b - a for a, b in zip(sorted(steps.values()), sorted(steps.values())[1:])]
+    end = first_time(lines, "trained") or first_time(lines, "stopped")
+    final, report = first_time(lines, "final"), first_time(lines, "report")
+    peak = found(lines, "peak")
+    return {"first_step_s": steps.get(min(steps)) if steps else None,
+            "steps": max(steps) if steps else 0,
+            "steps_per_s": 1 / statistics.median(gaps) if gaps else None,
+            "interim_validation_s": statistics.median(validations) if validations else None,
+            "final_validation_s": final - end if final and end else None,
+            "report_s": report - final if report and final else None,
+            "peak_rss_mb": int(peak[-1][1][1]) / MB if peak else None}
+
+
+def disk_mb(folder):
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) / MB
+
+
+def checkpoint_seconds(folder):
+    """(save, load) seconds of the run's latest checkpoint, with checkpoint.py's own
+    functions in this process."""
+    path = next(iter(sorted(Path(folder).glob("*_latest.pth"))), None)
+    if path is None:
+        return None, None
+    began = time.perf_counter()
+    state = load_checkpoint(str(path))
+    loaded = time.perf_counter() - began
+    began = time.perf_counter()
+    save_checkpoint(state, str(path.with_name("bench_copy.pth")))
+    saved = time.perf_counter() - began
+    os.remove(path.with_name("bench_copy.pth"))
+    return saved, loaded
+
+
+def scale_size(workdir, sources, size, options):
+    """Every phase of main.py on the first `size` bytes of the corpus: a first run that
+    builds the processed cache (stopped once training starts), then a full run on the
+    cache. Returns its rows of times and of memory and disk."""
+    folder = os.path.join(workdir, f"prefix_{size / MB:g}MB")
+    os.makedirs(folder)
+    corpus = os.path.join(folder, "corpus.txt")
+    written = write_prefix(sources, size, corpus)
+    base = [f"--data_dir={corpus}", f"--processed_data_dir={folder}/processed",
+            "--DO_PREDICTION=False", "--print_every=1", f"--device={options['device']}",
+            f"--validate_and_checkpoint_best_every_batches={options['validate_every']}",
+            f"--max_train_minutes={options['seconds'] / 60!r}", *options["main_args"]]
+    log(f"scale: {written / MB:.1f} MB: first run (processing)")
+    first = main_run(folder, [*base, f"--checkpoint_dir={folder}/first"], stop_at="training")
+    began, wrote = first_time(first, "rebuilding"), first_time(first, "wrote")
+    processing = wrote - began if began and wrote else None
+    log(f"scale: {written / MB:.1f} MB: run on the cache ({options['seconds']:g} s of training)")
+    run = main_run(folder, [*base, f"--checkpoint_dir={folder}/run"])
+    phases = phase_seconds(run)
+    save, load = checkpoint_seconds(f"{folder}/run")
+    began = time.perf_counter()
+    scan_sources(Path(corpus), hash_contents=True)
+    hashing = time.perf_counter() - began
+    first_peak = found(first, "peak")
+    startup = phases["first_step_s"] and phases["first_step_s"] - options["import_torch_s"]
+    times = {"corpus_mb": written / MB,
+             "processing_mb_per_s": written / MB / processing if processing else None,
+             "content_hash_mb_per_s": written / MB / hashing, "startup_s": startup,
+             "steps_per_s": phases["steps_per_s"],
+             "interim_validation_s": phases["interim_validation_s"],
+             "final_validation_s": phases["final_validation_s"],
+             "checkpoint_save_s": save, "checkpoint_load_s": load, "report_s": phases["report_s"]}
+    sizes = {"corpus_mb": written / MB,
+             "processing_peak_rss_mb": int(first_peak[-1][1][1]) / MB if first_peak else None,
+             "peak_rss_mb": phases["peak_rss_mb"], "checkpoint_dir_mb": disk_mb(f"{folder}/run"),
+             "cache_mb": disk_mb(f"{folder}/processed"), "first_step_s": phases["first_step_s"],
+             "steps": phases["steps"]}
+    return times, sizes
+
+
+def growth_per_decade(rows):
+    """For each phase: how much its figure grows per 10x of corpus, between the smallest
+    and the largest size ((last / first) ** (1 / decades))."""
+    if len(rows) < 2:
+        return []
+    first, last = rows[0], rows[-1]
+    decades = math.log10(last["corpus_mb"] / first["corpus_mb"])
+    growth = []
+    for key in first:
+        a, b = first[key], last[key]
+        numbers = all(isinstance(v, (int, float)) and v > 0 for v in (a, b))
+        if key not in ("corpus_mb", "steps") and numbers and decades > 0:
+            growth.append({"figure": key, "smallest": a, "largest": b,
+                           "growth_per_10x": (b / a) ** (1 / decades)})
+    return growth
+
+
+def write_metrics_rows(path, rows):
+    """A metrics.csv of a `rows`-step run, with trainer.py's header: a training row a step,
+    a validation every 1,000 steps, a resume half way and the final validation."""
+    lines = [",".join(METRICS_COLUMNS)]
+    for step in range(1, rows + 1):
+        loss = 1.0 + 4.0 / (1 + step / 1000)
+        lines.append(f"{step},1,{loss:.6g},,,0.003,25000,{step * 0.1:.6g},,,")
+        if step % 1000 == 0:
+            lines.append(f"{step},1,,{loss:.6g},{bits_per_byte(loss):.6g},0.003,,"
+                         f"{step * 0.1 + 0.05:.6g},,,")
+        if step == rows // 2:
+            lines.append(f"{step},,,,,,,,resume,,")
+    lines.append(f"{rows},,,1.5,2.16404,,,{rows * 0.1:.6g},final_validation,200000,30000000")
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        file.write("\r\n".join(lines) + "\r\n")  # csv.writer's line ends, as the trainer's
+
+
+def report_of_rows(workdir, rows):
+    """(seconds, bytes) of report.html written from a `rows`-row metrics.csv."""
+    folder = os.path.join(workdir, "report")
+    os.makedirs(folder)
+    write_metrics_rows(os.path.join(folder, "metrics.csv"), rows)
+    began = time.perf_counter()
+    path = write_report({**CONFIG_V3, "checkpoint_dir": folder})
+    return time.perf_counter() - began, os.path.getsize(path)
+
+
+def evaluate_run(workdir, sources, size, run_folder, options):
+    """(bytes, seconds) of `main.py --evaluate` on the corpus's first `size` bytes, with
+    the run's checkpoint: from the end of its processing to its result line."""
+    text = os.path.join(workdir, "evaluate.txt")
+    written = write_prefix(sources, size, text)
+    lines = main_run(workdir, [f"--evaluate={text}", f"--checkpoint_dir={run_folder}/run",
+                               f"--processed_data_dir={run_folder}/processed",
+                               f"--device={options['device']}", *options["main_args"]])
+    began, done = first_time(lines, "wrote"), first_time(lines, "evaluated")
+    return written, (done - began if began and done else None)
+
+
+def bench_scale(data, sizes_mb, seconds, evaluate_mb, validate_every, main_args, device,
+                report_rows):
+    """Each phase of main.py at each corpus size (prefixes of `data`), its growth per 10x,
+    and the issue's targets at the largest size."""
+    sources = corpus_sources(data)
+    if not sources:
+        raise UserError(f"--data {data}: no .txt files")
+    total = sum(os.path.getsize(source) for source in sources)
+    sizes = sorted({min(round(mb * MB), total) for mb in sizes_mb})
+    imports = [[float(seconds) for seconds in subprocess.run(
+        [sys.executable, "-c", IMPORT_TORCH], capture_output=True, text=True,
+        check=True).stdout.split()] for _ in range(3)]
+    import_torch, import_dynamo = (statistics.median(column) for column in zip(*imports))
+    options = {"seconds": seconds, "validate_every": validate_every, "device": device,
+               "main_args": main_args, "import_torch_s": import_torch}
+    with tempfile.TemporaryDirectory(prefix="grug_bench_scale_") as workdir:
+        rows, memory = zip(*[scale_size(workdir, sources, size, options) for size in sizes])
+        largest = os.path.join(workdir, f"prefix_{sizes[-1] / MB:g}MB")
+        evaluated, evaluate_s = evaluate_run(workdir, sources, round(evaluate_mb * MB),
+                                             largest, options)
+        report_s, report_bytes = report_of_rows(workdir, report_rows)
+    extras = [{"import_torch_s": import_torch, "import_torch_dynamo_s": import_dynamo,
+               "evaluate_mb": evaluated / MB,
+               "evaluate_s": evaluate_s,
+               "evaluate_kb_per_s": evaluated / 1e3 / evaluate_s if evaluate_s else None,
+               "report_rows": report_rows, "report_of_rows_s": report_s,
+               "report_of_rows_mb": report_bytes / MB}]
+    top, bottom = {**rows[-1], **memory[-1]}, {**rows[0], **memory[0]}
+    at = f" ({top['corpus_mb']:.4g} MB)"
+    growth = (top["peak_rss_mb"] - bottom["peak_rss_mb"]
+              if top["peak_rss_mb"] and bottom["peak_rss_mb"] else None)
+    targets = [
+        check_target("first processing" + at, top["processing_mb_per_s"],
+                     *TARGETS["scale_processing_mb_per_s"], "MB/s"),
+        check_target("content hash" + at, top["content_hash_mb_per_s"],
+                     *TARGETS["scale_content_hash_mb_per_s"], "MB/s"),
+        check_target("start-up on the cache to the first step, less import torch" + at,
+                     top["startup_s"], *TARGETS["scale_startup_s"], "s"),
+        check_target("final validation, 10% of a 3-minute run" + at, top["final_validation_s"],
+                     *TARGETS["scale_final_validation_s"], "s"),
+        check_target(f"training peak RSS growth, {bottom['corpus_mb']:.4g} to "
+                     f"{top['corpus_mb']:.4g} MB", growth, *TARGETS["scale_peak_rss_growth_mb"],
+                     "MB"),
+        check_target(f"report.html of {report_rows:,} metrics rows: time", report_s,
+                     *TARGETS["scale_report_s"], "s"),
+        check_target(f"report.html of {report_rows:,} metrics rows: size", report_bytes / MB,
+                     *TARGETS["scale_report_mb"], "MB")]
+    together = [{**row, **more} for row, more in zip(rows, memory)]
+    return {"rows": list(rows), "memory_and_disk": list(memory),
+            "growth": growth_per_decade(together), "once": extras}, targets
+
+
+# =============================================================================
 # Report
 # =============================================================================
 
@@ -1063,6 +1375,16 @@ def section_list(text):
     return names
 
 
+def size_list(text):
+    try:
+        sizes = [float(size) for size in text.split(",") if size.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give sizes in MB, such as 10,100,1000")
+    return sizes
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="MB = 10^6 bytes. Progress goes to stderr.")
@@ -1071,8 +1393,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: every section shrunk to finish in under a minute")
     parser.add_argument("--only", type=section_list, default=list(DEFAULT_SECTIONS),
-                        help="comma-separated sections to run (default: "
-                             f"{','.join(DEFAULT_SECTIONS)}; also: long)")
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
+                             f"(default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--quality-seconds", type=float,
@@ -1097,6 +1419,19 @@ def parse_args(argv):
     parser.add_argument("--long-heldout-mb", type=float, default=LONG_HELDOUT_BYTES / MB,
                         help="long section: size of the held-out slice every model is "
                              "scored on (default: 1)")
+    parser.add_argument("--scale-sizes", type=size_list, default=[10.0, 100.0, 1000.0],
+                        help="scale section: corpus prefixes, MB (default: 10,100,1000; "
+                             "sizes past the corpus's end are its whole)")
+    parser.add_argument("--scale-seconds", type=float, default=60.0,
+                        help="scale section: training budget of each run (default: 60)")
+    parser.add_argument("--scale-evaluate-mb", type=float, default=10.0,
+                        help="scale section: MB of the corpus that --evaluate scores once "
+                             "(default: 10; tens of KB/s on a CPU)")
+    parser.add_argument("--scale-validate-every", type=int, default=100,
+                        help="scale section: steps between interim validations (default: 100)")
+    parser.add_argument("--scale-main-args", default="",
+                        help="scale section: more main.py --key=value settings for every run, "
+                             "as one string (default: config.py's defaults)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1107,6 +1442,8 @@ def parse_args(argv):
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
         args.data = os.path.normpath(DEFAULT_DATA)
+    if "scale" in args.only and not args.data:
+        parser.error("the scale section needs --data (a .txt file or a folder of them)")
     if args.data and not os.path.exists(args.data):
         parser.error(f"--data {args.data}: no such file or folder")
     return args
@@ -1128,9 +1465,14 @@ def main(argv):
                            "quality_repeats": args.quality_repeats,
                            "quality_ablation": args.quality_ablation,
                            "parallel_designs": args.parallel_designs,
-                           "generation_designs": args.generation_designs,
+                           "generation_designs": args.generation_designs, "scale": scale,
+                           "scale_sizes_mb": args.scale_sizes,
+                           "scale_seconds": args.scale_seconds,
+                           "scale_evaluate_mb": args.scale_evaluate_mb,
+                           "scale_validate_every": args.scale_validate_every,
+                           "scale_main_args": args.scale_main_args,
                            "long_seconds": args.long_seconds,
-                           "long_repeats": args.long_repeats, "scale": scale},
+                           "long_repeats": args.long_repeats},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
@@ -1144,6 +1486,10 @@ def main(argv):
         "long": lambda: bench_long(device, scale, args.data,
                                    args.long_seconds or scale["long_seconds"],
                                    args.long_repeats, int(args.long_heldout_mb * MB)),
+        "scale": lambda: bench_scale(args.data, args.scale_sizes, args.scale_seconds,
+                                     args.scale_evaluate_mb, args.scale_validate_every,
+                                     shlex.split(args.scale_main_args), args.device,
+                                     scale["report_rows"]),
     }
     for name in SECTIONS:
         if name in args.only:

@@ -7,7 +7,8 @@ micro-batch of training holds.
 
 Cache layout in `processed_data_dir`:
     all_bytes_grug_v3.npy            the byte stream, 1-D uint8
-    all_bytes_grug_v3.manifest.json  what it was built from; written last, so an array
+    all_bytes_grug_v3.manifest.json  what it was built from, and the array's fingerprint
+                                     (corpus_fingerprint); written last, so an array
                                      without a matching manifest is never trusted
 """
 
@@ -35,7 +36,7 @@ from utils import (TEMPORARY_PREFIX, ConfigError, UserError, atomic_output, conf
 PROCESSED_FILENAME = "all_bytes_grug_v3.npy"
 MANIFEST_FILENAME = "all_bytes_grug_v3.manifest.json"
 DUMMY_FILENAME = "dummy_corpus.txt"
-FORMAT_VERSION = 2  # bump when the processing itself changes, so old caches get rebuilt
+FORMAT_VERSION = 3  # bump when the processing or the manifest changes: old caches get rebuilt
 FINGERPRINT_BLOCK = 16 * 2**20  # bytes hashed at a time: memory stays bounded on any corpus
 # Read size: blocks that fit in the CPU's cache decode faster than large ones (measured
 # against 8 MB blocks: docs/benchmarks.md, Figures behind design choices).
@@ -311,7 +312,9 @@ class DataProcessor:
 
     def manifest(self):
         """What the cache was built from (after prepare): its "files", "spans" {file:
-        [start, end) of its bytes in the array}, "invalid_utf8" counts and "skipped" files."""
+        [start, end) of its bytes in the array}, "invalid_utf8" counts, "skipped" files and
+        "corpus", the array's corpus_fingerprint: computed once, when the array is written,
+        and as valid as the array (a start reads it here rather than every byte again)."""
         return _read_manifest(self.manifest_path)
 
     def _options(self):
@@ -376,6 +379,7 @@ class DataProcessor:
         started = time.perf_counter()
         try:
             num_bytes, spans, invalid, skipped = self._write_array(wanted["files"])
+            corpus = corpus_fingerprint(self._open(num_bytes))
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -384,7 +388,8 @@ class DataProcessor:
                             f"{needed:.0f} MB needed). Free some space or set "
                             f"processed_data_dir to another disk.") from None
         _write_manifest(self.manifest_path, {**wanted, "num_bytes": num_bytes, "spans": spans,
-                                             "invalid_utf8": invalid, "skipped": skipped})
+                                             "invalid_utf8": invalid, "skipped": skipped,
+                                             "corpus": corpus})
         seconds = time.perf_counter() - started
         print(f"data: wrote {num_bytes:,} bytes in {seconds:.1f} s")
         return num_bytes

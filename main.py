@@ -136,9 +136,10 @@ def make_sampler(model, device, config):
     return sample
 
 
-def build_training(config, data, device, with_samples=False):
+def build_training(config, data, device, with_samples=False, corpus=None):
     """The Trainer of a freshly seeded model over the train/validation windows of `data`
-    (1-D uint8): what main.py and bench.py both train."""
+    (1-D uint8; `corpus`: its fingerprint, when known): what main.py and bench.py both
+    train."""
     split = dict(sequence_length=config["sequence_length"], stride=config["data_stride"],
                  val_split_ratio=config["val_split_ratio"],
                  val_split_max_bytes=config["val_split_max_bytes"])
@@ -148,7 +149,7 @@ def build_training(config, data, device, with_samples=False):
     model = ByteLLM_GrugV3(config).to(device)
     sample_fn = make_sampler(model, device, config) if with_samples else None
     return Trainer(model, train_set, val_set, config, device, architecture_keys=ARCHITECTURE_KEYS,
-                   sample_fn=sample_fn, legacy_architecture=LEGACY_ARCHITECTURE)
+                   sample_fn=sample_fn, legacy_architecture=LEGACY_ARCHITECTURE, corpus=corpus)
 
 
 def print_header(config, device, data, trainer, context):
@@ -191,7 +192,7 @@ def clear_temporaries(folder):
 def start_on_rank0(config, locks):
     """Lock checkpoint_dir for the run, clear an interrupted run's temporaries, keep a
     trained model from being overwritten, and build (or reuse) the processed data: rank
-    0's part, before the other ranks open the data."""
+    0's part, before the other ranks open the data. Returns open_corpus(config)."""
     folder = config["checkpoint_dir"]
     locks.enter_context(CheckpointFolderLock(folder))
     clear_temporaries(folder)
@@ -199,7 +200,14 @@ def start_on_rank0(config, locks):
     for warning in structure_warnings(config):
         print(f"warning: {warning}")
     first_run = config["data_dir"] == config_module.CONFIG_V3["data_dir"]
-    return DataProcessor(config, create_missing_data_dir=first_run).prepare()
+    return open_corpus(config, create_missing_data_dir=first_run)
+
+
+def open_corpus(config, **options):
+    """(the processed corpus as a 1-D uint8 memmap, its fingerprint): DataProcessor
+    builds the cache if needed, and its manifest holds the fingerprint."""
+    processor = DataProcessor(config, **options)
+    return processor.prepare(), processor.manifest()["corpus"]
 
 
 def run_training(config, device, context):
@@ -209,9 +217,10 @@ def run_training(config, device, context):
         built = together(context, lambda: start_on_rank0(config, locks) if context.is_main
                          else None)
         # Rank 0 has built the cache: the other ranks open it, never rebuild it.
-        data = together(context, lambda: built if context.is_main else DataProcessor(
-            {**config, "force_reprocess_data": False}).prepare())
-        trainer = build_training(config, data, device, with_samples=context.is_main)
+        data, corpus = together(context, lambda: built if context.is_main else open_corpus(
+            {**config, "force_reprocess_data": False}))
+        trainer = build_training(config, data, device, with_samples=context.is_main,
+                                 corpus=corpus)
         if context.is_main:
             print_header(config, device, data, trainer, context)
         resume_path = resolve_resume_path(config)

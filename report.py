@@ -10,12 +10,11 @@ interim and final samples.
 import html
 import math
 import os
-import statistics
 
 import numpy as np
 
 import config as config_module
-from utils import UserError, atomic_output, bits_per_byte, read_log_rows
+from utils import UserError, atomic_output, bits_per_byte, read_log_columns
 
 REPORT_FILENAME = "report.html"
 SAMPLES_SHOWN = 20_000  # characters of each samples file shown (its end)
@@ -30,39 +29,58 @@ MAX_LINE_POINTS = 2_000
 # ---------------------------------------------------------------------------
 # metrics.csv
 
+# The columns of metrics.csv the page draws from; a file from an older version may lack one.
+COLUMNS = ("step", "elapsed_seconds", "train_loss", "val_bits_per_byte", "learning_rate",
+           "bytes_per_second", "scored_bytes", "split_bytes")
+
+
 def read_metrics(path):
-    """(rows, unreadable) of metrics.csv: the rows with numbers as floats (None where a
-    row has none, or a value that is not a finite number), and how many rows could not
-    be read at all (utils.read_log_rows)."""
-    rows, unreadable = read_log_rows(path)
-    parsed = []
-    for row in rows:
-        numbers = {key: _number(value) for key, value in row.items()
-                   if key not in ("event", None)}  # None: the extra fields of a garbled row
-        parsed.append({**numbers, "event": row.get("event") or ""})
-    return parsed, unreadable
+    """(table, unreadable) of metrics.csv: the table's COLUMNS as float arrays (NaN where
+    a row has no value, or one that is not a finite number) and "event" as strings ("" in
+    the rows of no event), and how many rows could not be read at all
+    (utils.read_log_columns). Columns, not rows: a long run's file has a million rows."""
+    cells, unreadable = read_log_columns(path)
+    rows = len(next(iter(cells.values()), []))
+    table = {name: _numbers(cells.get(name, [""] * rows)) for name in COLUMNS}
+    table["event"] = np.array(cells.get("event", [""] * rows), dtype=str)
+    return table, unreadable
+
+
+def _numbers(cells):
+    """Floats of a column's strings: NaN where a cell is empty, or not a finite number."""
+    values = np.full(len(cells), np.nan)
+    # Most cells of most columns are empty: only the others are parsed.
+    filled = np.fromiter(map(bool, cells), bool, len(cells))
+    try:
+        values[filled] = np.fromiter(map(float, filter(None, cells)), np.float64)
+    except ValueError:  # a garbled cell: parse one by one, so that it alone is left out
+        values = np.array([_number(cell) for cell in cells], dtype=np.float64)  # None: NaN
+    values[~np.isfinite(values)] = np.nan
+    return values
 
 
 def _number(text):
-    if not text:  # most cells of a row are empty: no exception for them (long runs' logs)
-        return None
     try:
-        value = float(text)
-    except (TypeError, ValueError):
+        return float(text) if text else None
+    except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
-def resume_points(rows):
+def resume_points(table):
     """(step, elapsed seconds) of each resume: the event row's step, and the time of the
     last row logged before it (the event row itself carries no time)."""
-    points, elapsed = [], 0.0
-    for row in rows:
-        if row["event"] == "resume":
-            points.append((row["step"], elapsed))
-        elif row.get("elapsed_seconds") is not None:
-            elapsed = row["elapsed_seconds"]
-    return points
+    resume = table["event"] == "resume"
+    seconds = table["elapsed_seconds"]
+    timed = np.flatnonzero(np.isfinite(seconds) & ~resume)
+    before = np.searchsorted(timed, np.flatnonzero(resume)) - 1  # the last timed row before
+    return [(float(table["step"][row]), float(seconds[timed[k]]) if k >= 0 else 0.0)
+            for row, k in zip(np.flatnonzero(resume), before)]
+
+
+def _pairs(x, y):
+    """(x, y) of two columns row by row, None where a row has no value."""
+    return [(None if math.isnan(a) else a, None if math.isnan(b) else b)
+            for a, b in zip(x.tolist(), y.tolist())]
 
 
 # ---------------------------------------------------------------------------
@@ -260,37 +278,34 @@ def _legend_svg(series, right):
     return "".join(parts)
 
 
-def training_plots(rows):
+def training_plots(table):
     """The four plots of a run: bits per byte by step and by time, learning rate and
     bytes per second, with every resume marked. Training lines are downsampled
     (line_points); validation points and resume marks are all drawn."""
-    train = [r for r in rows if r.get("train_loss") is not None]
-    validation = [r for r in rows if r.get("val_bits_per_byte") is not None and not r["event"]]
-    final = [r for r in rows if r["event"] == "final_validation"]
-    resumes = resume_points(rows)
-    unit, per_unit = time_unit(max([r["elapsed_seconds"] or 0 for r in rows] + [0]))
-    # Columns of the training rows: a million-step run has a million of them.
+    event, bits = table["event"], table["val_bits_per_byte"]
+    validation = np.isfinite(bits) & (event == "")
+    final = event == "final_validation"
+    resumes = resume_points(table)
+    unit, per_unit = time_unit(float(np.max(table["elapsed_seconds"], initial=0.0,
+                                            where=np.isfinite(table["elapsed_seconds"]))))
+    # The columns of the training rows only (a validation row has a learning rate too).
+    train = np.isfinite(table["train_loss"])
     step, seconds, loss, rate, speed = (
-        np.array([r.get(key) for r in train], dtype=np.float64)
-        for key in ("step", "elapsed_seconds", "train_loss", "learning_rate", "bytes_per_second"))
+        table[key][train] for key in ("step", "elapsed_seconds", "train_loss", "learning_rate",
+                                      "bytes_per_second"))
 
-    def bits_series(x_of, x_column):
+    def bits_series(x, x_train):
         return [("training (mean since last row)",
-                 line_points(x_column, bits_per_byte(loss), log=True), "line"),
-                ("validation (sample)", [(x_of(r), r["val_bits_per_byte"]) for r in validation],
-                 "line+dots"),
-                ("final model, end of a run",
-                 [(x_of(r), r["val_bits_per_byte"]) for r in final], "dot")]
-
-    def in_time_unit(r):
-        return None if r["elapsed_seconds"] is None else r["elapsed_seconds"] / per_unit
+                 line_points(x_train, bits_per_byte(loss), log=True), "line"),
+                ("validation (sample)", _pairs(x[validation], bits[validation]), "line+dots"),
+                ("final model, end of a run", _pairs(x[final], bits[final]), "dot")]
     return [
-        line_plot("Bits per byte by step (log scale)", bits_series(lambda r: r["step"], step),
+        line_plot("Bits per byte by step (log scale)", bits_series(table["step"], step),
                   "step", "bits per byte", log_y=True,
                   marks=[(s, "resume") for s, _ in resumes]),
         line_plot("Bits per byte by training time (log scale)",
-                  bits_series(in_time_unit, seconds / per_unit), f"training time ({unit})",
-                  "bits per byte", log_y=True,
+                  bits_series(table["elapsed_seconds"] / per_unit, seconds / per_unit),
+                  f"training time ({unit})", "bits per byte", log_y=True,
                   marks=[(t / per_unit, "resume") for _, t in resumes]),
         line_plot("Learning rate", [("learning rate", line_points(step, rate), "line")],
                   "step", "learning rate", marks=[(s, "resume") for s, _ in resumes]),
@@ -303,30 +318,35 @@ def training_plots(rows):
 # ---------------------------------------------------------------------------
 # The page
 
-def final_figures(rows):
+def final_figures(table):
     """(what, value) pairs of the run's outcome, read from metrics.csv."""
-    train = [r for r in rows if r.get("train_loss") is not None]
-    validation = [r for r in rows if r.get("val_bits_per_byte") is not None and not r["event"]]
-    final = [r for r in rows if r["event"] == "final_validation"]
-    times = [r["elapsed_seconds"] for r in rows if r.get("elapsed_seconds") is not None]
-    figures = [("steps", f"{max(r['step'] for r in rows):,.0f}" if rows else "none"),
-               ("training time", f"{max(times) / 60:.1f} min" if times else "unknown")]
-    if train:
-        figures.append(("last training loss", f"{bits_per_byte(train[-1]['train_loss']):.4f} "
-                                              f"bits/byte (step {train[-1]['step']:,.0f})"))
-        rates = [r["bytes_per_second"] for r in train if r["bytes_per_second"]]
-        if rates:
-            figures.append(("throughput (median)", f"{statistics.median(rates):,.0f} bytes/s"))
-    if validation:
-        best = min(validation, key=lambda r: r["val_bits_per_byte"])
-        figures.append(("best validation (sample)", f"{best['val_bits_per_byte']:.4f} bits/byte "
-                                                    f"(step {best['step']:,.0f})"))
-    if final:
-        scored, split = final[-1].get("scored_bytes"), final[-1].get("split_bytes")
+    step, seconds, bits = table["step"], table["elapsed_seconds"], table["val_bits_per_byte"]
+    train = np.flatnonzero(np.isfinite(table["train_loss"]))
+    validation = np.flatnonzero(np.isfinite(bits) & (table["event"] == ""))
+    final = np.flatnonzero(table["event"] == "final_validation")
+    times = seconds[np.isfinite(seconds)]
+    figures = [("steps", f"{step.max():,.0f}" if len(step) else "none"),
+               ("training time", f"{times.max() / 60:.1f} min" if len(times) else "unknown")]
+    if len(train):
+        last = train[-1]
+        figures.append(("last training loss",
+                        f"{bits_per_byte(table['train_loss'][last]):.4f} bits/byte "
+                        f"(step {step[last]:,.0f})"))
+        rates = table["bytes_per_second"][train]
+        rates = rates[np.isfinite(rates) & (rates != 0)]
+        if len(rates):
+            figures.append(("throughput (median)", f"{np.median(rates):,.0f} bytes/s"))
+    if len(validation):
+        best = validation[np.argmin(bits[validation])]  # the first of equal ones
+        figures.append(("best validation (sample)", f"{bits[best]:.4f} bits/byte "
+                                                    f"(step {step[best]:,.0f})"))
+    if len(final):
+        scored, split = table["scored_bytes"][final[-1]], table["split_bytes"][final[-1]]
         of = (f"{scored:,.0f} bytes of the {split:,.0f}-byte validation split"
-              if scored and split else "validation split")  # older files: the whole split
-        figures.append((f"final model, {of}", f"{final[-1]['val_bits_per_byte']:.4f} bits/byte"))
-    figures.append(("resumes", str(len(resume_points(rows)))))
+              if np.isfinite([scored, split]).all() and scored and split
+              else "validation split")  # older files: the whole split
+        figures.append((f"final model, {of}", f"{bits[final[-1]]:.4f} bits/byte"))
+    figures.append(("resumes", str(len(resume_points(table)))))
     return figures
 
 
@@ -388,21 +408,21 @@ def write_report(run_config, log=print):
     metrics = os.path.join(folder, "metrics.csv")
     if not os.path.isfile(metrics):
         raise UserError(f"no {metrics} to report on: train first (the report draws its rows)")
-    rows, unreadable = read_metrics(metrics)
+    table, unreadable = read_metrics(metrics)
     left_out = (f"; {unreadable} unreadable row(s) (garbled, or half-written by a killed "
                 f"run) left out" if unreadable else "")
     if unreadable:
         log(f"note: {metrics}{left_out}")
     figures = "".join(f"<tr><td>{_esc(what)}</td><td>{_esc(value)}</td></tr>"
-                      for what, value in final_figures(rows))
+                      for what, value in final_figures(table))
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>GrugV3 training report: {_esc(folder)}</title><style>{STYLE}</style></head>",
-        f"<body><h1>GrugV3 training report</h1><p>{_esc(metrics)}, {len(rows)} rows"
+        f"<body><h1>GrugV3 training report</h1><p>{_esc(metrics)}, {len(table['step'])} rows"
         f"{_esc(left_out)}. Bits "
         f"per byte = nats / ln 2; 8 is a uniform guess over the 256 bytes.</p>",
         f"<h2>Final figures</h2><table>{figures}</table>",
-        '<h2>Curves</h2><div class="plots">', *training_plots(rows), "</div>",
+        '<h2>Curves</h2><div class="plots">', *training_plots(table), "</div>",
         "<h2>Config</h2>", config_table(run_config),
         samples_section("Interim samples", os.path.join(folder, "interim_samples.txt")),
         samples_section("Final samples", os.path.join(

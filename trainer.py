@@ -588,10 +588,12 @@ def step_seed(seed, rank, step):
 
 class Trainer:
     def __init__(self, model, train_dataset, val_dataset, config, device,
-                 architecture_keys=(), sample_fn=None, legacy_architecture=None):
+                 architecture_keys=(), sample_fn=None, legacy_architecture=None, corpus=None):
         """`architecture_keys` are the config keys a checkpoint must share to be resumed
         (`legacy_architecture`: the values meant by checkpoints saved before a key existed).
-        `sample_fn(prompt)` returns text for the interim samples (None = no samples)."""
+        `sample_fn(prompt)` returns text for the interim samples (None = no samples).
+        `corpus`: corpus_fingerprint(train_dataset.data) when known already (DataProcessor's
+        manifest holds it); None: computed here, which reads every byte of the corpus."""
         self.config, self.device = config, device
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.architecture_keys, self.sample_fn = tuple(architecture_keys), sample_fn
@@ -627,7 +629,7 @@ class Trainer:
 
         # What the validations measure on: a resume on other text or another validation
         # sample must not compare its losses with the checkpoint's best.
-        self.corpus = corpus_fingerprint(train_dataset.data)
+        self.corpus = corpus or corpus_fingerprint(train_dataset.data)
         self.validation_sample = hashlib.blake2b(np.asarray(val_dataset.window_starts(
             self.validation_indices()), dtype=np.int64).tobytes() + str(
             val_dataset.sequence_length).encode(), digest_size=16).hexdigest()

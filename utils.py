@@ -456,18 +456,51 @@ def move_aside(path, stamp=None):
     return aside
 
 
-def read_log_rows(path, key="step"):
-    """(rows, unreadable) of a CSV log such as metrics.csv: rows as dicts of strings,
-    whose `key` is a whole number; `unreadable` counts the rows left out (a garbled row,
-    and a last line without its newline, which a killed writer left half-written).
-    Bytes that are not UTF-8 read as U+FFFD."""
+def read_log_columns(path, key="step"):
+    """(columns, unreadable) of a CSV log such as metrics.csv: {name: [string of each row]}
+    in the header's order, of the rows whose `key` is a whole number; `unreadable` counts
+    the rows left out (a garbled row, and a last line without its newline, which a killed
+    writer left half-written). A short row's missing cells read as "", a long row's extra
+    cells are ignored (csv.DictReader's reading). Bytes that are not UTF-8 read as U+FFFD."""
     with open(path, newline="", encoding="utf-8", errors="replace") as file:
         text = file.read()
     complete = text[:text.rfind("\n") + 1]  # "" when no line is complete
     half_written = int(complete != text)
-    rows = list(csv.DictReader(io.StringIO(complete)))
-    kept = [row for row in rows if (row.get(key) or "").isdigit()]
-    return kept, len(rows) - len(kept) + half_written
+    header, cells, rows = _log_cells(complete)
+    columns = {name: cells[i::len(header)] for i, name in enumerate(header)}
+    if key not in columns:
+        return {name: [] for name in columns}, rows + half_written
+    if not all(map(str.isdigit, columns[key])):  # garbled rows: keep the others
+        kept = [i for i, value in enumerate(columns[key]) if value.isdigit()]
+        columns = {name: [column[i] for i in kept] for name, column in columns.items()}
+    return columns, rows - len(columns[key]) + half_written
+
+
+def _log_cells(text):
+    """(header, cells, rows) of complete CSV lines: the cells of the rows after the header
+    in one list, each row cut or padded with "" to the header's width; blank lines skipped."""
+    if text.count("\r") == text.count("\r\n"):  # no \r but in csv.writer's line ends
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")[:-1]
+    if not lines:
+        return [], [], 0
+    header = lines[0].split(",")
+    if ('"' in text or "\r" in text or len(header) == 1
+            or not all(line.count(",") == len(header) - 1 for line in lines)):
+        # Quoted cells, other line ends, rows of other widths: the csv module's rules.
+        table = list(csv.reader(io.StringIO(text)))
+        header, rows, width = table[0], [row for row in table[1:] if row], len(table[0])
+        return header, [cell for row in rows for cell in (row + [""] * width)[:width]], len(rows)
+    # What csv reads too, without a list for each row (a long run logs millions of rows):
+    # every line has the header's width, so the rows' cells are one split away.
+    body = text[len(lines[0]) + 1:-1]
+    return header, body.replace("\n", ",").split(",") if body else [], len(lines) - 1
+
+
+def read_log_rows(path, key="step"):
+    """The rows of read_log_columns as dicts of strings, and how many were unreadable."""
+    columns, unreadable = read_log_columns(path, key)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())], unreadable
 
 
 def remove_stale_temporaries(folder):

@@ -89,7 +89,7 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert report["machine"]["torch"] == torch.__version__
     for key in ("date", "cpu", "device"):
         assert report["machine"][key]
-    assert list(report["sections"]) == list(bench.SECTIONS)
+    assert list(report["sections"]) == list(bench.DEFAULT_SECTIONS)  # scale: only when asked
     assert all(math.isfinite(n) for n in numbers_in(report))
 
     training = report["sections"]["training"]
@@ -133,6 +133,67 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert len(report["targets"]) == 6 + len(designs) + 2 * len(bench.GENERATION_DESIGNS)
     for target in report["targets"]:
         assert isinstance(target["passed"], bool) and target["measured"] > 0
+
+
+TINY_MAIN_ARGS = ("--sequence_length=16 --data_stride=16 --batch_size=4 --embedding_dim=32 "
+                  "--attention_d_model=32 --attention_num_heads=2 --num_attention_layers=1 "
+                  "--num_byte_stream_layers=1 --num_agg_stream_layers=1 --agg_cnn_out_dim=32 "
+                  "--eval_max_batches=2 --final_validation_max_bytes=2000")
+
+
+@pytest.mark.slow
+def test_the_scale_section_times_every_phase_of_real_runs(tmp_path, capsys):
+    """Two tiny prefixes, a tiny model and 2 s of training: every phase is timed from
+    main.py's own output, the growth per 10x is tabled and every target is checked."""
+    write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=200_000))
+    out = tmp_path / "scale.json"
+    assert bench.main(["--quick", "--only", "scale", "--data", str(tmp_path / "corpus"),
+                       "--device", "cpu", "--scale-sizes", "0.02,0.2",
+                       "--scale-seconds", "2", "--scale-evaluate-mb", "0.005",
+                       "--scale-validate-every", "3", "--scale-main-args", TINY_MAIN_ARGS,
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "== scale ==" in printed and "-- growth" in printed
+    scale = json.loads(out.read_text())["sections"]["scale"]
+    times, memory = scale["rows"], scale["memory_and_disk"]
+    assert [round(row["corpus_mb"], 2) for row in times] == [0.02, 0.2]
+    for row, more in zip(times, memory):
+        assert all(value > 0 for value in row.values()), row  # every phase was seen
+        assert more["steps"] > 3 and more["peak_rss_mb"] > 50 and more["cache_mb"] > 0
+        assert more["first_step_s"] > row["startup_s"]  # import torch is left out
+    assert 0.9 < memory[1]["cache_mb"] / times[1]["corpus_mb"] < 1.1
+    growth = {row["figure"]: row["growth_per_10x"] for row in scale["growth"]}
+    assert 9 < growth["cache_mb"] < 11  # the cache is the corpus: 10x per 10x
+    once = scale["once"][0]
+    assert once["evaluate_s"] > 0 and once["import_torch_s"] > 0 < once["import_torch_dynamo_s"]
+    assert once["report_rows"] == bench.SCALES["quick"]["report_rows"]
+    assert 0 < once["report_of_rows_mb"] < 2
+    targets = json.loads(out.read_text())["targets"]
+    assert len(targets) == 7 and all(t["measured"] is not None for t in targets)
+
+
+def test_a_corpus_prefix_ends_on_a_line_or_character_boundary(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo\n")
+    (tmp_path / "b.txt").write_bytes("thr\u00e9\u00e9 four".encode())
+    sources = bench.corpus_sources(str(tmp_path))
+    assert [os.path.basename(path) for path in sources] == ["a.txt", "b.txt"]
+    prefix = tmp_path / "prefix.txt"
+    for size, expected in [(6, b"one\n"), (8, b"one\ntwo\n"), (12, b"one\ntwo\nthr"),
+                           (13, b"one\ntwo\nthr"), (14, b"one\ntwo\nthr\xc3\xa9"),
+                           (100, "one\ntwo\nthr\u00e9\u00e9 four".encode())]:
+        assert bench.write_prefix(sources, size, prefix) == len(expected)
+        assert prefix.read_bytes() == expected, size
+        prefix.read_bytes().decode("utf-8")  # valid UTF-8 whatever the size
+
+
+def test_the_scale_section_runs_only_when_asked_and_needs_a_corpus(capsys):
+    assert "scale" not in bench.parse_args([]).only
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "scale"])
+    assert "needs --data" in capsys.readouterr().err
+    assert bench.size_list("0.5,10") == [0.5, 10.0]
+    with pytest.raises(Exception, match="sizes in MB"):
+        bench.size_list("10,-1")
 
 
 # ---------------------------------------------------------------------------

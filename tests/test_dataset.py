@@ -143,6 +143,43 @@ def test_unchanged_sources_reuse_the_cache(tmp_path, capsys):
     assert bytes(data) == b"alpha|beta"
 
 
+def test_the_corpus_fingerprint_is_computed_once_with_the_cache(tmp_path, monkeypatch):
+    """Every run records which corpus it trains on. Hashing every byte at every start
+    costs a second or more a GB: the fingerprint is computed when the cache is built and
+    kept in its manifest, so a start with the cache reads no byte to fingerprint it."""
+    import trainer as trainer_module
+    config = make_tiny_config(str(tmp_path))
+    write(tmp_path, "a.txt", "to be or not to be. " * 100)
+    data, corpus = main_module.open_corpus(config)
+    assert corpus == dataset.corpus_fingerprint(np.array(data))  # the array's, byte for byte
+
+    def read_every_byte(data):
+        raise AssertionError("the corpus was read again to fingerprint it")
+    with monkeypatch.context() as patched:
+        patched.setattr(dataset, "corpus_fingerprint", read_every_byte)
+        patched.setattr(trainer_module, "corpus_fingerprint", read_every_byte)
+        data, again = main_module.open_corpus(config)
+        trainer = main_module.build_training(config, data, torch.device("cpu"), corpus=again)
+    assert again == corpus and trainer.corpus == corpus
+    path = write(tmp_path, "a.txt", "to be or not to be? " * 100)  # same size, other bytes
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    _, edited = main_module.open_corpus(config)
+    assert edited["bytes"] == corpus["bytes"] and edited != corpus
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip", "keep"])
+def test_the_fingerprint_written_with_the_cache_is_the_arrays(tmp_path, monkeypatch, policy):
+    """The manifest's fingerprint is the array's, whatever the policy did to the bytes,
+    a file skipped after some of its bytes were written included (blocks of 2 bytes: "ok"
+    is out before the invalid bytes)."""
+    monkeypatch.setattr(dataset, "BLOCK_BYTES", 2)
+    for name, content in (("a.txt", "alpha"), ("b.txt", BAD), ("c.txt", "gamma")):
+        write(tmp_path, name, content)
+    data, corpus = main_module.open_corpus(make_config(tmp_path, utf8_error_policy=policy))
+    assert (bytes(data) == b"alpha|gamma") == (policy == "skip")
+    assert corpus == dataset.corpus_fingerprint(np.array(data))
+
+
 def _modify_same_size(tmp_path):
     path = write(tmp_path, "a.txt", "ALPHA")
     stat = path.stat()

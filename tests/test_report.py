@@ -2,6 +2,7 @@
 ticks), resumes are marked, the page is self-contained, and it renders in a browser."""
 
 import csv
+import io
 import math
 import os
 import re
@@ -16,7 +17,7 @@ from config import CONFIG_V3
 from report import MAX_LINE_POINTS, Axis, tick_label, write_report
 from tests.conftest import make_tiny_config
 from trainer import METRICS_COLUMNS
-from utils import UserError
+from utils import UserError, read_log_columns, read_log_rows
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -170,8 +171,8 @@ def write_a_million_step_run(folder, spike_at=123_457):
         if step == 500_000:
             lines.append(f"{step},,,,,,,,resume,,")
     lines.append(f"1000000,,,1.5,2.16404,,,100001,final_validation,200000,30000000")
-    with open(os.path.join(folder, "metrics.csv"), "w") as file:
-        file.write("\n".join(lines) + "\n")
+    with open(os.path.join(folder, "metrics.csv"), "w", newline="") as file:
+        file.write("\r\n".join(lines) + "\r\n")  # csv.writer's line ends, as the trainer's
 
 
 def test_a_million_step_run_gives_a_small_page_of_downsampled_lines(tmp_path):
@@ -322,3 +323,47 @@ def test_a_damaged_metrics_file_is_reported_without_its_unreadable_rows(tmp_path
     assert round(steps[-1]) == 80  # neither the inf nor the half-written row is plotted
     assert f"{len(a_resumed_run()) + 2} rows" in html  # the rows at steps 90 and 95
     assert "<td>steps</td><td>95</td>" in html
+
+
+def reference_log_rows(path):
+    """utils.read_log_rows as csv.DictReader reads it: the plain reference."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as file:
+        text = file.read()
+    complete = text[:text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(complete)))
+    kept = [{key: value or "" for key, value in row.items() if key is not None}
+            for row in rows if (row.get("step") or "").isdigit()]
+    return kept, len(rows) - len(kept) + int(complete != text)
+
+
+@pytest.mark.parametrize("body", [
+    b"1,a,b\n2,,\n3,c,d\n",  # every row the header's width: the split fast path
+    b"1,a,b\r\n2,,\r\n3,c,d\r\n4,e",  # csv.writer's line ends (the trainer's), half a row
+    b"1,a,b\n2,,\n3,c,d\n4,e",  # and a half-written last row
+    b"1,a\n2,a,b,c\n\n3,,\nx,1,2\n",  # short, long, blank and garbled rows
+    b'1,"a,b",c\n2,"two\nlines",\n3,\xff,d\r\n4,e,f\n',  # quoted cells, \r\n, not UTF-8
+    b"",  # the header alone
+])
+def test_log_rows_are_read_as_the_csv_module_reads_them(tmp_path, body):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"step,one,two\r\n" + body)
+    assert read_log_rows(path) == reference_log_rows(path)
+    columns, unreadable = read_log_columns(path)
+    rows, _ = read_log_rows(path)
+    assert columns == {key: [row[key] for row in rows] for key in ("step", "one", "two")}
+
+
+def test_a_log_as_the_trainer_writes_it_is_read_without_the_csv_module(tmp_path, monkeypatch):
+    """The csv module reads a million-row log in seconds: a log of csv.writer's rows (the
+    trainer's, with its \\r\\n line ends) takes the plain split instead."""
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as file:
+        csv.writer(file).writerows([METRICS_COLUMNS, [1, 1, 2.5] + [""] * 8,
+                                    [2, "", "", "", "", "", "", "", "resume", "", ""]])
+    expected = read_log_columns(path)
+
+    def not_used(*args, **kwargs):
+        raise AssertionError("the csv module read a log of uniform rows")
+    monkeypatch.setattr(csv, "reader", not_used)
+    assert read_log_columns(path) == expected
+    assert expected[0]["event"] == ["", "resume"] and expected[1] == 0
