@@ -576,8 +576,8 @@ def recording_packages(monkeypatch):
     import torch._inductor
     inductor_settings, real_package = [], torch._inductor.aoti_compile_and_package
 
-    def package(*args, inductor_configs=None, **options):
-        inductor_settings.append(inductor_configs)
+    def package(*args, inductor_configs=None, **options):  # a copy: inductor adds to it
+        inductor_settings.append(inductor_configs and dict(inductor_configs))
         return real_package(*args, inductor_configs=inductor_configs, **options)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
     return inductor_settings
@@ -850,9 +850,11 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
 
 def counting_compiles(monkeypatch):
     """torch.compile in predictor.py, on the CPU too, with a backend that records each
-    graph: the list."""
+    graph: the list. Graphs compiled before are dropped: torch.compile keeps at most
+    recompile_limit graphs of the step in a process, however many predictors compile it."""
     import predictor as predictor_module
     through_torch_compile(monkeypatch)
+    torch.compiler.reset()
     graphs, real_compile = [], torch.compile
 
     def counting_backend(graph_module, example_inputs):
@@ -899,8 +901,8 @@ def spy_on_step_inputs(monkeypatch, predictor):
     step of `predictor` (a list of sets)."""
     seen, real_step_function = [], Predictor._step_function
 
-    def spying(self, steps):
-        step = real_step_function(self, steps)
+    def spying(self, steps, batch=1):
+        step = real_step_function(self, steps, batch)
 
         def spy(byte, cache, positions, sampler, patch_due=None):
             if self is predictor:
