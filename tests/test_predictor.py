@@ -719,13 +719,24 @@ def test_a_program_is_kept_on_disk_and_serves_later_predictors_from_the_first_by
     assert len(compiled) == 1 and list(later._programs) == [name]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "record garbled", "record of another key"])
+@pytest.mark.parametrize("damage", ["truncated", "record garbled", "record of another key",
+                                    "fails to load"])
 def test_a_damaged_kept_program_is_compiled_again_not_used(tmp_path, monkeypatch, damage):
+    import predictor as predictor_module
     compiled = eager_stand_in_compiler(monkeypatch)
     generates_as_eager(make_predictor(tmp_path, generation_compile="always"))
     package = compiled[0]
     record = package[:-len(".pt2")] + ".json"
-    if damage == "truncated":
+    if damage == "fails to load":  # once: say, a package of a torch build that differs
+        real_load, failed = predictor_module.load_program, []
+
+        def load_program(path):
+            if not failed:
+                failed.append(path)
+                raise RuntimeError("Error in dlopen: undefined symbol")
+            return real_load(path)
+        monkeypatch.setattr(predictor_module, "load_program", load_program)
+    elif damage == "truncated":
         with open(package, "r+b") as file:
             file.truncate(10)
     elif damage == "record garbled":
@@ -974,7 +985,8 @@ def test_a_step_past_the_recompile_limit_warns_and_decodes_eagerly(tmp_path, mon
     # config.patch, not monkeypatch: undoing a monkeypatch.setattr left the setting
     # hidden ("recompile_limit does not exist") for every later compile in the process
     with torch._dynamo.config.patch(recompile_limit=2):
-        generates_like_eager(compiled, eager, [(["ab"], RANDOM, True), (["ab", "cd"], RANDOM, True)])
+        generates_like_eager(compiled, eager, [(["ab"], RANDOM, True),
+                                               (["ab", "cd"], RANDOM, True)])
         with pytest.warns(UserWarning, match="generating uncompiled"):
             texts = compiled.generate_batch(["ab", "c", "d"], max_new_bytes=12, seed=3, **RANDOM)
     assert texts == eager.generate_batch(["ab", "c", "d"], max_new_bytes=12, seed=3, **RANDOM)
