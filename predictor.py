@@ -453,10 +453,10 @@ def load_program(path):
 
 
 def read_kept_program(folder, key):
-    """(the program kept in `folder` for `key`, loaded, and the input spec it was compiled
-    for; None) if there is one that is sound, else (None, why not: None if there is none).
-    A program compiled for another key (a hash collision, an edited record) or whose file
-    differs from the one written (truncated, damaged) is not used."""
+    """((the program, loaded; the input spec it was compiled for), None) for the program
+    kept in `folder` for `key`; (None, None) if none is kept; (None, why) for one that
+    must not be used: compiled for another key (a hash collision, an edited record), a
+    file that is not the one written (truncated, damaged), or one that does not load."""
     root = os.path.join(folder, program_name(key))
     if not os.path.exists(root + ".json"):
         return None, None
@@ -467,13 +467,14 @@ def read_kept_program(folder, key):
             digest = hashlib.sha256(file.read()).hexdigest()
     except (OSError, ValueError) as error:
         return None, f"cannot be read ({error_summary(error)})"
-    if not isinstance(record, dict) or record.get("key") != key:
+    # the key as JSON gives it back (a tuple reads as a list)
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
         return None, "was compiled for other settings"
     if record.get("sha256") != digest:
         return None, "is damaged (its file is not the one written)"
     try:
         return (load_program(root + ".pt2"), record["inputs"]), None
-    except Exception as error:  # a package this torch cannot load  # noqa: BLE001
+    except Exception as error:  # a package this torch cannot load
         return None, f"cannot be loaded ({error_summary(error)})"
 
 
