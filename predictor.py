@@ -425,9 +425,8 @@ def program_name(key):
     return "step_" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def compile_ahead_of_time(program, args, path):
-    """`program` exported for `args`, compiled by AOTInductor into a package written to
-    `path` (atomically); returns the package's SHA-256."""
+def compile_ahead_of_time(program, args):
+    """`program` exported for `args` and compiled by AOTInductor: the package's bytes."""
     import torch._inductor  # here, not at the top: loading it takes seconds
     import torch.export
     device_type = args[0].device.type
@@ -440,10 +439,7 @@ def compile_ahead_of_time(program, args, path):
             exported, package_path=os.path.join(folder, "step.pt2"),
             inductor_configs=inductor_options(device_type, ahead_of_time=True) or None)
         with open(package, "rb") as file:
-            data = file.read()
-    with atomic_output(path) as file:
-        file.write(data)
-    return hashlib.sha256(data).hexdigest()
+            return file.read()
 
 
 def load_program(path):
@@ -481,13 +477,23 @@ def read_kept_program(folder, key):
 def keep_program(folder, key, program, args):
     """`program` compiled for `args` and kept in `folder` for `key` (package, then its
     record: a reader finds a record only beside the package it describes); returns
-    (the program loaded, its input spec)."""
-    os.makedirs(folder, exist_ok=True)
+    (the program loaded, its input spec). Where `folder` cannot be written, the program
+    serves this process only."""
+    data, spec = compile_ahead_of_time(program, args), input_spec(step_inputs(args))
     root = os.path.join(folder, program_name(key))
-    digest = compile_ahead_of_time(program, args, root + ".pt2")
-    spec = input_spec(step_inputs(args))
-    with atomic_output(root + ".json") as file:
-        file.write(json.dumps({"key": key, "inputs": spec, "sha256": digest}).encode())
+    try:
+        with atomic_output(root + ".pt2") as file:
+            file.write(data)
+        with atomic_output(root + ".json") as file:
+            record = {"key": key, "inputs": spec, "sha256": hashlib.sha256(data).hexdigest()}
+            file.write(json.dumps(record).encode())
+    except OSError as error:
+        warnings.warn(f"cannot keep the compiled decode step in {folder} "
+                      f"({error_summary(error)}); the next process compiles it again")
+        with tempfile.TemporaryDirectory(prefix="grug_step_") as temporary:
+            with open(os.path.join(temporary, "step.pt2"), "wb") as file:
+                file.write(data)
+            return load_program(os.path.join(temporary, "step.pt2")), spec  # it copies it
     return load_program(root + ".pt2"), spec
 
 

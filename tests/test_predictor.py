@@ -662,26 +662,28 @@ def test_on_a_torch_not_checked_the_step_is_compiled_and_called_through_public_a
 # --- compiled programs kept on disk (an eager stand-in for AOTInductor: seconds) ---------
 
 def eager_stand_in_compiler(monkeypatch):
-    """compile_ahead_of_time writes a file of random bytes (a package) and load_program
-    gives the program it stands for, run eagerly, through the public call: what the
+    """compile_ahead_of_time gives random bytes (a package) and load_program gives the
+    program a package stands for, run eagerly, through the public call: what the
     predictor does around programs (its folder, keys, checks, memory), without a
-    compiler. Returns the paths compiled, in order."""
+    compiler. Returns the paths of the packages the predictor keeps, in order."""
     import predictor as predictor_module
-    programs, compiled = {}, []
+    programs, compiled, real_keep = {}, [], predictor_module.keep_program
 
-    def compile_ahead_of_time(program, args, path):
+    def compile_ahead_of_time(program, args):
         data = os.urandom(64)
-        with open(path, "wb") as file:
-            file.write(data)
-        compiled.append(path)
         programs[hashlib.sha256(data).hexdigest()] = program
-        return hashlib.sha256(data).hexdigest()
+        return data
+
+    def keep_program(folder, key, program, args):
+        compiled.append(os.path.join(folder, predictor_module.program_name(key) + ".pt2"))
+        return real_keep(folder, key, program, args)
 
     def load_program(path):
         with open(path, "rb") as file:
             program = programs[hashlib.sha256(file.read()).hexdigest()]
         return lambda *args: program(*args)
     monkeypatch.setattr(predictor_module, "compile_ahead_of_time", compile_ahead_of_time)
+    monkeypatch.setattr(predictor_module, "keep_program", keep_program)
     monkeypatch.setattr(predictor_module, "load_program", load_program)
     monkeypatch.setattr(predictor_module, "torch_internals_checked", lambda: False)
     return compiled
@@ -754,6 +756,19 @@ def test_a_damaged_kept_program_is_compiled_again_not_used(tmp_path, monkeypatch
     assert compiled == [package, package]  # compiled again, in its place
     generates_as_eager(make_predictor(tmp_path, generation_compile="auto"))
     assert len(compiled) == 2  # the new one serves
+
+
+def test_a_program_that_cannot_be_kept_serves_its_process(tmp_path, monkeypatch):
+    compiled = eager_stand_in_compiler(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "compiled").write_text("a file where the folder would be")
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    with pytest.warns(UserWarning, match="cannot keep the compiled decode step"):
+        generates_as_eager(predictor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generates_as_eager(predictor)  # held in memory: not compiled again
+    assert len(compiled) == 1 and predictor._compiled_step is not False
 
 
 def test_a_program_of_another_torch_is_not_used(tmp_path, monkeypatch):
