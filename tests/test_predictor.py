@@ -678,9 +678,12 @@ def eager_stand_in_compiler(monkeypatch):
         compiled.append(os.path.join(folder, predictor_module.program_name(key) + ".pt2"))
         return real_keep(folder, key, program, args)
 
-    def load_program(path):
+    def damaged(*args):
+        raise AssertionError("a damaged package ran")
+
+    def load_program(path):  # a damaged package loads, as some would, and must not run
         with open(path, "rb") as file:
-            program = programs[hashlib.sha256(file.read()).hexdigest()]
+            program = programs.get(hashlib.sha256(file.read()).hexdigest(), damaged)
         return lambda *args: program(*args)
     monkeypatch.setattr(predictor_module, "compile_ahead_of_time", compile_ahead_of_time)
     monkeypatch.setattr(predictor_module, "keep_program", keep_program)
@@ -698,7 +701,8 @@ def generates_as_eager(predictor, prompts=("ab",), **settings):
     """predictor's texts and bytes equal those of eager decoding; the texts."""
     settings = {"seed": 4, "max_new_bytes": 12, **RANDOM, **settings}
     texts, data = predictor.generate_batch(list(prompts), **settings), predictor.last_bytes
-    eager = make_predictor(predictor.config["checkpoint_dir"] + "/..", generation_compile="never")
+    eager = make_predictor(os.path.dirname(predictor.config["checkpoint_dir"]),
+                           generation_compile="never")
     eager.model.load_state_dict(predictor.model.state_dict())
     assert eager.generate_batch(list(prompts), **settings) == texts and eager.last_bytes == data
     return texts
