@@ -657,12 +657,15 @@ def compile_seconds_of(predictor):
                               model.agg_stride + 1 if model.parallel else 2)
 
 
-def generation_models(device, designs):
+def generation_models(device, designs, programs):
     """{name: (model, config)}: the default model at a 1024-byte window with each of
-    `designs` (untrained weights: speed does not depend on them)."""
+    `designs` (untrained weights: speed does not depend on them), keeping compiled
+    programs under `programs` (a fresh folder: a program kept by an earlier run would
+    leave the compile time untimed)."""
     models = {}
     for name, overrides in designs.items():
-        config = model_config(**overrides, sequence_length=max(GENERATION_CONTEXTS))
+        config = model_config(**overrides, sequence_length=max(GENERATION_CONTEXTS),
+                              checkpoint_dir=programs)
         seed_everything(config["seed"])
         models[name] = ByteLLM_GrugV3(config).to(device).eval(), config
     return models
@@ -680,10 +683,19 @@ def bench_generation(device, scale, designs):
     an interactive user reads it), and compiled; then 8 prompts at once, time to first
     byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
     are the models timed; those of GENERATION_DESIGNS get every figure."""
+    import torch._dynamo  # here, not at the top: loading it takes seconds
+    # torch.compile (a GPU's step) keeps recompile_limit graphs of the step per process;
+    # the predictors timed side by side need more (each model, batch size and patch_due)
+    with (tempfile.TemporaryDirectory(prefix="grug_bench_programs_") as programs,
+          torch._dynamo.config.patch(recompile_limit=64)):
+        return timed_generation(device, scale, designs, programs)
+
+
+def timed_generation(device, scale, designs, programs):
     new_bytes = {c: min(c // 4, scale["gen_max_new_bytes"]) for c in GENERATION_CONTEXTS}
     compiled = "always" if scale["gen_compile"] else "never"
     measures, compile_seconds = {}, {}
-    for name, (model, config) in generation_models(device, designs).items():
+    for name, (model, config) in generation_models(device, designs, programs).items():
         paths = {"uncached": Predictor(model, device, config, use_kv_cache=False),
                  "eager": Predictor(model, device, config, compile="never"),
                  "compiled": Predictor(model, device, config, compile=compiled)}
@@ -704,7 +716,7 @@ def bench_generation(device, scale, designs):
     speed = side_by_side(measures, scale["gen_rounds"])
     rows = [generation_row(name, context, new_bytes[context], speed)
             for name in designs for context in GENERATION_CONTEXTS]
-    extra = generation_extras(device, scale, compile_seconds, speed)
+    extra = generation_extras(device, scale, compile_seconds, speed, programs)
     return {"rows": rows, **extra}, generation_targets(rows, extra["batches"])
 
 
@@ -724,13 +736,13 @@ def generation_row(name, context, new_bytes, speed):
             "cached_vs_uncached": ratio(cached, uncached), "ms_per_byte": 1000 / cached}
 
 
-def generation_extras(device, scale, compile_seconds, speed):
+def generation_extras(device, scale, compile_seconds, speed, programs):
     """Batches, time to first byte, compile time, and nanoGPT's sample.py shape."""
     batches = [{"model": name, "prompts": 8, "bytes_per_s": speed[name, "batch of 8"],
                 "one_prompt_bytes_per_s": speed[name, 1024, "compiled"],
                 "batch_vs_one": ratio(speed[name, "batch of 8"], speed[name, 1024, "compiled"])}
                for name in GENERATION_DESIGNS]
-    model, config = generation_models(device, GENERATION_DESIGNS)["single-stream"]
+    model, config = generation_models(device, GENERATION_DESIGNS, programs)["single-stream"]
     eager = Predictor(model, device, config, compile="never")
     first_call_seconds(eager, printable_prompt(1000), 1)  # warm-up
     latency = [{"what": "time to first byte, 1,000-byte prompt (eager)",
@@ -742,7 +754,7 @@ def generation_extras(device, scale, compile_seconds, speed):
                      "seconds": None, "bytes": break_even_bytes(
                          seconds, speed[name, 1024, "eager"], speed[name, 1024, "compiled"])}
                     for name, seconds in compile_seconds.items()]
-    nano = check_config({**CONFIG_V3, **REFERENCE_SHAPE})
+    nano = check_config({**CONFIG_V3, **REFERENCE_SHAPE, "checkpoint_dir": programs})
     seed_everything(nano["seed"])
     small = ByteLLM_GrugV3(nano).to(device).eval()
     prompt = [printable_prompt(64 - new) for new in [min(16, scale["gen_max_new_bytes"])]]

@@ -15,20 +15,22 @@ the same seed they produce the same output.
 """
 
 import codecs
-import contextlib
+import collections
 import copy
 import functools
+import hashlib
+import json
 import math
 import os
 import sys
 import tempfile
-import types
 import warnings
 
 import torch
 
 from config import RULES, keys_with
-from utils import MASK32, autocast_context, error_summary, resolve_amp_dtype
+from utils import (MASK32, atomic_output, autocast_context, error_summary, resolve_amp_dtype,
+                   torch_internals_checked)
 
 EMPTY_PROMPT = b"\n"  # the model needs at least one input byte; a newline is a neutral start
 KEEP_FRACTION = 0.75  # a full window slides to keep this much of it (see window_start)
@@ -55,23 +57,30 @@ def penalize_repeats(logits, seen, penalty):
 
 
 def top_k_filter(logits, k):
-    """Keep the k largest logits (0 = off); the others become -inf."""
-    if k <= 0 or k >= logits.size(-1):
+    """Keep the logits at least as large as the k-th largest (0 = off; a tie with the k-th
+    stays too); the others become -inf. k is a number or a 0-d tensor (a compiled step's:
+    a sort then, since topk takes a Python k)."""
+    if torch.is_tensor(k):
+        ranked = torch.sort(logits, dim=-1, descending=True).values
+        place = (k.clamp(1, logits.size(-1)) - 1).expand(*logits.shape[:-1], 1)
+        kth = torch.where(k > 0, ranked.gather(-1, place), float("-inf"))
+    elif k <= 0 or k >= logits.size(-1):
         return logits
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(
-        -1, torch.topk(logits, k, dim=-1).indices, True)
-    return logits.masked_fill(~kept, float("-inf"))
+    else:
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits, p):
     """Nucleus filter: keep the smallest set of most likely bytes whose probability
-    reaches p, always at least the most likely one. p is a number (1.0 = off) or a 0-d
-    tensor, which the caller has found below 1 (reading it here would sync the device)."""
-    if not torch.is_tensor(p) and p >= 1.0:  # p = 1 could still drop bytes by rounding
+    reaches p, always at least the most likely one. p is a number or a 0-d tensor; 1 (or
+    more) is off."""
+    if not torch.is_tensor(p) and p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
+    # p < 1: a tensor p of 1 could still drop bytes by rounding
+    drop_sorted = ((torch.cumsum(probs, dim=-1) - probs) >= p) & (p < 1.0)
     drop_sorted[..., 0] = False  # the top byte always stays (p may round to 0 in float32)
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
@@ -97,19 +106,25 @@ def hashed_uniforms(seeds, step, device):
 class StreamSampler:
     """Chooses the next byte of B streams from their logits, keeping each stream's
     state as tensors on the device: its seed, the step, its UTF-8 state and its recent
-    bytes (the repetition window), and the temperature, top-p and penalty. choose() reads
-    no value back to the host, so a generation loop needs no synchronisation per byte."""
+    bytes (the repetition window), and every setting (temperature, top-k, top-p, penalty,
+    greedy or not, the UTF-8 rule). choose() reads no value back to the host, so a
+    generation loop needs no synchronisation per byte."""
 
     def __init__(self, settings, seeds, utf8_states, recent, valid_utf8_only, device):
-        # Which filters run is fixed (a compiled step holds it as constants); temperature,
-        # top-p and penalty are tensors, so a new value of one needs no new program.
+        # Eager decoding skips the filters that are off (Python values); a compiled step
+        # runs them all (every_filter), its settings read from tensors, so one program
+        # serves every setting and programs differ only by shapes. Off, each filter
+        # changes nothing, so both give the same bytes.
         self.greedy, self.valid_utf8_only = is_greedy(settings["temperature"]), valid_utf8_only
-        self.top_k, self.filters_top_p = settings["top_k"], settings["top_p"] < 1.0
-        self.penalizes = settings["repetition_penalty"] != 1.0
-        def value(number):  # float32, as choose() computes
-            return torch.tensor(number, dtype=torch.float32, device=device)
+        self.k, self.filters_top_p = settings["top_k"], settings["top_p"] < 1.0
+        self.penalizes, self.every_filter = settings["repetition_penalty"] != 1.0, False
+        def value(number, dtype=torch.float32):  # float32, as choose() computes
+            return torch.tensor(number, dtype=dtype, device=device)
         self.temperature = value(1.0 if self.greedy else settings["temperature"])
         self.top_p, self.penalty = value(settings["top_p"]), value(settings["repetition_penalty"])
+        self.top_k = value(settings["top_k"], torch.long)
+        self.argmax, self.utf8_only = value(self.greedy, torch.bool), value(valid_utf8_only,
+                                                                           torch.bool)
         self.seeds = torch.tensor([seed & MASK32 ^ seed >> 32 for seed in seeds], device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
         _, allowed, following = utf8_tables()
@@ -119,21 +134,24 @@ class StreamSampler:
 
     def choose(self, logits):
         """Bytes (B,) from logits (B, 256), advancing every stream's state."""
-        logits = logits.float()
-        if self.penalizes:
+        logits, every = logits.float(), self.every_filter
+        if every or self.penalizes:
             seen = torch.zeros(logits.size(0), 257, dtype=torch.bool, device=logits.device)
             seen = seen.scatter_(1, self.recent, True)[:, :256]
             logits = penalize_repeats(logits, seen, self.penalty)
-        if self.valid_utf8_only:
-            logits = logits.masked_fill(~self.allowed[self.utf8_state], float("-inf"))
-        if self.greedy:
+        if every or self.valid_utf8_only:
+            allowed = self.allowed[self.utf8_state] | ~self.utf8_only
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if not every and self.greedy:
             chosen = logits.argmax(-1)
         else:
-            logits = top_k_filter(logits / self.temperature, self.top_k)
-            if self.filters_top_p:
-                logits = top_p_filter(logits, self.top_p)
+            sampled = top_k_filter(logits / self.temperature, self.top_k if every else self.k)
+            if every or self.filters_top_p:
+                sampled = top_p_filter(sampled, self.top_p)
             uniforms = hashed_uniforms(self.seeds, self.step, logits.device)
-            chosen = (logits - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
+            chosen = (sampled - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
+            if every:
+                chosen = torch.where(self.argmax, logits.argmax(-1), chosen)
         self.utf8_state.copy_(self.following[self.utf8_state, chosen])
         self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
                              chosen[:, None])
@@ -141,7 +159,7 @@ class StreamSampler:
         return chosen
 
     TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent", "temperature",
-               "top_p", "penalty")
+               "top_k", "top_p", "penalty", "argmax", "utf8_only")
 
     def tensors(self):
         """The tensors choose() reads or writes, in the order with_tensors takes them."""
@@ -153,12 +171,6 @@ class StreamSampler:
         for name, tensor in zip(self.TENSORS, tensors, strict=True):
             setattr(view, name, tensor)
         return view
-
-    def settings(self):
-        """What choose() reads as Python values, which a compiled step holds as constants
-        (top-k, or turning a filter on, needs a program of its own)."""
-        return (self.greedy, self.top_k, self.filters_top_p, self.penalizes,
-                self.valid_utf8_only)
 
 
 def decode_and_choose(decode, byte, cache, positions, sampler, patch_due=None):
@@ -306,30 +318,8 @@ def copying_out(compiled_step):
     return step
 
 
-def own_copy(function):
-    """`function` with a code object of its own. torch.compile keeps at most 8 graphs
-    (recompile_limit) per code object, then runs it uncompiled: with one step shared by
-    every predictor, the ninth model shape or batch size compiled in a process (bench.py
-    compiles a dozen) silently decoded eagerly. A copy per predictor gives each its own 8."""
-    return types.FunctionType(function.__code__.replace(), function.__globals__,
-                              function.__name__, function.__defaults__, function.__closure__)
-
-
-def unguarded():
-    """Context in which compiled code checks only the guards on its tensors' shapes and
-    those that tell its graphs apart. Before each call torch.compile checks every tensor,
-    module attribute and setting the step read (some 350 guards); within one generate
-    call none of them changes, so after a call's first step with each patch_due (run
-    with every guard) the others need not check them again. A no-op on a torch without
-    set_stance's skip_guard_eval_unsafe."""
-    try:
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    except (AttributeError, TypeError):
-        return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------
-# The decode step compiled ahead of time
+# The decode step compiled ahead of time, kept on disk
 
 # Device types whose compiled decode step is built by AOTInductor and called from its C++
 # runner rather than through torch.compile. On a CPU a call through torch.compile spends a
@@ -337,15 +327,32 @@ def unguarded():
 # which the ahead-of-time program does not (docs/benchmarks.md, Figures behind design
 # choices). On a GPU, CUDA graphs take that cost away.
 AHEAD_OF_TIME_DEVICE_TYPES = ("cpu",)
-# Inductor's settings for the CPU's decode step (both compiled paths). For one stream each
-# of a layer's matrices is a matrix-vector product, which the compiled step otherwise hands
-# to MKL through at::addmm_out (a call per matrix, with a copy of the bias into the output
-# first): decompose_mm_pass makes inductor write products of one row as its own loops,
-# fused with the operations around them, so the step becomes one kernel. Not for more
-# rows: for 8 streams it was slower. Products with a side over 2,048 (inductor's CPU
-# limit: a width over 512, say) still go to MKL. Measured in docs/benchmarks.md (Figures
-# behind design choices; Speed).
+# Inductor's settings for the CPU's decode step (both compiled paths), private ones, so
+# given only on a torch in utils.TORCH_INTERNALS_CHECKED (inductor_options). For one
+# stream each of a layer's matrices is a matrix-vector product, which the compiled step
+# otherwise hands to MKL through at::addmm_out (a call per matrix, with a copy of the bias
+# into the output first): decompose_mm_pass makes inductor write products of one row as
+# its own loops, fused with the operations around them, so the step becomes one kernel.
+# Not for more rows: for 8 streams it was slower. Products with a side over 2,048
+# (inductor's CPU limit: a width over 512, say) still go to MKL. Measured in
+# docs/benchmarks.md (Figures behind design choices; Speed).
 CPU_STEP_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# Programs a predictor keeps loaded (least recently used dropped): a batch size's one or
+# two (the parallel stream's patch_due), for the couple of batch sizes a session uses.
+PROGRAMS_KEPT = 4
+PROGRAM_FOLDER = "compiled"  # where programs are kept: <checkpoint_dir>/compiled
+# The files whose code a program is compiled from: another version of any of them makes
+# the programs kept on disk stale.
+STEP_CODE_FILES = ("predictor.py", "model.py", "model_components.py", "utils.py")
+
+
+def inductor_options(device_type, ahead_of_time):
+    """Inductor's options for a decode step on `device_type`: none on a torch whose
+    private options the project was not checked against."""
+    if not torch_internals_checked():
+        return {}
+    options = {} if ahead_of_time else {"cpp_wrapper": True}  # kernels called from C++
+    return {**options, **(CPU_STEP_INDUCTOR_OPTIONS if device_type == "cpu" else {})}
 
 
 class DecodeStepCall(torch.nn.Module):
@@ -363,8 +370,9 @@ class StepProgram(torch.nn.Module):
     """One decoding step (decode_and_choose) as a function of tensors alone, for
     torch.export: the byte, the positions, the model's weights and the cache's and the
     sampler's tensors are all inputs. So the compiled program keeps no copy of them
-    (weights that training has changed since are the ones it reads) and writes the cache
-    and the sampler's state in place, as the eager step does."""
+    (weights that training has changed since are the ones it reads; a program kept on disk
+    serves a retrained model) and writes the cache and the sampler's state in place, as
+    the eager step does."""
 
     def __init__(self, decode, cache, sampler, patch_due, amp_dtype):
         super().__init__()
@@ -375,6 +383,7 @@ class StepProgram(torch.nn.Module):
     def forward(self, byte, positions, weights, cache_tensors, sampler_tensors):
         decode, cache, sampler = self.parts
         cache, sampler = cache.with_tensors(cache_tensors), sampler.with_tensors(sampler_tensors)
+        sampler.every_filter = True  # settings are inputs: one program serves them all
         # autocast inside (compile_ahead_of_time turns the caller's off): exported under
         # the caller's autocast, the step failed torch.export's dtype checks (torch 2.13)
         def decode_with_weights(*inputs):
@@ -384,10 +393,40 @@ class StepProgram(torch.nn.Module):
                                      self.patch_due)
 
 
+def step_inputs(args):
+    """StepProgram's arguments flattened as torch.export flattens them (a dict in its
+    order), each named: [(name, tensor)], the byte first."""
+    byte, positions, weights, cache_tensors, sampler_tensors = args
+    return [("byte", byte), ("positions", positions),
+            *((f"weight {name}", tensor) for name, tensor in weights.items()),
+            *((f"cache {i}", tensor) for i, tensor in enumerate(cache_tensors)),
+            *((f"sampler {name}", tensor)
+              for name, tensor in zip(StreamSampler.TENSORS, sampler_tensors, strict=True))]
+
+
+def input_spec(named_inputs):
+    """What a program compiled for `named_inputs` assumes of them, as JSON values: each
+    one's name, shape, strides and dtype, in order. A program checks none of it."""
+    return [[name, list(t.shape), list(t.stride()), str(t.dtype)] for name, t in named_inputs]
+
+
+@functools.lru_cache(maxsize=None)
+def step_code_digest():
+    """A hash of the code a decode step is compiled from (STEP_CODE_FILES)."""
+    digest = hashlib.sha256()
+    for name in STEP_CODE_FILES:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as file:
+            digest.update(file.read())
+    return digest.hexdigest()
+
+
+def program_name(key):
+    """The file name (without extension) of the program kept for `key`."""
+    return "step_" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def compile_ahead_of_time(program, args):
-    """`program` exported for `args` and compiled by AOTInductor into a C++ library, loaded:
-    a function of the list of its input tensors (args flattened) that returns the list of
-    its outputs."""
+    """`program` exported for `args` and compiled by AOTInductor: the package's bytes."""
     import torch._inductor  # here, not at the top: loading it takes seconds
     import torch.export
     device_type = args[0].device.type
@@ -398,11 +437,64 @@ def compile_ahead_of_time(program, args):
         exported = torch.export.export(program, args, strict=False)
         package = torch._inductor.aoti_compile_and_package(
             exported, package_path=os.path.join(folder, "step.pt2"),
-            inductor_configs=CPU_STEP_INDUCTOR_OPTIONS if device_type == "cpu" else None)
-        # boxed_run (which empties the list it is given) rather than calling the loaded
-        # model, which parses its input and output specs and flattens its arguments at
-        # every call (the gain: docs/benchmarks.md, Figures behind design choices)
-        return torch._inductor.aoti_load_package(package).loader.boxed_run
+            inductor_configs=inductor_options(device_type, ahead_of_time=True) or None)
+        with open(package, "rb") as file:
+            return file.read()
+
+
+def load_program(path):
+    """The package at `path`, loaded: a callable AOTICompiledModel."""
+    import torch._inductor  # here, not at the top: loading it takes seconds
+    return torch._inductor.aoti_load_package(path)
+
+
+def read_kept_program(folder, key):
+    """((the program, loaded; the input spec it was compiled for), None) for the program
+    kept in `folder` for `key`; (None, None) if none is kept; (None, why) for one that
+    must not be used: compiled for another key (a hash collision, an edited record), a
+    file that is not the one written (truncated, damaged), or one that does not load."""
+    root = os.path.join(folder, program_name(key))
+    if not os.path.exists(root + ".json"):
+        return None, None
+    try:
+        with open(root + ".json", encoding="utf-8") as file:
+            record = json.load(file)
+        with open(root + ".pt2", "rb") as file:
+            digest = hashlib.sha256(file.read()).hexdigest()
+    except (OSError, ValueError) as error:
+        return None, f"cannot be read ({error_summary(error)})"
+    # the key as JSON gives it back (a tuple reads as a list)
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
+        return None, "was compiled for other settings"
+    if record.get("sha256") != digest:
+        return None, "is damaged (its file is not the one written)"
+    try:
+        return (load_program(root + ".pt2"), record["inputs"]), None
+    except Exception as error:  # a package this torch cannot load
+        return None, f"cannot be loaded ({error_summary(error)})"
+
+
+def keep_program(folder, key, program, args):
+    """`program` compiled for `args` and kept in `folder` for `key` (package, then its
+    record: a reader finds a record only beside the package it describes); returns
+    (the program loaded, its input spec). Where `folder` cannot be written, the program
+    serves this process only."""
+    data, spec = compile_ahead_of_time(program, args), input_spec(step_inputs(args))
+    root = os.path.join(folder, program_name(key))
+    try:
+        with atomic_output(root + ".pt2") as file:
+            file.write(data)
+        with atomic_output(root + ".json") as file:
+            record = {"key": key, "inputs": spec, "sha256": hashlib.sha256(data).hexdigest()}
+            file.write(json.dumps(record).encode())
+    except OSError as error:
+        warnings.warn(f"cannot keep the compiled decode step in {folder} "
+                      f"({error_summary(error)}); the next process compiles it again")
+        with tempfile.TemporaryDirectory(prefix="grug_step_") as temporary:
+            with open(os.path.join(temporary, "step.pt2"), "wb") as file:
+                file.write(data)
+            return load_program(os.path.join(temporary, "step.pt2")), spec  # it copies it
+    return load_program(root + ".pt2"), spec
 
 
 class Predictor:
@@ -422,7 +514,8 @@ class Predictor:
         self.amp_dtype = resolve_amp_dtype(config, self.device)
         self.last_bytes = b""
         self._compiled_step = None  # torch.compile's step; False once compiling has failed
-        self._programs = {}  # the programs compiled ahead of time (see _bind_program)
+        # the programs compiled ahead of time, loaded, least recently used first
+        self._programs = collections.OrderedDict()  # program_name(key) -> (program, spec)
         self._buffers = {}  # the state CUDA graphs replay on (see _kept_buffers)
 
     def generate(self, prompt, max_new_bytes=None, temperature=None, top_k=None, top_p=None,
@@ -516,7 +609,7 @@ class Predictor:
         cache_dtype = torch.float32 if self.device.type == "cpu" else (self.amp_dtype or
                                                                         torch.float32)
         cache = self.model.new_cache(len(streams), dtype=cache_dtype)
-        graphs = self._replays_cuda_graphs(count)
+        graphs = self._replays_cuda_graphs(count, len(streams))
         if graphs:
             cache = cache.with_tensors(self._kept_buffers("cache", cache.tensors()))
             sampler = sampler.with_tensors(self._kept_buffers("sampler", sampler.tensors()))
@@ -532,7 +625,7 @@ class Predictor:
         positions = torch.tensor(at, device=self.device)
         if graphs:
             [positions] = self._kept_buffers("positions", [positions])
-        step = self._step_function(count)
+        step = self._step_function(count, len(streams))
         generated = [chosen]
         for _ in range(count - 1):
             if on_text is not None:  # streaming reads each byte back; a batch need not
@@ -574,47 +667,56 @@ class Predictor:
             return None  # spacelike ends depend on the bytes, which stay on the device
         return any((p + 1) % self.model.agg_stride == 0 for p in at)
 
-    def _compiles(self, steps):
-        """Whether a call of `steps` steps decodes through a compiled step: where it pays
-        (compile "auto": calls of at least COMPILE_PAYS_AFTER_BYTES steps, i.e. bytes per
-        prompt: a batch saves the same time per step as one prompt; "always"; "never"),
-        unless compiling has failed before."""
+    def _compiles(self, steps, batch=1):
+        """Whether a call of `steps` steps for `batch` prompts decodes through a compiled
+        step: where it pays (compile "auto": calls of at least COMPILE_PAYS_AFTER_BYTES
+        steps, i.e. bytes per prompt: a batch saves the same time per step as one prompt;
+        or any call whose programs are kept on disk already; "always"; "never"), unless
+        compiling has failed before."""
         pays_after = COMPILE_PAYS_AFTER_BYTES.get(self.device.type,
                                                   COMPILE_PAYS_AFTER_BYTES["cpu"])
-        wanted = self.compile == "always" or (self.compile == "auto" and steps >= pays_after)
+        wanted = self.compile == "always" or (self.compile == "auto" and (
+            steps >= pays_after or self._programs_kept_for(batch)))
         return wanted and self._compiled_step is not False
 
-    def _replays_cuda_graphs(self, steps):
+    def _programs_kept_for(self, batch):
+        """Whether every program a call for `batch` prompts runs is kept on disk."""
+        if self.device.type not in AHEAD_OF_TIME_DEVICE_TYPES:
+            return False
+        patch_dues = (False, True) if self.model.parallel else (None,)
+        return all(os.path.exists(os.path.join(self._program_folder(), program_name(
+            self._program_key(batch, patch_due)) + ".json")) for patch_due in patch_dues)
+
+    def _replays_cuda_graphs(self, steps, batch=1):
         """Whether a call of `steps` steps decodes through CUDA graphs (_kept_buffers)."""
-        return self.device.type == "cuda" and self._compiles(steps)
+        return self.device.type == "cuda" and self._compiles(steps, batch)
 
     def _kept_buffers(self, kind, tensors):
         """`tensors` copied into buffers the predictor keeps (one per kind, place in the
-        list, shape and dtype; made at the first call), marked static for torch.compile.
-        A CUDA graph replays at fixed addresses: an input that is not static is copied
-        into the graph's memory at every replay, and inductor's CUDA-graph code (torch
-        2.13's source: check_for_mutation) runs without graphs a step that writes inputs
-        neither static nor made by a graph, as this step writes the cache, the sampler's
-        state and the positions. Kept buffers also spare the copies into the graph's
-        memory (measured on an H200: docs/benchmarks.md, Figures behind design choices).
-        Memory: one set of buffers per batch size the predictor has decoded."""
-        import torch._dynamo  # here, not at the top: loading it takes seconds
+        list, shape and dtype; made at the first call). A CUDA graph replays at fixed
+        addresses: an input that is not static is copied into the graph's memory at every
+        replay, and inductor's CUDA-graph code (torch 2.13's source: check_for_mutation)
+        runs without graphs a step that writes inputs neither static nor made by a graph,
+        as this step writes the cache, the sampler's state and the positions; the compiled
+        step marks them static (_fall_back_if_compiling_fails). Kept buffers also spare the
+        copies into the graph's memory (measured on an H200: docs/benchmarks.md, Figures
+        behind design choices). Memory: one set of buffers per batch size the predictor
+        has decoded."""
         kept = []
         for place, tensor in enumerate(tensors):
             key = (kind, place, tuple(tensor.shape), tensor.dtype, tensor.device)
             if key not in self._buffers:
                 self._buffers[key] = torch.empty_like(tensor)
-                torch._dynamo.mark_static_address(self._buffers[key])
             kept.append(self._buffers[key].copy_(tensor))
         return kept
 
-    def _step_function(self, steps):
-        """decode_step + choose (+ moving every position on), compiled if _compiles(steps),
-        else eager. One function per generate call."""
+    def _step_function(self, steps, batch=1):
+        """decode_step + choose (+ moving every position on), compiled if
+        _compiles(steps, batch), else eager. One function per generate call."""
         def step(byte, cache, positions, sampler, patch_due=None):
             return decode_and_choose(self.model.decode_step, byte, cache, positions, sampler,
                                      patch_due)
-        if not self._compiles(steps):
+        if not self._compiles(steps, batch):
             return step
         if self.device.type in AHEAD_OF_TIME_DEVICE_TYPES:
             return self._ahead_of_time(step)
@@ -624,10 +726,8 @@ class Predictor:
 
     def _ahead_of_time(self, eager_step):
         """The step through programs compiled ahead of time, one for each patch_due value
-        of the call, bound to the call's tensors. The predictor keeps every program it
-        compiles (self._programs: the tensors' shapes and the settings held as constants
-        -> program), so a later call with the same ones compiles nothing. Errors of a
-        compiled program while it runs are raised, not hidden behind eager decoding."""
+        of the call, bound to the call's tensors (_bind_program). Errors of a compiled
+        program while it runs are raised, not hidden behind eager decoding."""
         bound = {}  # patch_due -> the step through its program, for this call's tensors
 
         def step(byte, cache, positions, sampler, patch_due=None):
@@ -642,24 +742,53 @@ class Predictor:
             return bound[patch_due](byte)
         return step
 
+    def _program_folder(self):
+        return os.path.join(self.config["checkpoint_dir"], PROGRAM_FOLDER)
+
+    def _program_key(self, batch, patch_due):
+        """Everything a program for `batch` prompts holds as constants or assumes, as JSON
+        values: the torch that compiled it (and with which options), the device type, the
+        autocast dtype, the code and the architecture it was compiled from, the shapes
+        of the sampler's state, and patch_due. Not the weights: they are inputs."""
+        return {"torch": str(torch.__version__), "internals": torch_internals_checked(),
+                "device_type": self.device.type, "amp_dtype": str(self.amp_dtype),
+                "code": step_code_digest(), "batch": batch, "patch_due": patch_due,
+                "repetition_window": self.config["generation_repetition_window"],
+                "architecture": {key: self.model.config.get(key)
+                                 for key in keys_with("architecture")}}
+
     def _bind_program(self, byte, cache, positions, sampler, patch_due):
-        """byte -> the next bytes, through the program for these tensors and settings
-        (compiled first if the predictor has none)."""
-        # torch.export flattens its inputs with torch's pytree: the same order here
-        from torch.utils import _pytree as pytree
+        """byte -> the next bytes, through the program for this call's tensors: the one
+        the predictor holds, else the one kept on disk, else a new one (compiled and kept).
+        None (with a warning) if the program assumes other inputs than these."""
         decode = DecodeStepCall(self.model)
         weights = {**dict(decode.named_parameters()), **dict(decode.named_buffers())}
         args = (byte, positions, weights, cache.tensors(), sampler.tensors())
-        inputs = pytree.tree_leaves(args)  # byte first
-        # the program checks none of its inputs: everything it was compiled for is here
-        key = (patch_due, sampler.settings(), self.amp_dtype,
-               tuple((t.shape, t.stride(), t.storage_offset(), t.dtype, t.device)
-                     for t in inputs))
-        if key not in self._programs:
+        key = self._program_key(len(byte), patch_due)
+        name = program_name(key)
+        if name not in self._programs:
+            folder = self._program_folder()
+            found, problem = read_kept_program(folder, key)
+            if problem:
+                warnings.warn(f"the compiled decode step kept in {folder} {problem}; "
+                              "compiling it again")
             program = StepProgram(decode, cache, sampler, patch_due, self.amp_dtype)
-            self._programs[key] = compile_ahead_of_time(program, args)
-        run, rest = self._programs[key], inputs[1:]
-        return lambda new_byte: run([new_byte, *rest])[0]
+            self._programs[name] = found or keep_program(folder, key, program, args)
+            while len(self._programs) > PROGRAMS_KEPT:
+                self._programs.popitem(last=False)
+        self._programs.move_to_end(name)
+        run, spec = self._programs[name]
+        inputs = step_inputs(args)
+        if spec != input_spec(inputs):
+            raise ValueError(f"the compiled decode step {name} was compiled for other inputs "
+                             "than this model's (delete it to compile it again)")
+        if torch_internals_checked():
+            # boxed_run (which empties the list it is given) rather than calling the loaded
+            # model, which parses its input and output specs and flattens its arguments at
+            # every call (the gain: docs/benchmarks.md, Figures behind design choices)
+            boxed_run, rest = run.loader.boxed_run, [tensor for _, tensor in inputs[1:]]
+            return lambda new_byte: boxed_run([new_byte, *rest])[0]
+        return lambda new_byte: run(new_byte, *args[1:])
 
     def _give_up_compiling(self, error):
         warnings.warn(f"compiling the decode step failed ({error_summary(error)}); "
@@ -668,55 +797,46 @@ class Predictor:
         self._buffers.clear()  # only a compiled step on a GPU decodes in them
 
     def _compile(self, step):
+        """torch.compile of the step. fullgraph: a graph break, or a step past torch's
+        recompile_limit (8 graphs per function in a process: batch sizes, models and
+        patch_due together), fails at compile time, so the predictor falls back to eager
+        decoding with a warning rather than decoding in pieces or eagerly unnoticed."""
         if self.device.type == "cuda":
-            return copying_out(torch.compile(own_copy(step), dynamic=False,
+            return copying_out(torch.compile(step, fullgraph=True, dynamic=False,
                                              mode="reduce-overhead"))
         # other devices: MPS, and a CPU where AHEAD_OF_TIME_DEVICE_TYPES leaves it out (the
-        # tests do); on a CPU, kernels called from C++
-        cpu_options = CPU_STEP_INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
-        return torch.compile(own_copy(step), dynamic=False,
-                             options={"cpp_wrapper": True, **cpu_options})
+        # tests do)
+        options = inductor_options(self.device.type, ahead_of_time=False)
+        return torch.compile(step, fullgraph=True, dynamic=False,
+                             **({"options": options} if options else {}))
 
     def _fall_back_if_compiling_fails(self, eager_step):
         """The compiled step, falling back to eager decoding (with a warning) where the
         call's first step with each graph fails: compiling happens there. An error of a
         later step, which may have moved the cache and the sampler on already, is raised
         rather than hidden behind eager decoding of a half-done step."""
-        guarded = set()  # the patch_due values this call has run with all guards checked
+        started = set()  # the patch_due values this call has run compiled
 
         def step(byte, cache, positions, sampler, patch_due=None):
             if self._compiled_step is False:
                 return eager_step(byte, cache, positions, sampler, patch_due)
+            sampler.every_filter = True  # settings as tensors: one graph serves them all
             # patch_due, a Python bool, gives the parallel stream two graphs: one with the
             # patch stream, one (for most bytes) without
-            if patch_due in guarded:
-                with unguarded():
-                    return self._compiled_step(byte, cache, positions, sampler, patch_due)
+            if patch_due in started:
+                return self._compiled_step(byte, cache, positions, sampler, patch_due)
             try:
-                chosen = self._guarded_call(eager_step, byte, cache, positions, sampler,
-                                            patch_due)
-            except Exception as error:  # no compiler, or an unsupported platform
+                if self._buffers:  # CUDA graphs: the step's state in kept buffers
+                    import torch._dynamo  # here, not at the top: loading it takes seconds
+                    for tensor in [*cache.tensors(), positions, *sampler.tensors()]:
+                        torch._dynamo.mark_static_address(tensor)
+                chosen = self._compiled_step(byte, cache, positions, sampler, patch_due)
+            except Exception as error:  # no compiler, a graph break, the recompile limit
                 self._give_up_compiling(error)
                 return eager_step(byte, cache, positions, sampler, patch_due)
-            guarded.add(patch_due)
+            started.add(patch_due)
             return chosen
         return step
-
-    def _guarded_call(self, eager_step, *args):
-        """The compiled step with every guard checked. Once it holds as many graphs as
-        torch.compile keeps (recompile_limit), torch would run a new setting eagerly, and
-        the unguarded calls after it would pick one of the old graphs, made for other
-        settings: a fresh copy of the step is compiled instead."""
-        import torch._dynamo  # here, not at the top: loading it takes seconds
-        limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
-        if limit_hit is None:  # an older torch, which has no unguarded calls either
-            return self._compiled_step(*args)
-        try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                return self._compiled_step(*args)
-        except limit_hit:
-            self._compiled_step = self._compile(eager_step)
-            return self._compiled_step(*args)
 
 
 # ---------------------------------------------------------------------------

@@ -259,17 +259,32 @@ TORCH_FLOOR = (2, 9)
 TORCH_FEATURES = (
     ("torch.optim.Muon", "2.9", "the Muon optimizer (optimizer_type=\"Muon\")"),
     ("torch.nn.utils.get_total_norm", "2.6", "the gradient norm"),
-    ("torch.compiler.set_stance", "2.6", "compiled generation"),
 )  # also torch._inductor.aoti_compile_and_package (2.6): not looked up here, since that
 # import alone takes seconds; the floor covers it.
+# The torch releases whose private compiler details the project was checked against:
+# inductor option names (predictor.CPU_STEP_INDUCTOR_OPTIONS) and the ahead-of-time
+# runner's boxed_run. A private name can change meaning or vanish in any release, silently;
+# on other releases the predictor uses public APIs only (slower, never wrong).
+TORCH_INTERNALS_CHECKED = ((2, 13),)
+
+
+def torch_release(version=None):
+    """(major, minor) of the installed torch, or of `version` (a string such as
+    "2.4.1+cpu"); (0, 0) if it cannot be read."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__ if version is None else version))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def torch_internals_checked(version=None):
+    """Whether the installed torch (or `version`) is a release in TORCH_INTERNALS_CHECKED."""
+    return torch_release(version) in TORCH_INTERNALS_CHECKED
 
 
 def torch_problem(version=None):
     """Why the installed torch (or `version`, a string such as "2.4.1+cpu") cannot run
     the project, or None."""
     version = str(torch.__version__ if version is None else version)
-    match = re.match(r"(\d+)\.(\d+)", version)
-    found = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    found = torch_release(version)
     floor = ".".join(map(str, TORCH_FLOOR))
     if found < TORCH_FLOOR:
         return (f"GrugV3 needs torch {floor} or newer (requirements.txt); this is torch "

@@ -158,6 +158,42 @@ def test_interactive_mode_reads_prompts_until_end_of_input(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_interactive_session_after_a_compiled_one_is_compiled_from_its_first_byte(tmp_path):
+    """The first session compiles the decode step (generation_compile=always) and keeps it
+    in <checkpoint_dir>/compiled; the next, with the default "auto", loads it for its
+    first prompt (a short one, which "auto" would otherwise decode eagerly), compiling
+    nothing, and says the same as an eager session."""
+    root = str(tmp_path)
+    write_text_corpus(f"{root}/data", "abc abd abe. " * 400)
+    assert run_main(root, "--max_steps=2", "--DO_PREDICTION=False").returncode == 0
+    # main.py run with predictor.py's compile_ahead_of_time and load_program announced
+    code = (f"import runpy, sys\nsys.path.insert(0, {REPO_ROOT!r})\nimport predictor\n"
+            "for name in ('compile_ahead_of_time', 'load_program'):\n"
+            "    def announced(*args, real=getattr(predictor, name), name=name):\n"
+            "        print(name, file=sys.stderr)\n"
+            "        return real(*args)\n"
+            "    setattr(predictor, name, announced)\n"
+            "sys.argv = ['main.py', *sys.argv[1:]]\n"
+            f"runpy.run_path({os.path.join(REPO_ROOT, 'main.py')!r}, run_name='__main__')\n")
+
+    def session(*args):
+        result = subprocess.run(
+            [sys.executable, "-c", code, *paths(root), *TINY_MODEL, "--DO_TRAINING=False",
+             "--interactive", "--generation_seed=3", *args],
+            cwd=root, input="/len 12\nab\n", capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+    first = session("--generation_compile=always")
+    assert "compile_ahead_of_time" in first.stderr and "decode step" not in first.stderr
+    kept = sorted(os.listdir(f"{root}/ckpt/compiled"))
+    assert len(kept) == 2  # a package and its record
+    later = session()
+    assert "load_program" in later.stderr and "compile_ahead_of_time" not in later.stderr
+    assert sorted(os.listdir(f"{root}/ckpt/compiled")) == kept
+    assert later.stdout == first.stdout == session("--generation_compile=never").stdout
+
+
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_run_reports_the_whole_run(tmp_path):
     import csv
     from tests.test_report import check_plots_match_metrics, marks, plotted

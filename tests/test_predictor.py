@@ -2,7 +2,10 @@
 forward, the sliding window, RNG hygiene and the interactive loop."""
 
 import codecs
-import inspect
+import hashlib
+import json
+import os
+import types
 import warnings
 
 import pytest
@@ -548,21 +551,45 @@ def compiled_and_eager(predictor, prompts, **settings):
     return results
 
 
+class CountedProgram:
+    """A loaded program whose calls (public or boxed) count in calls[index]."""
+
+    def __init__(self, program, calls, index):
+        self.program, self.calls, self.index = program, calls, index
+        self.loader = types.SimpleNamespace(boxed_run=self.boxed_run)
+
+    def __call__(self, *args):
+        self.calls[self.index] += 1
+        return self.program(*args)
+
+    def boxed_run(self, inputs):
+        self.calls[self.index] += 1
+        return self.program.loader.boxed_run(inputs)
+
+
 def counting_program_calls(monkeypatch):
-    """Programs compiled ahead of time that count their calls: the list of counts."""
+    """Programs compiled ahead of time (or read from disk) that count their calls: the
+    list of counts, one per program loaded."""
     import predictor as predictor_module
-    calls, real_compile = [], predictor_module.compile_ahead_of_time
+    calls, real_load = [], predictor_module.load_program
 
-    def counting_compile(program, args):
-        run, index = real_compile(program, args), len(calls)
+    def counting_load(path):
         calls.append(0)
-
-        def counted(inputs):
-            calls[index] += 1
-            return run(inputs)
-        return counted
-    monkeypatch.setattr(predictor_module, "compile_ahead_of_time", counting_compile)
+        return CountedProgram(real_load(path), calls, len(calls) - 1)
+    monkeypatch.setattr(predictor_module, "load_program", counting_load)
     return calls
+
+
+def recording_packages(monkeypatch):
+    """The inductor options of each package AOTInductor compiles: the list."""
+    import torch._inductor
+    inductor_settings, real_package = [], torch._inductor.aoti_compile_and_package
+
+    def package(*args, inductor_configs=None, **options):  # a copy: inductor adds to it
+        inductor_settings.append(inductor_configs and dict(inductor_configs))
+        return real_package(*args, inductor_configs=inductor_configs, **options)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
+    return inductor_settings
 
 
 @pytest.mark.slow
@@ -573,33 +600,21 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     """The CPU's compiled path (AOTInductor) against the eager one, under bf16 autocast
     too; with the parallel stream both skip the patch stream where no patch completes
     (compiled: a second program). Every step after the prompt pass runs in a program;
-    the program reads the model's weights, the sampler's seeds and its temperature (and,
-    single stream, top-p and penalty: each filter adds to a compile that takes a minute
-    here) at every call, and serves every later call with the same shapes and the same
-    filters on."""
-    import torch._inductor
-
+    the program reads the model's weights and every sampling setting at every call, so
+    it serves every later call with the same shapes, whatever its settings; and a later
+    process (a new predictor, "auto", a short call) runs the program kept on disk from
+    its first step, compiling nothing."""
     import predictor as predictor_module
-    calls = counting_program_calls(monkeypatch)
-    inductor_settings, real_package = [], torch._inductor.aoti_compile_and_package
-
-    def package(*args, inductor_configs=None, **options):
-        inductor_settings.append(inductor_configs)
-        return real_package(*args, inductor_configs=inductor_configs, **options)
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
+    calls, inductor_settings = counting_program_calls(monkeypatch), recording_packages(monkeypatch)
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
     assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
-    prompts, settings = ["The ", "é"], dict(max_new_bytes=40, top_k=0)
-    filters, changed_filters = dict(top_p=1.0, repetition_penalty=1.0), {}
-    if not parallel:
-        filters, changed_filters = (dict(top_p=0.95, repetition_penalty=1.1),
-                                    dict(top_p=0.9, repetition_penalty=1.3))
+    prompts, settings = ["The ", "é"], dict(max_new_bytes=40)
+    filters = dict(temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to eager decoding
-        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, temperature=1.0,
-                                             **filters, **settings)
+        compiled, eager = compiled_and_eager(predictor, prompts, seed=2, **filters, **settings)
     assert compiled == eager
     assert len(calls) == (2 if parallel else 1) and sum(calls) == 39  # steps 2..40
     # one-row products as inductor's own loops (decompose_mm_pass; its effect: bench.py)
@@ -610,10 +625,208 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
             parameter.mul_(1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        changed, eager = compiled_and_eager(predictor, prompts, seed=5, temperature=0.7,
-                                            **{**filters, **changed_filters}, **settings)
-    assert changed == eager
-    assert predictor._programs == programs and sum(calls) == 2 * 39  # nothing compiled
+        for changed in (dict(temperature=0.7, top_k=3, top_p=1.0, repetition_penalty=1.0),
+                        dict(temperature=0, top_k=5, top_p=0.9, repetition_penalty=1.3)):
+            predictor.valid_utf8_only = not predictor.valid_utf8_only
+            compiled, eager = compiled_and_eager(predictor, prompts, seed=5, **changed,
+                                                 **settings)
+            assert compiled == eager
+    assert predictor._programs == programs and sum(calls) == 3 * 39  # nothing compiled
+    # another process: the programs kept in <checkpoint_dir>/compiled, from the first step
+    later = make_predictor(tmp_path, parallel, sequence_length=32, generation_compile="auto",
+                           **amp_settings)
+    later.model.load_state_dict(predictor.model.state_dict())
+    texts = later.generate_batch(prompts, seed=7, max_new_bytes=10, **filters)
+    assert len(inductor_settings) == len(programs)  # nothing compiled
+    assert len(calls) == 2 * len(programs) and sum(calls[len(programs):]) == 9
+    later.compile = "never"
+    assert later.generate_batch(prompts, seed=7, max_new_bytes=10, **filters) == texts
+
+
+@pytest.mark.slow
+def test_on_a_torch_not_checked_the_step_is_compiled_and_called_through_public_apis(
+        tmp_path, monkeypatch):
+    """On a torch release the project was not checked against, the program gets no
+    private inductor options and is called as a loaded model, not through boxed_run:
+    still the eager bytes."""
+    import predictor as predictor_module
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    inductor_settings = recording_packages(monkeypatch)
+    boxed_runs = []
+    real_load = predictor_module.load_program
+
+    def load(path):  # the loaded model's public call only (no loader: no boxed_run)
+        program = real_load(path)
+        return lambda *args: public_calls.append(1) or program(*args)
+    public_calls = []
+    monkeypatch.setattr(predictor_module, "load_program", load)
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compiled, eager = compiled_and_eager(predictor, ["The "], seed=2, max_new_bytes=20,
+                                             **RANDOM)
+    assert compiled == eager and inductor_settings == [None] and len(public_calls) == 19
+
+
+# --- compiled programs kept on disk (an eager stand-in for AOTInductor: seconds) ---------
+
+def eager_stand_in_compiler(monkeypatch):
+    """compile_ahead_of_time gives random bytes (a package) and load_program gives the
+    program a package stands for, run eagerly, through the public call: what the
+    predictor does around programs (its folder, keys, checks, memory), without a
+    compiler. Returns the paths of the packages the predictor keeps, in order."""
+    import predictor as predictor_module
+    programs, compiled, real_keep = {}, [], predictor_module.keep_program
+
+    def compile_ahead_of_time(program, args):
+        data = os.urandom(64)
+        programs[hashlib.sha256(data).hexdigest()] = program
+        return data
+
+    def keep_program(folder, key, program, args):
+        compiled.append(os.path.join(folder, predictor_module.program_name(key) + ".pt2"))
+        return real_keep(folder, key, program, args)
+
+    def damaged(*args):
+        raise AssertionError("a damaged package ran")
+
+    def load_program(path):  # a damaged package loads, as some would, and must not run
+        with open(path, "rb") as file:
+            program = programs.get(hashlib.sha256(file.read()).hexdigest(), damaged)
+        return lambda *args: program(*args)
+    monkeypatch.setattr(predictor_module, "compile_ahead_of_time", compile_ahead_of_time)
+    monkeypatch.setattr(predictor_module, "keep_program", keep_program)
+    monkeypatch.setattr(predictor_module, "load_program", load_program)
+    monkeypatch.setattr(predictor_module, "torch_internals_checked", lambda: False)
+    return compiled
+
+
+def kept_files(tmp_path):
+    folder = tmp_path / "checkpoints" / "compiled"
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+def generates_as_eager(predictor, prompts=("ab",), **settings):
+    """predictor's texts and bytes equal those of eager decoding; the texts."""
+    settings = {"seed": 4, "max_new_bytes": 12, **RANDOM, **settings}
+    texts, data = predictor.generate_batch(list(prompts), **settings), predictor.last_bytes
+    eager = make_predictor(os.path.dirname(predictor.config["checkpoint_dir"]),
+                           generation_compile="never")
+    eager.model.load_state_dict(predictor.model.state_dict())
+    assert eager.generate_batch(list(prompts), **settings) == texts and eager.last_bytes == data
+    return texts
+
+
+def test_a_program_is_kept_on_disk_and_serves_later_predictors_from_the_first_byte(
+        tmp_path, monkeypatch):
+    compiled = eager_stand_in_compiler(monkeypatch)
+    first = make_predictor(tmp_path, generation_compile="always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generates_as_eager(first)
+        assert len(compiled) == 1
+        name = os.path.basename(compiled[0])[:-len(".pt2")]
+        assert kept_files(tmp_path) == [name + ".json", name + ".pt2"]
+        later = make_predictor(tmp_path, generation_compile="auto")  # a short call
+        generates_as_eager(later)
+        assert len(compiled) == 1 and list(later._programs) == [name]
+        generates_as_eager(later, ["ab", "cd"])  # no program kept for 2 prompts: eager
+    assert len(compiled) == 1 and list(later._programs) == [name]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "record garbled", "record of another key",
+                                    "fails to load"])
+def test_a_damaged_kept_program_is_compiled_again_not_used(tmp_path, monkeypatch, damage):
+    import predictor as predictor_module
+    compiled = eager_stand_in_compiler(monkeypatch)
+    generates_as_eager(make_predictor(tmp_path, generation_compile="always"))
+    package = compiled[0]
+    record = package[:-len(".pt2")] + ".json"
+    if damage == "fails to load":  # once: say, a package of a torch build that differs
+        real_load, failed = predictor_module.load_program, []
+
+        def load_program(path):
+            if not failed:
+                failed.append(path)
+                raise RuntimeError("Error in dlopen: undefined symbol")
+            return real_load(path)
+        monkeypatch.setattr(predictor_module, "load_program", load_program)
+    elif damage == "truncated":
+        with open(package, "r+b") as file:
+            file.truncate(10)
+    elif damage == "record garbled":
+        with open(record, "w") as file:
+            file.write('{"key": ')
+    else:
+        with open(record) as file:
+            kept = json.load(file)
+        kept["key"]["batch"] = 3
+        with open(record, "w") as file:
+            json.dump(kept, file)
+    predictor = make_predictor(tmp_path, generation_compile="auto")
+    with pytest.warns(UserWarning, match="compiling it again"):
+        generates_as_eager(predictor)
+    assert compiled == [package, package]  # compiled again, in its place
+    generates_as_eager(make_predictor(tmp_path, generation_compile="auto"))
+    assert len(compiled) == 2  # the new one serves
+
+
+def test_a_program_that_cannot_be_kept_serves_its_process(tmp_path, monkeypatch):
+    compiled = eager_stand_in_compiler(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "compiled").write_text("a file where the folder would be")
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    with pytest.warns(UserWarning, match="cannot keep the compiled decode step"):
+        generates_as_eager(predictor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generates_as_eager(predictor)  # held in memory: not compiled again
+    assert len(compiled) == 1 and predictor._compiled_step is not False
+
+
+def test_a_program_of_another_torch_is_not_used(tmp_path, monkeypatch):
+    compiled = eager_stand_in_compiler(monkeypatch)
+    generates_as_eager(make_predictor(tmp_path, generation_compile="always"))
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    predictor = make_predictor(tmp_path, generation_compile="auto")
+    assert not predictor._compiles(12)  # nothing kept for this torch: a short call is eager
+    predictor.compile = "always"
+    generates_as_eager(predictor)
+    assert len(compiled) == 2 and compiled[0] != compiled[1]
+
+
+def test_a_program_for_other_inputs_warns_and_decodes_eagerly(tmp_path, monkeypatch):
+    compiled = eager_stand_in_compiler(monkeypatch)
+    generates_as_eager(make_predictor(tmp_path, generation_compile="always"))
+    record = compiled[0][:-len(".pt2")] + ".json"
+    with open(record) as file:
+        kept = json.load(file)
+    kept["inputs"][2][1][0] += 1  # the first weight's first dimension
+    with open(record, "w") as file:
+        json.dump(kept, file)
+    predictor = make_predictor(tmp_path, generation_compile="auto")
+    with pytest.warns(UserWarning, match="compiled for other inputs"):
+        generates_as_eager(predictor)
+    assert predictor._compiled_step is False and len(compiled) == 1
+
+
+def test_a_predictor_holds_a_bounded_number_of_programs(tmp_path, monkeypatch):
+    import predictor as predictor_module
+    compiled = eager_stand_in_compiler(monkeypatch)
+    loaded, real_load = [], predictor_module.load_program
+    monkeypatch.setattr(predictor_module, "load_program",
+                        lambda path: loaded.append(path) or real_load(path))
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    kept = predictor_module.PROGRAMS_KEPT
+    for batch in range(1, kept + 3):
+        generates_as_eager(predictor, ["ab"] * batch)
+    names = [os.path.basename(path)[:-len(".pt2")] for path in compiled]
+    assert len(compiled) == kept + 2 and list(predictor._programs) == names[-kept:]
+    generates_as_eager(predictor, ["ab"] * 3)  # held: nothing loaded
+    assert len(loaded) == kept + 2 and list(predictor._programs)[-1] == names[2]
+    generates_as_eager(predictor, ["ab"])  # dropped from memory, read back from disk
+    assert len(compiled) == kept + 2 and len(loaded) == kept + 3
+    assert list(predictor._programs) == [*names[4:], names[2], names[0]]
 
 
 @pytest.mark.slow
@@ -676,48 +889,20 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path, monk
 
 def counting_compiles(monkeypatch):
     """torch.compile in predictor.py, on the CPU too, with a backend that records each
-    graph: the list."""
+    graph: the list. Graphs compiled before are dropped: torch.compile keeps at most
+    recompile_limit graphs of the step in a process, however many predictors compile it."""
     import predictor as predictor_module
     through_torch_compile(monkeypatch)
+    torch.compiler.reset()
     graphs, real_compile = [], torch.compile
 
     def counting_backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
     monkeypatch.setattr(predictor_module.torch, "compile", lambda function, **options:
-                        real_compile(function, backend=counting_backend, dynamic=False))
+                        real_compile(function, backend=counting_backend, dynamic=False,
+                                     fullgraph=options["fullgraph"]))
     return graphs
-
-
-@pytest.mark.slow
-def test_every_predictor_compiles_its_own_step(tmp_path, monkeypatch):
-    """torch.compile keeps 8 graphs per code object, then runs it uncompiled: nine
-    predictors each needing its own graph (a batch size each here; in bench.py, models of
-    different shapes) must still give nine compiled graphs in one process."""
-    graphs = counting_compiles(monkeypatch)
-    for batch_size in range(1, 10):
-        predictor = make_predictor(tmp_path, generation_compile="always")
-        predictor.generate_batch(["ab"] * batch_size, max_new_bytes=3, seed=1, **RANDOM)
-    assert len(graphs) == 9
-
-
-def can_skip_guards():
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance is not None and "skip_guard_eval_unsafe" in str(
-        inspect.signature(set_stance))
-
-
-@pytest.mark.skipif(not can_skip_guards(), reason="this torch cannot skip guards")
-def test_unguarded_skips_the_guards_of_compiled_code():
-    from predictor import unguarded
-    scale = [2.0]
-    compiled = torch.compile(lambda x: x * scale[0], backend="eager")
-    x = torch.ones(2)
-    assert compiled(x).tolist() == [2.0, 2.0]
-    scale[0] = 3.0  # a guard on the constant would recompile
-    with unguarded():
-        assert compiled(x).tolist() == [2.0, 2.0]
-    assert compiled(x).tolist() == [3.0, 3.0]
 
 
 def generates_like_eager(compiled, eager, calls):
@@ -735,26 +920,19 @@ def generates_like_eager(compiled, eager, calls):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
-def test_guards_are_skipped_within_a_call_only(tmp_path, monkeypatch, parallel):
-    """After its first step of each graph a compiled call skips the guards; the next call,
-    with another batch size, sampling mode or UTF-8 rule, still gets graphs of its own."""
-    import predictor as predictor_module
-    graphs, skipped = counting_compiles(monkeypatch), []
-    real_unguarded = predictor_module.unguarded
-
-    def counting_unguarded():
-        skipped.append(1)
-        return real_unguarded()
-    monkeypatch.setattr(predictor_module, "unguarded", counting_unguarded)
+def test_one_graph_serves_every_setting_of_a_batch_size(tmp_path, monkeypatch, parallel):
+    """torch.compile's step (fullgraph: one graph, no breaks) takes every sampling setting
+    as a tensor: another temperature, top-k, top-p, penalty, greedy or UTF-8 rule reuses
+    the graph; only another batch size (a shape) gets one of its own."""
+    graphs = counting_compiles(monkeypatch)
     compiled = make_predictor(tmp_path, parallel, generation_compile="always")
     eager = make_predictor(tmp_path, parallel, generation_compile="never")
-    calls = [(["ab"], RANDOM, True), (["ab", "c", "déf"], RANDOM, True),
-             (["ab"], {**RANDOM, "temperature": 0}, True), (["ab"], RANDOM, False)]
+    calls = [(["ab"], RANDOM, True), (["ab"], {**RANDOM, "temperature": 0}, True),
+             (["ab"], dict(temperature=0.7, top_k=3, top_p=0.9, repetition_penalty=1.3), False),
+             (["ab", "c", "déf"], RANDOM, True)]
     generates_like_eager(compiled, eager, calls)
-    graphs_per_call = 2 if parallel else 1  # the parallel stream: with and without patches
-    assert len(graphs) == len(calls) * graphs_per_call
-    # 11 steps a call; the first of each graph checks the guards
-    assert len(skipped) == len(calls) * (11 - graphs_per_call)
+    graphs_per_batch_size = 2 if parallel else 1  # the parallel stream: with and without patches
+    assert len(graphs) == 2 * graphs_per_batch_size
 
 
 def spy_on_step_inputs(monkeypatch, predictor):
@@ -762,8 +940,8 @@ def spy_on_step_inputs(monkeypatch, predictor):
     step of `predictor` (a list of sets)."""
     seen, real_step_function = [], Predictor._step_function
 
-    def spying(self, steps):
-        step = real_step_function(self, steps)
+    def spying(self, steps, batch=1):
+        step = real_step_function(self, steps, batch)
 
         def spy(byte, cache, positions, sampler, patch_due=None):
             if self is predictor:
@@ -784,7 +962,7 @@ def test_a_call_through_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_pat
     every step of two calls on the kept buffers."""
     graphs = counting_compiles(monkeypatch)
     monkeypatch.setattr(Predictor, "_replays_cuda_graphs",
-                        lambda self, steps: self._compiles(steps))
+                        lambda self, steps, batch=1: self._compiles(steps, batch))
     compiled = make_predictor(tmp_path, True, generation_compile="always")
     eager = make_predictor(tmp_path, True, generation_compile="never")
     seen = spy_on_step_inputs(monkeypatch, compiled)
@@ -824,21 +1002,47 @@ def test_an_error_after_a_compiled_step_has_run_is_raised_not_hidden(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_predictor_past_the_recompile_limit_compiles_a_fresh_step(tmp_path, monkeypatch):
+def test_a_step_past_the_recompile_limit_warns_and_decodes_eagerly(tmp_path, monkeypatch):
     """torch.compile runs a function that needs more graphs than recompile_limit
-    eagerly; the unguarded steps after it would then pick an old graph made for other
-    settings. The predictor compiles a fresh copy of its step instead."""
+    eagerly; compiled with fullgraph it raises instead, and the predictor says so and
+    decodes eagerly: the eager bytes, never a graph made for another shape."""
     import torch._dynamo
     graphs = counting_compiles(monkeypatch)
     compiled = make_predictor(tmp_path, generation_compile="always")
     eager = make_predictor(tmp_path, generation_compile="never")
-    calls = [(["ab"], RANDOM, True), (["ab", "cd"], RANDOM, True),
-             (["ab"], {**RANDOM, "top_k": 3}, True)]
     # config.patch, not monkeypatch: undoing a monkeypatch.setattr left the setting
     # hidden ("recompile_limit does not exist") for every later compile in the process
     with torch._dynamo.config.patch(recompile_limit=2):
-        generates_like_eager(compiled, eager, calls)
-    assert len(graphs) == 3  # the third in a fresh copy of the step
+        generates_like_eager(compiled, eager, [(["ab"], RANDOM, True),
+                                               (["ab", "cd"], RANDOM, True)])
+        with pytest.warns(UserWarning, match="generating uncompiled"):
+            texts = compiled.generate_batch(["ab", "c", "d"], max_new_bytes=12, seed=3, **RANDOM)
+    assert texts == eager.generate_batch(["ab", "c", "d"], max_new_bytes=12, seed=3, **RANDOM)
+    assert len(graphs) == 2 and compiled._compiled_step is False
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_private_inductor_options_only_on_a_torch_checked_for_them(tmp_path, monkeypatch,
+                                                                   checked):
+    import predictor as predictor_module
+    through_torch_compile(monkeypatch)
+    options = []
+    monkeypatch.setattr(predictor_module.torch, "compile",
+                        lambda function, **given: options.append(given) or function)
+    if not checked:
+        monkeypatch.setattr(torch, "__version__", "2.99.0")
+    predictor = make_predictor(tmp_path, generation_compile="always")
+    predictor.generate("ab", max_new_bytes=3, seed=1, **RANDOM)
+    [given] = options
+    assert given["fullgraph"] is True
+    if checked:
+        assert given["options"] == {"cpp_wrapper": True,
+                                    **predictor_module.CPU_STEP_INDUCTOR_OPTIONS}
+        assert predictor_module.inductor_options("cpu", ahead_of_time=True) == \
+            predictor_module.CPU_STEP_INDUCTOR_OPTIONS
+    else:
+        assert "options" not in given
+        assert predictor_module.inductor_options("cpu", ahead_of_time=True) == {}
 
 
 def test_auto_compiles_calls_long_enough_per_prompt_whatever_the_batch(tmp_path, monkeypatch):
