@@ -663,9 +663,15 @@ class Predictor:
     def _patch_due(self, at):
         """Parallel stream: whether a byte fed at the host-side positions `at` completes
         a patch in some stream (only then does the patch stream need to run); else None."""
-        if not self.model.parallel or self.model.boundaries == "spacelike":
-            return None  # spacelike ends depend on the bytes, which stay on the device
+        if not self._knows_patch_ends():
+            return None
         return any((p + 1) % self.model.agg_stride == 0 for p in at)
+
+    def _knows_patch_ends(self):
+        """Whether the host knows where patches end (fixed patches of the parallel stream),
+        so that _patch_due can skip the patch stream; spacelike ends depend on the bytes,
+        which stay on the device."""
+        return self.model.parallel and self.model.boundaries == "fixed"
 
     def _compiles(self, steps, batch=1):
         """Whether a call of `steps` steps for `batch` prompts decodes through a compiled
@@ -683,7 +689,7 @@ class Predictor:
         """Whether every program a call for `batch` prompts runs is kept on disk."""
         if self.device.type not in AHEAD_OF_TIME_DEVICE_TYPES:
             return False
-        patch_dues = (False, True) if self.model.parallel else (None,)
+        patch_dues = (False, True) if self._knows_patch_ends() else (None,)
         return all(os.path.exists(os.path.join(self._program_folder(), program_name(
             self._program_key(batch, patch_due)) + ".json")) for patch_due in patch_dues)
 
