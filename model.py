@@ -57,14 +57,32 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def write_at(self, k, v, positions):
-        """Write (B, nh, 1, hs) at each stream's own position (B,); return the whole cache.
-        Index assignment, not scatter_: torch.compile writes it in place, where a scatter_
-        into the cache became a copy of the whole cache and a copy back, every step."""
-        rows = torch.arange(k.size(0), device=k.device)
-        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
-        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
+    def write_at(self, k, v, places):
+        """Write (B, nh, 1, hs) at each stream's own position (places: StepPlaces); return
+        the whole cache. Index assignment, not scatter_: torch.compile writes it in place,
+        where a scatter_ into the cache became a copy of the whole cache and a copy back,
+        every step."""
+        k, v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
+        if k.dtype != self.k.dtype:  # (the test spares an eager step two calls)
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k[places.rows, :, places.positions] = k
+        self.v[places.rows, :, places.positions] = v
         return self.k, self.v
+
+
+class StepPlaces:
+    """Where a decode step's byte sits in each of B streams of one cache: positions (B,),
+    and what every layer of that stream reads from them, made once per step rather than
+    in each layer (a decode step's tensor operations each cost more to dispatch than to
+    compute: docs/benchmarks.md, Eager decode step): `rows` (B,) to write the new keys
+    and values at, and `visible` (B, 1, 1, capacity), True at the slots up to a stream's
+    own position, which its attention reads."""
+
+    def __init__(self, positions, capacity):
+        self.positions = positions
+        self.rows = torch.arange(positions.size(0), device=positions.device)
+        slots = torch.arange(capacity, device=positions.device)
+        self.visible = (slots <= positions[:, None])[:, None, None]
 
 
 class GenerationCache:
@@ -169,21 +187,19 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = NORMS[norm_type](head_dim) if qk_norm else None
         self.k_norm = NORMS[norm_type](head_dim) if qk_norm else None
 
-    def forward(self, x, kv_cache=None, rotation=None, positions=None):
-        """x (B, T, C) -> (B, T, C). `rotation`: the (cos, sin) of rotary positions.
-        With `positions` (B,): one byte per stream (T = 1), each at its own position."""
+    def forward(self, x, kv_cache=None, rotation=None, places=None):
+        """x (B, T, C) -> (B, T, C). `rotation`: the turns of rotary positions (turns_of).
+        With `places` (StepPlaces): one byte per stream (T = 1), each at its own position."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(
+            2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:
             q, k = apply_rotation(q, rotation), apply_rotation(k, rotation)
-        if positions is not None:  # a stream sees its own positions 0 .. positions[b]
-            k, v = kv_cache.write_at(k, v, positions)  # (B, nh, capacity, hs)
-            slots = torch.arange(kv_cache.capacity, device=x.device)
-            y = one_query_attention(q, k, v, (slots <= positions[:, None])[:, None, None])
+        if places is not None:  # a stream sees its own positions 0 .. positions[b]
+            k, v = kv_cache.write_at(k, v, places)  # (B, nh, capacity, hs)
+            y = one_query_attention(q, k, v, places.visible)
         else:
             mask, is_causal = None, True
             if kv_cache is not None:
@@ -215,17 +231,20 @@ class CausalSelfAttention(nn.Module):
 
 def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
-    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Written out instead
-    of SDPA: torch.compile fuses these few operations into its own loops, where the call
-    to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost a large
-    share of the compiled decode step (docs/benchmarks.md, Figures behind design
-    choices). Scores and softmax in fp32."""
+    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Compiled,
+    it is written out instead of SDPA: torch.compile fuses these few operations into its
+    own loops, where the call to the CPU flash-attention kernel it kept for SDPA cannot
+    be fused and cost a large share of the compiled decode step (docs/benchmarks.md,
+    Figures behind design choices). Eagerly SDPA is one call for those five. Scores and
+    softmax in fp32."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # In fp32 on a CPU, as _attend: under autocast each step would cast the whole cache
         # (fp32 on a CPU) to bf16, for products of one row that the CPU's bf16 kernels run
         # slower than its fp32 ones (docs/benchmarks.md, Eager decode step).
         with torch.autocast("cpu", enabled=False):
             return one_query_attention(q.float(), k.float(), v.float(), visible)
+    if not torch.compiler.is_compiling() and q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
@@ -255,7 +274,13 @@ class FeedForward(nn.Module):
             h = h * h  # faster than .square() forward and backward on a CPU (docs/benchmarks.md)
         else:
             h = F.gelu(h)
-        return self.dropout(self.linear2(self.dropout(h)))
+        return dropped(self.dropout, self.linear2(dropped(self.dropout, h)))
+
+
+def dropped(dropout, x):
+    """dropout(x), without the call where it is the identity (eval mode or p = 0): a
+    decode step would make several calls that do nothing but cost a dispatch each."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
 
 
 class EncoderLayer(nn.Module):
@@ -271,11 +296,11 @@ class EncoderLayer(nn.Module):
         self.norm2 = NORMS[norm_type](d_model)
         self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache=None, rotation=None, positions=None):
+    def forward(self, x, kv_cache=None, rotation=None, places=None):
         if self.norm_first:
-            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache, rotation, positions))
+            x = x + dropped(self.attn_dropout, self.attn(self.norm1(x), kv_cache, rotation, places))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache, rotation, positions)))
+        x = self.norm1(x + dropped(self.attn_dropout, self.attn(x, kv_cache, rotation, places)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -367,8 +392,8 @@ def positional_encoding(config, width):
 
 
 def placed(encoding, x, start, positions=None):
-    """x (B, T, C) with its positions encoded, and the (cos, sin) rotary angles attention
-    needs (None for encodings that add to x). positions None: x holds positions start ..
+    """x (B, T, C) with its positions encoded, and the turns of rotary positions attention
+    needs (turns_of; None for encodings that add to x). positions None: x holds positions start ..
     start+T-1; positions (B,): one input per stream (T = 1), each at its own position,
     read from the stored tables only (what a compiled decode step can trace)."""
     if positions is None:
@@ -505,10 +530,11 @@ class ByteLLM_GrugV3(nn.Module):
         elif self.parallel:
             patches = self._patch_state_at(h, cache, positions, patch_due)
         kvs = [None] * len(self.byte_layers) if cache is None else cache.byte_kv
+        places = None if positions is None else StepPlaces(positions, cache.capacity)
         for i, (layer, kv) in enumerate(zip(self.byte_layers, kvs)):
             if patches is not None and self.fusion != "concat_output" and i == self.inject_before:
                 z = z + self.patch_to_bytes(patches.to(z.dtype))
-            z = layer(z, kv, rotation, positions)  # (B, T, d_model)
+            z = layer(z, kv, rotation, places)  # (B, T, d_model)
         if patches is not None and self.fusion == "concat_output":
             z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
@@ -518,8 +544,9 @@ class ByteLLM_GrugV3(nn.Module):
         n patches from patch `start`, or (positions (B,)) one per stream at its own."""
         patches, rotation = placed(self.agg_pos_encoding, patches, start, positions)
         kvs = [None] * len(self.agg_stream_encoder) if cache is None else cache.agg_kv
+        places = None if positions is None else StepPlaces(positions, kvs[0].capacity)
         for layer, kv in zip(self.agg_stream_encoder, kvs):
-            patches = layer(patches, kv, rotation, positions)
+            patches = layer(patches, kv, rotation, places)
         return patches
 
     def _patch_state_per_byte(self, h, cache=None):
@@ -575,7 +602,7 @@ class ByteLLM_GrugV3(nn.Module):
         return cache.agg_state
 
     def _logits(self, hidden):
-        logits = self.fc_out(self.output_dropout(self.final_norm(hidden)))
+        logits = self.fc_out(dropped(self.output_dropout, self.final_norm(hidden)))
         if self.softcap:
             # Soft-capping (Gemma 2): smooth in the middle, never beyond ±softcap, so no
             # byte's logit runs away while the rest catch up.

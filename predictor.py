@@ -41,6 +41,7 @@ COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default (config.KEY_ROLES)
 SETTING_KEYS = {key.removeprefix("generation_"): key for key in keys_with("generate")}
+NOISE_BLOCK = 64  # steps of sampling noise an eager CPU sampler makes at once (_log_noise)
 
 
 # ---------------------------------------------------------------------------
@@ -58,9 +59,8 @@ def top_k_filter(logits, k):
     """Keep the k largest logits (0 = off); the others become -inf."""
     if k <= 0 or k >= logits.size(-1):
         return logits
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(
-        -1, torch.topk(logits, k, dim=-1).indices, True)
-    return logits.masked_fill(~kept, float("-inf"))
+    top = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, top.values)
 
 
 def top_p_filter(logits, p):
@@ -85,8 +85,9 @@ def is_greedy(temperature):
 def hashed_uniforms(seeds, step, device):
     """(B, 256) uniforms in (0, 1), a hash of (stream seed, step, byte value): a
     counter-based random stream per prompt. Every product stays below 2**63, so int64
-    arithmetic is exact on every device."""
-    x = (seeds[:, None] ^ ((step * 0x27D4EB2F + 0x165667B1) & MASK32))  # (B, 1)
+    arithmetic is exact on every device. `step` is a 0-d tensor, or (n,) steps, which
+    give (n, B, 256): each step's uniforms, the same values."""
+    x = (seeds[:, None] ^ ((step * 0x27D4EB2F + 0x165667B1) & MASK32)[..., None, None])  # (B, 1) or (n, B, 1)
     x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # (B, 256)
     for multiplier in (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D):
         x = x ^ (x >> 16)
@@ -116,6 +117,7 @@ class StreamSampler:
         self.allowed, self.following = allowed.to(device), following.to(device)
         self.utf8_state = torch.tensor(utf8_states, device=device)
         self.recent = torch.tensor(recent, device=device)  # (B, window); 256 = empty
+        self._noise, self._noise_from = torch.empty(0), 0  # see _log_noise
 
     def choose(self, logits):
         """Bytes (B,) from logits (B, 256), advancing every stream's state."""
@@ -132,13 +134,28 @@ class StreamSampler:
             logits = top_k_filter(logits / self.temperature, self.top_k)
             if self.filters_top_p:
                 logits = top_p_filter(logits, self.top_p)
-            uniforms = hashed_uniforms(self.seeds, self.step, logits.device)
-            chosen = (logits - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
+            chosen = (logits - self._log_noise()).argmax(-1)  # Gumbel-max
         self.utf8_state.copy_(self.following[self.utf8_state, chosen])
         self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
                              chosen[:, None])
         self.step += 1
         return chosen
+
+    def _log_noise(self):
+        """log(-log(u)) of this step's hashed uniforms (B, 256), which the Gumbel-max draw
+        subtracts. Eagerly on a CPU it is made for NOISE_BLOCK steps at once and read a
+        step at a time: made at every step, its thirty-odd tensor operations each cost a
+        dispatch (docs/benchmarks.md, Eager decode step). Compiled, it is fused into the
+        step; on a GPU, reading the step to index a block would wait for the device."""
+        if self.seeds.device.type != "cpu" or torch.compiler.is_compiling():
+            return torch.log(-torch.log(hashed_uniforms(self.seeds, self.step,
+                                                        self.seeds.device)))
+        step = int(self.step)  # a block is checked against the step, whoever moved it on
+        if not self._noise_from <= step < self._noise_from + len(self._noise):
+            steps = torch.arange(step, step + NOISE_BLOCK)
+            self._noise = torch.log(-torch.log(hashed_uniforms(self.seeds, steps, "cpu")))
+            self._noise_from = step
+        return self._noise[step - self._noise_from]
 
     TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent", "temperature",
                "top_p", "penalty")
@@ -419,7 +436,12 @@ class Predictor:
         self.use_kv_cache = config["use_kv_cache"] if use_kv_cache is None else use_kv_cache
         self.valid_utf8_only = config["generation_valid_utf8_only"]
         self.compile = config["generation_compile"] if compile is None else compile
-        self.amp_dtype = resolve_amp_dtype(config, self.device)
+        # No autocast on a CPU: a step is a few products of one row each, which the CPU's
+        # bf16 kernels run slower than its fp32 ones, plus a cast of every weight per call
+        # (docs/benchmarks.md, Eager decode step). Every path (cached, uncached, compiled)
+        # generates in the same precision, so they give the same bytes.
+        self.amp_dtype = (None if self.device.type == "cpu"
+                          else resolve_amp_dtype(config, self.device))
         self.last_bytes = b""
         self._compiled_step = None  # torch.compile's step; False once compiling has failed
         self._programs = {}  # the programs compiled ahead of time (see _bind_program)

@@ -186,9 +186,12 @@ def test_the_decode_steps_ngram_hashes_equal_ngram_hashes(orders):
     joined = torch.cat([torch.full((5, context), NO_BYTE), torch.randint(0, 256, (5, 40))], 1)
     reference = ngram_hashes(joined, orders, 40)  # {n: (5, 40)}
     for t in range(40):
-        hashes = newest_ngram_hashes(joined[:, t:t + context + 1], orders)  # (5, len(orders))
+        tail = joined[:, t:t + context + 1]
+        hashes = newest_ngram_hashes(tail, orders)  # (5, len(orders))
+        on_host = [newest_ngram_hashes(row, orders) for row in tail.tolist()]  # the CPU's path
         for column, n in enumerate(orders):
             assert torch.equal(hashes[:, column], reference[n][:, t]), (n, t)
+            assert [row[column] for row in on_host] == reference[n][:, t].tolist(), (n, t)
 
 
 def test_ngram_buckets_fill_like_a_random_function():

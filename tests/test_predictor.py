@@ -529,6 +529,22 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
     assert abs(many.var().item() - 1 / 12) < 0.005
 
 
+def test_noise_made_in_blocks_equals_the_noise_of_each_step():
+    """The eager CPU sampler makes its noise NOISE_BLOCK steps at a time: each step must
+    read exactly the noise hashed_uniforms gives for that step, across block ends, and
+    after the step was moved on by something else (a compiled step) than its own draws."""
+    from predictor import NOISE_BLOCK, StreamSampler, hashed_uniforms
+    settings = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    seeds = [5, 2**40 + 3]
+    sampler = StreamSampler(settings, seeds, [0, 0], [[256] * 4] * 2, False, "cpu")
+    for step in [*range(2 * NOISE_BLOCK + 3), 500, 501, 7]:
+        sampler.step.fill_(step)
+        expected = torch.log(-torch.log(hashed_uniforms(sampler.seeds, torch.tensor(step), "cpu")))
+        assert torch.equal(sampler._log_noise(), expected), step
+    many = hashed_uniforms(sampler.seeds, torch.arange(3, 9), "cpu")  # (6, 2, 256)
+    assert torch.equal(many[2], hashed_uniforms(sampler.seeds, torch.tensor(5), "cpu"))
+
+
 def compiled_and_eager(predictor, prompts, **settings):
     """(texts, bytes) of `predictor` compiling ("always"), then not ("never")."""
     results = []
