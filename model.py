@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from config import LEGACY_ARCHITECTURE, RULES, keys_with  # noqa: F401 (main.py imports it here)
 from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, CNNFrontend,
-                              HashedNgramEmbedding, apply_rotation)
+                              HashedNgramEmbedding, apply_rotation, dropped)
 from utils import config_problems
 
 # The config keys the model reads, and those that change the parameters' shapes or the
@@ -75,14 +75,18 @@ class StepPlaces:
     and what every layer of that stream reads from them, made once per step rather than
     in each layer (a decode step's tensor operations each cost more to dispatch than to
     compute: docs/benchmarks.md, Eager decode step): `rows` (B,) to write the new keys
-    and values at, and `visible` (B, 1, 1, capacity), True at the slots up to a stream's
-    own position, which its attention reads."""
+    and values at, and `visible` (B, 1, 1, capacity): which slots, up to a stream's own
+    position, its attention reads. Compiled, True there; eagerly 0 there and -inf past
+    it, the additive mask SDPA would otherwise make of a bool one in every layer."""
 
     def __init__(self, positions, capacity):
         self.positions = positions
         self.rows = torch.arange(positions.size(0), device=positions.device)
         slots = torch.arange(capacity, device=positions.device)
         self.visible = (slots <= positions[:, None])[:, None, None]
+        if not torch.compiler.is_compiling():
+            self.visible = torch.zeros(self.visible.shape, device=positions.device).masked_fill_(
+                ~self.visible, float("-inf"))
 
 
 class GenerationCache:
@@ -231,7 +235,8 @@ class CausalSelfAttention(nn.Module):
 
 def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
-    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Compiled,
+    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True (eagerly it may
+    also be an additive mask, 0 where visible: StepPlaces). Compiled,
     it is written out instead of SDPA: torch.compile fuses these few operations into its
     own loops, where the call to the CPU flash-attention kernel it kept for SDPA cannot
     be fused and cost a large share of the compiled decode step (docs/benchmarks.md,
@@ -275,12 +280,6 @@ class FeedForward(nn.Module):
         else:
             h = F.gelu(h)
         return dropped(self.dropout, self.linear2(dropped(self.dropout, h)))
-
-
-def dropped(dropout, x):
-    """dropout(x), without the call where it is the identity (eval mode or p = 0): a
-    decode step would make several calls that do nothing but cost a dispatch each."""
-    return dropout(x) if dropout.training and dropout.p > 0 else x
 
 
 class EncoderLayer(nn.Module):

@@ -22,6 +22,12 @@ def sinusoidal_table(length, d_model):
     return table
 
 
+def dropped(dropout, x):
+    """dropout(x), without the call where it is the identity (eval mode or p = 0): a
+    decode step would make several calls that do nothing but cost a dispatch each."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds fixed sin/cos encodings. Works for any length: positions past the stored
     table are computed on the fly (the stored table is left as it is)."""
@@ -101,10 +107,10 @@ class RotaryPositions(nn.Module):
         return torch.outer(positions, self.inv_freq)  # (end - start, hs/2)
 
     def forward(self, x, offset=0):
-        return self.dropout(x)
+        return dropped(self.dropout, x)
 
     def at(self, x, positions):
-        return self.dropout(x)
+        return dropped(self.dropout, x)
 
     def cover(self, length):
         if length > self.table.size(0):

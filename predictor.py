@@ -73,7 +73,7 @@ def top_p_filter(logits, p):
     probs = torch.softmax(sorted_logits, dim=-1)
     drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
     drop_sorted[..., 0] = False  # the top byte always stays (p may round to 0 in float32)
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back in byte order (every place written)
     return logits.masked_fill(drop, float("-inf"))
 
 
@@ -121,13 +121,13 @@ class StreamSampler:
 
     def choose(self, logits):
         """Bytes (B,) from logits (B, 256), advancing every stream's state."""
-        logits = logits.float()
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         if self.penalizes:
             seen = torch.zeros(logits.size(0), 257, dtype=torch.bool, device=logits.device)
             seen = seen.scatter_(1, self.recent, True)[:, :256]
             logits = penalize_repeats(logits, seen, self.penalty)
         if self.valid_utf8_only:
-            logits = logits.masked_fill(~self.allowed[self.utf8_state], float("-inf"))
+            logits = torch.where(self.allowed[self.utf8_state], logits, float("-inf"))
         if self.greedy:
             chosen = logits.argmax(-1)
         else:
@@ -136,8 +136,9 @@ class StreamSampler:
                 logits = top_p_filter(logits, self.top_p)
             chosen = (logits - self._log_noise()).argmax(-1)  # Gumbel-max
         self.utf8_state.copy_(self.following[self.utf8_state, chosen])
-        self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
-                             chosen[:, None])
+        if self.penalizes:  # only the penalty reads the recent bytes
+            self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
+                                 chosen[:, None])
         self.step += 1
         return chosen
 
