@@ -72,6 +72,28 @@ def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel, device):
     assert cached == uncached
 
 
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_a_cpu_generates_in_fp32_whatever_the_configs_precision(tmp_path, parallel):
+    """No autocast on a CPU (Predictor): the decode step runs in fp32 under a bf16 config
+    too, and gives the bytes an fp32 config gives, cached and uncached alike, over a
+    window that slides several times."""
+    texts = []
+    for precision in ({"use_amp": False}, {"use_amp": True, "amp_dtype": "bfloat16"}):
+        predictor = make_predictor(tmp_path, parallel, sequence_length=16, **precision)
+        autocast_in_steps, decode = [], predictor.model.decode_step
+
+        def spy(*args):
+            autocast_in_steps.append(torch.is_autocast_enabled("cpu"))
+            return decode(*args)
+        predictor.model.decode_step = spy
+        cached, uncached = generate_both_ways(predictor, "Hello", max_new_bytes=50, seed=3,
+                                              **RANDOM)
+        assert autocast_in_steps and not any(autocast_in_steps)
+        assert len(cached[1]) > 40 and cached == uncached
+        texts.append(cached)
+    assert texts[0] == texts[1]
+
+
 def test_cache_feeds_prompt_once_then_one_byte_per_step(tmp_path):
     predictor = make_predictor(tmp_path, sequence_length=64)
     record = spy_on_model(predictor.model)
@@ -597,7 +619,7 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
-    assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
+    assert predictor.amp_dtype is None  # a CPU generates in fp32, whatever the config asks
     prompts, settings = ["The ", "é"], dict(max_new_bytes=40, top_k=0)
     filters, changed_filters = dict(top_p=1.0, repetition_penalty=1.0), {}
     if not parallel:
