@@ -63,7 +63,7 @@ class KVCache:
         where a scatter_ into the cache became a copy of the whole cache and a copy back,
         every step."""
         k, v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
-        if k.dtype != self.k.dtype:  # (the test spares an eager step two calls)
+        if k.dtype != self.k.dtype:  # a .to() to the same dtype still costs a call
             k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         self.k[places.rows, :, places.positions] = k
         self.v[places.rows, :, places.positions] = v
@@ -236,12 +236,11 @@ class CausalSelfAttention(nn.Module):
 def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
     (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True (eagerly it may
-    also be an additive mask, 0 where visible: StepPlaces). Compiled,
-    it is written out instead of SDPA: torch.compile fuses these few operations into its
-    own loops, where the call to the CPU flash-attention kernel it kept for SDPA cannot
-    be fused and cost a large share of the compiled decode step (docs/benchmarks.md,
-    Figures behind design choices). Eagerly SDPA is one call for those five. Scores and
-    softmax in fp32."""
+    also be an additive mask, 0 where visible: StepPlaces). Compiled, it is written out
+    instead of SDPA: torch.compile fuses these few operations into its own loops, where
+    the call to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost
+    a large share of the compiled decode step (docs/benchmarks.md, Figures behind design
+    choices). Eagerly, SDPA is one call where they are five. Scores and softmax in fp32."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # In fp32 on a CPU, as _attend: under autocast each step would cast the whole cache
         # (fp32 on a CPU) to bf16, for products of one row that the CPU's bf16 kernels run
@@ -391,10 +390,11 @@ def positional_encoding(config, width):
 
 
 def placed(encoding, x, start, positions=None):
-    """x (B, T, C) with its positions encoded, and the turns of rotary positions attention
-    needs (turns_of; None for encodings that add to x). positions None: x holds positions start ..
-    start+T-1; positions (B,): one input per stream (T = 1), each at its own position,
-    read from the stored tables only (what a compiled decode step can trace)."""
+    """x (B, T, C) with its positions encoded, and the turns of rotary positions that
+    attention needs (turns_of; None for encodings that add to x). positions None: x holds
+    positions start .. start+T-1; positions (B,): one input per stream (T = 1), each at
+    its own position, read from the stored tables only (what a compiled decode step can
+    trace)."""
     if positions is None:
         rotation = (encoding.rotation(x.size(1), start) if encoding.rotates_attention
                     else None)

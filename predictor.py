@@ -87,8 +87,9 @@ def hashed_uniforms(seeds, step, device):
     counter-based random stream per prompt. Every product stays below 2**63, so int64
     arithmetic is exact on every device. `step` is a 0-d tensor, or (n,) steps, which
     give (n, B, 256): each step's uniforms, the same values."""
-    x = (seeds[:, None] ^ ((step * 0x27D4EB2F + 0x165667B1) & MASK32)[..., None, None])  # (B, 1) or (n, B, 1)
-    x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # (B, 256)
+    salt = ((step * 0x27D4EB2F + 0x165667B1) & MASK32)[..., None, None]
+    x = seeds[:, None] ^ salt  # (B, 1), or (n, B, 1)
+    x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # ([n,] B, 256)
     for multiplier in (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D):
         x = x ^ (x >> 16)
         x = (x * multiplier) & MASK32
