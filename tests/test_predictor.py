@@ -561,8 +561,8 @@ def test_noise_made_in_blocks_equals_the_noise_of_each_step():
     sampler = StreamSampler(settings, seeds, [0, 0], [[256] * 4] * 2, False, "cpu")
     for step in [*range(2 * NOISE_BLOCK + 3), 500, 501, 7]:
         sampler.step.fill_(step)
-        expected = torch.log(-torch.log(hashed_uniforms(sampler.seeds, torch.tensor(step), "cpu")))
-        assert torch.equal(sampler._log_noise(), expected), step
+        uniforms = hashed_uniforms(sampler.seeds, torch.tensor(step), "cpu")
+        assert torch.equal(sampler._log_noise(), torch.log(-torch.log(uniforms))), step
     many = hashed_uniforms(sampler.seeds, torch.arange(3, 9), "cpu")  # (6, 2, 256)
     assert torch.equal(many[2], hashed_uniforms(sampler.seeds, torch.tensor(5), "cpu"))
 
