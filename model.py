@@ -250,8 +250,11 @@ def one_query_attention(q, k, v, visible):
     if not torch.compiler.is_compiling() and q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
+    if visible.dtype == torch.bool:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    else:  # the additive mask (eagerly, in a precision SDPA is not called for here)
+        scores = scores + visible
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
 
 
 class FeedForward(nn.Module):

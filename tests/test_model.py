@@ -275,6 +275,23 @@ def test_decoding_streams_at_different_positions_equals_full_forward(model):
     assert (logits - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("overrides", [DEFAULT_LAYERS, dict(PARALLEL, **DEFAULT_LAYERS,
+                                                             agg_cnn_kernel_size=3,
+                                                             agg_cnn_stride=2)],
+                         ids=["single", "parallel"])
+def test_decoding_under_fp16_autocast_equals_its_full_forward(overrides):
+    """Under autocast to a dtype that is not the CPU's bf16 (a GPU's path), the eager step
+    attends without SDPA, with StepPlaces' additive mask: the same logits as the full
+    forward under that autocast."""
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        full = model(x).float()
+        logits, at = decoded_logits(model, x, prompt_lengths=[3, 6], steps=8)
+    expected = full[torch.arange(2)[:, None], at]
+    assert (logits.float() - expected).abs().max().item() < 0.05  # fp16 rounding
+
+
 def test_the_decode_step_traces_as_one_graph():
     # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
     model = tiny_model(**PARALLEL, **CNN, **MODERN, agg_cnn_stride=3, parallel_fusion="add_input")
