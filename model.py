@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from config import LEGACY_ARCHITECTURE, RULES, keys_with  # noqa: F401 (main.py imports it here)
 from model_components import (NO_BYTE, NORMS, POSITIONAL_ENCODINGS, START_MARKS, CNNFrontend,
-                              HashedNgramEmbedding, apply_rotation, spacelike_patch_ends)
+                              HashedNgramEmbedding, apply_rotation, dropped, spacelike_patch_ends)
 from utils import config_problems
 
 # The config keys the model reads, and those that change the parameters' shapes or the
@@ -57,14 +57,39 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def write_at(self, k, v, positions):
-        """Write (B, nh, 1, hs) at each stream's own position (B,); return the whole cache.
-        Index assignment, not scatter_: torch.compile writes it in place, where a scatter_
-        into the cache became a copy of the whole cache and a copy back, every step."""
-        rows = torch.arange(k.size(0), device=k.device)
-        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
-        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
+    def write_at(self, k, v, places):
+        """Write (B, nh, 1, hs) at each stream's own position (places: StepPlaces); return
+        the whole cache. Index assignment, not scatter_: torch.compile writes it in place,
+        where a scatter_ into the cache became a copy of the whole cache and a copy back,
+        every step."""
+        k, v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
+        if k.dtype != self.k.dtype:  # a .to() to the same dtype still costs a call
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k[places.rows, :, places.positions] = k
+        self.v[places.rows, :, places.positions] = v
         return self.k, self.v
+
+
+class StepPlaces:
+    """Where a decode step's byte sits in each of B streams of one cache: positions (B,),
+    and what every layer of that stream reads from them, made once per step rather than
+    in each layer (a decode step's tensor operations each cost more to dispatch than to
+    compute: docs/benchmarks.md, Eager decode step): `rows` (B,) to write the new keys
+    and values at, and `visible` (B, 1, 1, capacity): which slots, up to a stream's own
+    position (the last `window` of them with attention_window), its attention reads. Compiled, True there; eagerly 0 there and -inf past
+    it, the additive mask SDPA would otherwise make of a bool one in every layer."""
+
+    def __init__(self, positions, capacity, window=None):
+        self.positions = positions
+        self.rows = torch.arange(positions.size(0), device=positions.device)
+        slots = torch.arange(capacity, device=positions.device)
+        visible = slots <= positions[:, None]
+        if window is not None:  # local attention: the last `window` positions only
+            visible = visible & (slots > positions[:, None] - window)
+        self.visible = visible[:, None, None]
+        if not torch.compiler.is_compiling():
+            self.visible = torch.zeros(self.visible.shape, device=positions.device).masked_fill_(
+                ~self.visible, float("-inf"))
 
 
 class GenerationCache:
@@ -179,24 +204,19 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = NORMS[norm_type](head_dim) if qk_norm else None
         self.k_norm = NORMS[norm_type](head_dim) if qk_norm else None
 
-    def forward(self, x, kv_cache=None, rotation=None, positions=None):
-        """x (B, T, C) -> (B, T, C). `rotation`: the (cos, sin) of rotary positions.
-        With `positions` (B,): one byte per stream (T = 1), each at its own position."""
+    def forward(self, x, kv_cache=None, rotation=None, places=None):
+        """x (B, T, C) -> (B, T, C). `rotation`: the turns of rotary positions (turns_of).
+        With `places` (StepPlaces): one byte per stream (T = 1), each at its own position."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(
+            2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:
             q, k = apply_rotation(q, rotation), apply_rotation(k, rotation)
-        if positions is not None:  # a stream sees its own positions 0 .. positions[b]
-            k, v = kv_cache.write_at(k, v, positions)  # (B, nh, capacity, hs)
-            slots = torch.arange(kv_cache.capacity, device=x.device)
-            visible = slots <= positions[:, None]
-            if self.window is not None:
-                visible = visible & (slots > positions[:, None] - self.window)
-            y = one_query_attention(q, k, v, visible[:, None, None])
+        if places is not None:  # a stream sees its own positions (the last `window` of them)
+            k, v = kv_cache.write_at(k, v, places)  # (B, nh, capacity, hs)
+            y = one_query_attention(q, k, v, places.visible)
         elif kv_cache is None and self.window is not None and T > self.window:
             y = self._attend_locally(q, k, v)
         else:
@@ -261,20 +281,26 @@ def band_mask(queries, past, window, device):
 
 def one_query_attention(q, k, v, visible):
     """Attention of one query per stream, q (B, nh, 1, hs), over the whole cache, k and v
-    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True. Written out instead
-    of SDPA: torch.compile fuses these few operations into its own loops, where the call
-    to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost a large
-    share of the compiled decode step (docs/benchmarks.md, Figures behind design
-    choices). Scores and softmax in fp32."""
+    (B, nh, capacity, hs), where `visible` (B, 1, 1, capacity) is True (eagerly it may
+    also be an additive mask, 0 where visible: StepPlaces). Compiled, it is written out
+    instead of SDPA: torch.compile fuses these few operations into its own loops, where
+    the call to the CPU flash-attention kernel it kept for SDPA cannot be fused and cost
+    a large share of the compiled decode step (docs/benchmarks.md, Figures behind design
+    choices). Eagerly, SDPA is one call where they are five. Scores and softmax in fp32."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # In fp32 on a CPU, as _attend: under autocast each step would cast the whole cache
         # (fp32 on a CPU) to bf16, for products of one row that the CPU's bf16 kernels run
         # slower than its fp32 ones (docs/benchmarks.md, Eager decode step).
         with torch.autocast("cpu", enabled=False):
             return one_query_attention(q.float(), k.float(), v.float(), visible)
+    if not torch.compiler.is_compiling() and q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return weights.to(v.dtype) @ v  # (B, nh, 1, hs)
+    if visible.dtype == torch.bool:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    else:  # the additive mask (eagerly, in a precision SDPA is not called for here)
+        scores = scores + visible
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
 
 
 class FeedForward(nn.Module):
@@ -301,7 +327,7 @@ class FeedForward(nn.Module):
             h = h * h  # faster than .square() forward and backward on a CPU (docs/benchmarks.md)
         else:
             h = F.gelu(h)
-        return self.dropout(self.linear2(self.dropout(h)))
+        return dropped(self.dropout, self.linear2(dropped(self.dropout, h)))
 
 
 class EncoderLayer(nn.Module):
@@ -317,11 +343,11 @@ class EncoderLayer(nn.Module):
         self.norm2 = NORMS[norm_type](d_model)
         self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache=None, rotation=None, positions=None):
+    def forward(self, x, kv_cache=None, rotation=None, places=None):
         if self.norm_first:
-            x = x + self.attn_dropout(self.attn(self.norm1(x), kv_cache, rotation, positions))
+            x = x + dropped(self.attn_dropout, self.attn(self.norm1(x), kv_cache, rotation, places))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn_dropout(self.attn(x, kv_cache, rotation, positions)))
+        x = self.norm1(x + dropped(self.attn_dropout, self.attn(x, kv_cache, rotation, places)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -437,10 +463,11 @@ def positional_encoding(config, width):
 
 
 def placed(encoding, x, start, positions=None):
-    """x (B, T, C) with its positions encoded, and the (cos, sin) rotary angles attention
-    needs (None for encodings that add to x). positions None: x holds positions start ..
-    start+T-1; positions (B,): one input per stream (T = 1), each at its own position,
-    read from the stored tables only (what a compiled decode step can trace)."""
+    """x (B, T, C) with its positions encoded, and the turns of rotary positions that
+    attention needs (turns_of; None for encodings that add to x). positions None: x holds
+    positions start .. start+T-1; positions (B,): one input per stream (T = 1), each at
+    its own position, read from the stored tables only (what a compiled decode step can
+    trace)."""
     if positions is None:
         rotation = (encoding.rotation(x.size(1), start) if encoding.rotates_attention
                     else None)
@@ -585,12 +612,14 @@ class ByteLLM_GrugV3(nn.Module):
             patches = (self._patch_state_per_byte(h, cache) if positions is None
                        else self._patch_state_at(h, cache, positions, patch_due))
         kvs = [None] * len(self.byte_layers) if cache is None else cache.byte_kv
+        places = None if positions is None else StepPlaces(positions, cache.capacity,
+                                                           self.config["attention_window"])
         for i, (layer, kv) in enumerate(zip(self.byte_layers, kvs)):
             if i == self.inject_before and self.fusion == "at_boundaries":
                 z = z + self._patches_at_ends(z, x, cache, positions, patch_due)
             elif i == self.inject_before:
                 z = z + self.patch_to_bytes(patches.to(z.dtype))
-            z = layer(z, kv, rotation, positions)  # (B, T, d_model)
+            z = layer(z, kv, rotation, places)  # (B, T, d_model)
         if patches is not None and self.fusion == "concat_output":
             z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
@@ -600,8 +629,10 @@ class ByteLLM_GrugV3(nn.Module):
         patches from patch `start`, or (positions (B,)) one per stream at its own. `kvs`:
         the patch layers' KV caches, or None."""
         patches, rotation = placed(self.agg_pos_encoding, patches, start, positions)
-        for layer, kv in zip(self.agg_stream_encoder, kvs or [None] * len(self.agg_stream_encoder)):
-            patches = layer(patches, kv, rotation, positions)
+        kvs = kvs or [None] * len(self.agg_stream_encoder)
+        places = None if positions is None else StepPlaces(positions, kvs[0].capacity)
+        for layer, kv in zip(self.agg_stream_encoder, kvs):
+            patches = layer(patches, kv, rotation, places)
         return patches
 
     def _patch_state_per_byte(self, h, cache=None):
@@ -725,7 +756,7 @@ class ByteLLM_GrugV3(nn.Module):
         return added
 
     def _logits(self, hidden):
-        logits = self.fc_out(self.output_dropout(self.final_norm(hidden)))
+        logits = self.fc_out(dropped(self.output_dropout, self.final_norm(hidden)))
         if self.softcap:
             # Soft-capping (Gemma 2): smooth in the middle, never beyond ±softcap, so no
             # byte's logit runs away while the rest catch up.

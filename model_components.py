@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils import MASK32
 
@@ -19,6 +20,12 @@ def sinusoidal_table(length, d_model):
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])  # odd d_model: one fewer cos
     return table
+
+
+def dropped(dropout, x):
+    """dropout(x), without the call where it is the identity (eval mode or p = 0): a
+    decode step would make several calls that do nothing but cost a dispatch each."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -100,42 +107,49 @@ class RotaryPositions(nn.Module):
         return torch.outer(positions, self.inv_freq)  # (end - start, hs/2)
 
     def forward(self, x, offset=0):
-        return self.dropout(x)
+        return dropped(self.dropout, x)
 
     def at(self, x, positions):
-        return self.dropout(x)
+        return dropped(self.dropout, x)
 
     def cover(self, length):
         if length > self.table.size(0):
             self.table = self._angles(0, length)
 
     def rotation(self, length, offset=0):
-        """(cos, sin) of the angles (length, hs/2) of positions offset .. offset+length-1."""
+        """The turns (turns_of) of positions offset .. offset+length-1, (length, hs/2)."""
         end = offset + length
         angles = (self.table[offset:end] if end <= self.table.size(0)
                   else self._angles(offset, end))
-        return angles.cos(), angles.sin()
+        return turns_of(angles)
 
     def rotation_at(self, positions):
-        """(cos, sin), each (B, 1, 1, hs/2): B streams, one position (B,) each."""
-        angles = self.table[positions][:, None, None]
-        return angles.cos(), angles.sin()
+        """The turns (turns_of), (B, 1, 1, hs/2): B streams, one position (B,) each."""
+        return turns_of(self.table[positions][:, None, None])
 
 
-def apply_rotation(x, rotation):
-    """Rotate (B, nh, T, hs) queries or keys: each channel pair (2i, 2i+1) turns by its
-    position's angle i. Eagerly it is one complex multiply (faster on a CPU than the
-    same rotation written out: docs/benchmarks.md, Figures behind design choices);
-    torch.compile cannot generate complex code, so compiled it is written out with cos
-    and sin."""
-    cos, sin = rotation
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
+def turns_of(angles):
+    """What apply_rotation turns by, made once for every layer of a forward or a decode
+    step: eagerly the unit complex numbers of `angles`; compiled (torch.compile cannot
+    generate complex code) their (cos, sin)."""
     if torch.compiler.is_compiling():
+        return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
+
+
+def apply_rotation(x, turns):
+    """Rotate (B, nh, T, hs) queries or keys: each channel pair (2i, 2i+1) turns by its
+    position's angle i (`turns`: turns_of). Eagerly it is one complex multiply (faster
+    on a CPU than the same rotation written out: docs/benchmarks.md, Figures behind
+    design choices); compiled it is written out with cos and sin."""
+    pairs = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():  # (B, nh, T, hs/2, 2)
+        cos, sin = turns
         real, imaginary = pairs.unbind(-1)
         turned = torch.stack([real * cos - imaginary * sin, real * sin + imaginary * cos], -1)
         return turned.flatten(-2).to(x.dtype)
-    turned = torch.view_as_complex(pairs) * torch.complex(cos, sin)
-    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+    turned = torch.view_as_real(torch.view_as_complex(pairs) * turns).flatten(-2)
+    return turned if x.dtype == torch.float32 else turned.to(x.dtype)
 
 
 POSITIONAL_ENCODINGS = {
@@ -256,12 +270,16 @@ def newest_ngram_hashes(tail, orders):
     than its arithmetic (docs/benchmarks.md, Eager decode step). An update of the last
     step's hashes cannot replace this: FNV-1a here starts from the newest byte, so every
     order's hash changes from its first step on. The chain runs once for all orders and
-    one finish mixes all of them."""
-    salted = (tail + 1).unbind(1)  # oldest first
+    one finish mixes all of them. `tail` may also be one stream's bytes as a list of
+    ints: then the hashes are a list of ints (the same arithmetic, no tensors)."""
+    on_host = isinstance(tail, list)
+    salted = [byte + 1 for byte in tail] if on_host else (tail + 1).unbind(1)  # oldest first
     hashed, chain = FNV_BASIS, []
     for back in range(max(orders)):
         hashed = fnv_step(hashed, salted[-1 - back])
         chain.append(hashed)
+    if on_host:
+        return [finish_hash(chain[n - 1]) for n in orders]
     return finish_hash(torch.stack([chain[n - 1] for n in orders], dim=1))
 
 
@@ -296,8 +314,15 @@ class HashedNgramEmbedding(nn.Module):
         """forward's vector of the last byte alone, (B, width), from tail (B, context + 1):
         the decode step's path (newest_ngram_hashes), summed in forward's order, so the
         result is the same to the bit."""
-        rows = (newest_ngram_hashes(tail, self.orders) % self.buckets).unbind(1)
-        vectors = [table(row) for row, table in zip(rows, self.embeddings)]
+        if tail.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The bytes are in host memory: hashing them as Python ints costs less than
+            # the chain's tensor operations, each a dispatch (docs/benchmarks.md, Eager
+            # decode step). Compiled code cannot read values, so it keeps the tensor chain.
+            rows = torch.tensor([[h % self.buckets for h in newest_ngram_hashes(row, self.orders)]
+                                 for row in tail.tolist()]).unbind(1)
+        else:
+            rows = (newest_ngram_hashes(tail, self.orders) % self.buckets).unbind(1)
+        vectors = [F.embedding(row, table.weight) for row, table in zip(rows, self.embeddings)]
         total = vectors[0]  # forward's sum starts from 0, which adds nothing
         for vector in vectors[1:]:
             total = total + vector

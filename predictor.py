@@ -43,6 +43,7 @@ COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default (config.KEY_ROLES)
 SETTING_KEYS = {key.removeprefix("generation_"): key for key in keys_with("generate")}
+NOISE_BLOCK = 64  # steps of sampling noise an eager CPU sampler makes at once (_log_noise)
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def top_p_filter(logits, p):
     # p < 1: a tensor p of 1 could still drop bytes by rounding
     drop_sorted = ((torch.cumsum(probs, dim=-1) - probs) >= p) & (p < 1.0)
     drop_sorted[..., 0] = False  # the top byte always stays (p may round to 0 in float32)
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back in byte order (every place written)
     return logits.masked_fill(drop, float("-inf"))
 
 
@@ -94,9 +95,11 @@ def is_greedy(temperature):
 def hashed_uniforms(seeds, step, device):
     """(B, 256) uniforms in (0, 1), a hash of (stream seed, step, byte value): a
     counter-based random stream per prompt. Every product stays below 2**63, so int64
-    arithmetic is exact on every device."""
-    x = (seeds[:, None] ^ ((step * 0x27D4EB2F + 0x165667B1) & MASK32))  # (B, 1)
-    x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # (B, 256)
+    arithmetic is exact on every device. `step` is a 0-d tensor, or (n,) steps, which
+    give (n, B, 256): each step's uniforms, the same values."""
+    salt = ((step * 0x27D4EB2F + 0x165667B1) & MASK32)[..., None, None]
+    x = seeds[:, None] ^ salt  # (B, 1), or (n, B, 1)
+    x = (x + torch.arange(256, device=device) * 0x9E3779B) & MASK32  # ([n,] B, 256)
     for multiplier in (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D):
         x = x ^ (x >> 16)
         x = (x * multiplier) & MASK32
@@ -131,32 +134,51 @@ class StreamSampler:
         self.allowed, self.following = allowed.to(device), following.to(device)
         self.utf8_state = torch.tensor(utf8_states, device=device)
         self.recent = torch.tensor(recent, device=device)  # (B, window); 256 = empty
+        self._noise, self._noise_from = torch.empty(0), 0  # see _log_noise
 
     def choose(self, logits):
         """Bytes (B,) from logits (B, 256), advancing every stream's state."""
-        logits, every = logits.float(), self.every_filter
+        logits, every = logits if logits.dtype == torch.float32 else logits.float(), self.every_filter
         if every or self.penalizes:
             seen = torch.zeros(logits.size(0), 257, dtype=torch.bool, device=logits.device)
             seen = seen.scatter_(1, self.recent, True)[:, :256]
             logits = penalize_repeats(logits, seen, self.penalty)
-        if every or self.valid_utf8_only:
+        if every:
             allowed = self.allowed[self.utf8_state] | ~self.utf8_only
             logits = logits.masked_fill(~allowed, float("-inf"))
+        elif self.valid_utf8_only:
+            logits = torch.where(self.allowed[self.utf8_state], logits, float("-inf"))
         if not every and self.greedy:
             chosen = logits.argmax(-1)
         else:
             sampled = top_k_filter(logits / self.temperature, self.top_k if every else self.k)
             if every or self.filters_top_p:
                 sampled = top_p_filter(sampled, self.top_p)
-            uniforms = hashed_uniforms(self.seeds, self.step, logits.device)
-            chosen = (sampled - torch.log(-torch.log(uniforms))).argmax(-1)  # Gumbel-max
+            chosen = (sampled - self._log_noise()).argmax(-1)  # Gumbel-max
             if every:
                 chosen = torch.where(self.argmax, logits.argmax(-1), chosen)
         self.utf8_state.copy_(self.following[self.utf8_state, chosen])
-        self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
-                             chosen[:, None])
+        if self.every_filter or self.penalizes:  # only the penalty reads the recent bytes
+            self.recent.scatter_(1, (self.step % self.recent.size(1)).expand(len(chosen), 1),
+                                 chosen[:, None])
         self.step += 1
         return chosen
+
+    def _log_noise(self):
+        """log(-log(u)) of this step's hashed uniforms (B, 256), which the Gumbel-max draw
+        subtracts. Eagerly on a CPU it is made for NOISE_BLOCK steps at once and read a
+        step at a time: made at every step, its thirty-odd tensor operations each cost a
+        dispatch (docs/benchmarks.md, Eager decode step). Compiled, it is fused into the
+        step; on a GPU, reading the step to index a block would wait for the device."""
+        if self.seeds.device.type != "cpu" or torch.compiler.is_compiling():
+            return torch.log(-torch.log(hashed_uniforms(self.seeds, self.step,
+                                                        self.seeds.device)))
+        step = int(self.step)  # a block is checked against the step, whoever moved it on
+        if not self._noise_from <= step < self._noise_from + len(self._noise):
+            steps = torch.arange(step, step + NOISE_BLOCK)
+            self._noise = torch.log(-torch.log(hashed_uniforms(self.seeds, steps, "cpu")))
+            self._noise_from = step
+        return self._noise[step - self._noise_from]
 
     TENSORS = ("seeds", "step", "allowed", "following", "utf8_state", "recent", "temperature",
                "top_k", "top_p", "penalty", "argmax", "utf8_only")
@@ -511,7 +533,12 @@ class Predictor:
         self.use_kv_cache = config["use_kv_cache"] if use_kv_cache is None else use_kv_cache
         self.valid_utf8_only = config["generation_valid_utf8_only"]
         self.compile = config["generation_compile"] if compile is None else compile
-        self.amp_dtype = resolve_amp_dtype(config, self.device)
+        # No autocast on a CPU: a step is a few products of one row each, which the CPU's
+        # bf16 kernels run slower than its fp32 ones, plus a cast of every weight per call
+        # (docs/benchmarks.md, Eager decode step). Every path (cached, uncached, compiled)
+        # generates in the same precision, so they give the same bytes.
+        self.amp_dtype = (None if self.device.type == "cpu"
+                          else resolve_amp_dtype(config, self.device))
         self.last_bytes = b""
         self._compiled_step = None  # torch.compile's step; False once compiling has failed
         # the programs compiled ahead of time, loaded, least recently used first

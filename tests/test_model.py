@@ -231,9 +231,12 @@ def test_the_decode_steps_ngram_hashes_equal_ngram_hashes(orders):
     joined = torch.cat([torch.full((5, context), NO_BYTE), torch.randint(0, 256, (5, 40))], 1)
     reference = ngram_hashes(joined, orders, 40)  # {n: (5, 40)}
     for t in range(40):
-        hashes = newest_ngram_hashes(joined[:, t:t + context + 1], orders)  # (5, len(orders))
+        tail = joined[:, t:t + context + 1]
+        hashes = newest_ngram_hashes(tail, orders)  # (5, len(orders))
+        on_host = [newest_ngram_hashes(row, orders) for row in tail.tolist()]  # the CPU's path
         for column, n in enumerate(orders):
             assert torch.equal(hashes[:, column], reference[n][:, t]), (n, t)
+            assert [row[column] for row in on_host] == reference[n][:, t].tolist(), (n, t)
 
 
 def test_ngram_buckets_fill_like_a_random_function():
@@ -315,6 +318,23 @@ def test_decoding_streams_at_different_positions_equals_full_forward(model):
     logits, at = decoded_logits(model, x, prompt_lengths=[1, 5, 8], steps=8)
     expected = full[torch.arange(3)[:, None], at]  # (3, 8, 256)
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [DEFAULT_LAYERS, dict(PARALLEL, **DEFAULT_LAYERS,
+                                                             agg_cnn_kernel_size=3,
+                                                             agg_cnn_stride=2)],
+                         ids=["single", "parallel"])
+def test_decoding_under_fp16_autocast_equals_its_full_forward(overrides):
+    """Under autocast to a dtype that is not the CPU's bf16 (a GPU's path), the eager step
+    attends without SDPA, with StepPlaces' additive mask: the same logits as the full
+    forward under that autocast."""
+    model = tiny_model(**overrides)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        full = model(x).float()
+        logits, at = decoded_logits(model, x, prompt_lengths=[3, 6], steps=8)
+    expected = full[torch.arange(2)[:, None], at]
+    assert (logits.float() - expected).abs().max().item() < 0.05  # fp16 rounding
 
 
 AT_SPACELIKE_ENDS = dict(PARALLEL, parallel_fusion="at_boundaries", patch_boundaries="spacelike",

@@ -82,6 +82,28 @@ def test_cached_and_uncached_give_identical_bytes(tmp_path, parallel, device, wi
     assert cached == uncached
 
 
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_a_cpu_generates_in_fp32_whatever_the_configs_precision(tmp_path, parallel):
+    """No autocast on a CPU (Predictor): the decode step runs in fp32 under a bf16 config
+    too, and gives the bytes an fp32 config gives, cached and uncached alike, over a
+    window that slides several times."""
+    texts = []
+    for precision in ({"use_amp": False}, {"use_amp": True, "amp_dtype": "bfloat16"}):
+        predictor = make_predictor(tmp_path, parallel, sequence_length=16, **precision)
+        autocast_in_steps, decode = [], predictor.model.decode_step
+
+        def spy(*args):
+            autocast_in_steps.append(torch.is_autocast_enabled("cpu"))
+            return decode(*args)
+        predictor.model.decode_step = spy
+        cached, uncached = generate_both_ways(predictor, "Hello", max_new_bytes=50, seed=3,
+                                              **RANDOM)
+        assert autocast_in_steps and not any(autocast_in_steps)
+        assert len(cached[1]) > 40 and cached == uncached
+        texts.append(cached)
+    assert texts[0] == texts[1]
+
+
 def test_cache_feeds_prompt_once_then_one_byte_per_step(tmp_path):
     predictor = make_predictor(tmp_path, sequence_length=64)
     record = spy_on_model(predictor.model)
@@ -541,6 +563,22 @@ def test_sampling_noise_depends_on_seed_step_and_byte_only():
     assert abs(many.var().item() - 1 / 12) < 0.005
 
 
+def test_noise_made_in_blocks_equals_the_noise_of_each_step():
+    """The eager CPU sampler makes its noise NOISE_BLOCK steps at a time: each step must
+    read exactly the noise hashed_uniforms gives for that step, across block ends, and
+    after the step was moved on by something else (a compiled step) than its own draws."""
+    from predictor import NOISE_BLOCK, StreamSampler, hashed_uniforms
+    settings = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    seeds = [5, 2**40 + 3]
+    sampler = StreamSampler(settings, seeds, [0, 0], [[256] * 4] * 2, False, "cpu")
+    for step in [*range(2 * NOISE_BLOCK + 3), 500, 501, 7]:
+        sampler.step.fill_(step)
+        uniforms = hashed_uniforms(sampler.seeds, torch.tensor(step), "cpu")
+        assert torch.equal(sampler._log_noise(), torch.log(-torch.log(uniforms))), step
+    many = hashed_uniforms(sampler.seeds, torch.arange(3, 9), "cpu")  # (6, 2, 256)
+    assert torch.equal(many[2], hashed_uniforms(sampler.seeds, torch.tensor(5), "cpu"))
+
+
 def compiled_and_eager(predictor, prompts, **settings):
     """(texts, bytes) of `predictor` compiling ("always"), then not ("never")."""
     results = []
@@ -599,8 +637,8 @@ def recording_packages(monkeypatch):
                               "at-spacelike-ends-fp32"])
 def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypatch, parallel,
                                                              amp):
-    """The CPU's compiled path (AOTInductor) against the eager one, under bf16 autocast
-    too; with the parallel stream both skip the patch stream where no patch completes
+    """The CPU's compiled path (AOTInductor) against the eager one, with a bf16 config
+    too (a CPU generates in fp32 whatever the config asks); with the parallel stream both skip the patch stream where no patch completes
     (compiled: a second program). Every step after the prompt pass runs in a program;
     the program reads the model's weights and every sampling setting at every call, so
     it serves every later call with the same shapes, whatever its settings; and a later
@@ -611,7 +649,7 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
     amp_settings = {"use_amp": True, "amp_dtype": amp} if amp else {}
     predictor = make_predictor(tmp_path, parallel, sequence_length=32,
                                generation_compile="always", **amp_settings)
-    assert predictor.amp_dtype == (torch.bfloat16 if amp else None)
+    assert predictor.amp_dtype is None  # a CPU generates in fp32, whatever the config asks
     prompts, settings = ["The ", "é"], dict(max_new_bytes=40)
     filters = dict(temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
     with warnings.catch_warnings():
