@@ -225,25 +225,20 @@ class LearningRateSchedule:
 # ---------------------------------------------------------------------------
 # Building blocks of the Trainer
 
-def sparse_tables(config):
-    """Whether the embedding tables take RowSparseAdamW: with AdamW and Muon runs (whose
-    decay is decoupled, as RowSparseAdamW's), not with Adam (whose decay is in the gradient)."""
-    return config["sparse_table_updates"] and config["optimizer_type"] != "Adam"
-
-
 def build_optimizers(model, config, amp_dtype=None):
     """[AdamW (or Adam)] with weight decay on matrices only; with "Muon", [AdamW, Muon]:
     Muon takes the transformer layers' matrices (model.hidden_matrices()) and AdamW the
-    rest. With sparse_table_updates the embedding tables (every nn.Embedding) leave AdamW
-    for a RowSparseAdamW, appended last, that updates only the rows a step used. Each
+    rest. With sparse_table_updates the embedding tables of model.sparse_tables() leave
+    AdamW for a RowSparseAdamW, appended last, that updates only the rows a step used. Each
     parameter group carries `lr_ratio`, its peak rate over learning_rate, so one schedule
     drives them all. Muon orthogonalizes in bf16 when the run trains under bf16 autocast
     (`amp_dtype`), else in fp32: one precision decision per run."""
     muon = config["optimizer_type"] == "Muon"
     hidden = list(model.hidden_matrices()) if muon else []
-    tables = ([module for module in model.modules()
-               if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad]
-              if sparse_tables(config) else [])
+    # Adam's decay is in the gradient, not decoupled as RowSparseAdamW's: its tables stay dense.
+    sparse = config["sparse_table_updates"] and config["optimizer_type"] != "Adam"
+    tables = [table for table in model.sparse_tables() if table.weight.requires_grad] \
+        if sparse else []
     taken = {id(p) for p in hidden + [table.weight for table in tables]}
     decay, no_decay = [], []
     for parameter in model.parameters():

@@ -50,8 +50,8 @@ def final_validation(root):
 
 @pytest.mark.parametrize("recipe", [[], ["--optimizer_type=AdamW", "--scheduler_type=wsd",
                                       "--positional_encoding_type=sinusoidal",
-                                      "--qk_norm=False"]],
-                         ids=["default-recipe-muon", "adamw-sinusoidal-wsd"])
+                                      "--qk_norm=False"], ["--sparse_table_updates=True"]],
+                         ids=["default-recipe-muon", "adamw-sinusoidal-wsd", "sparse-tables"])
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     """Pinned to fp32 (launch passes --use_amp=False, and Muon then orthogonalizes in fp32
     too), so the tolerance is fp32's summation-order rounding on every CPU; bf16 rounding

@@ -97,7 +97,7 @@ def test_the_real_model_updates_exactly_the_rows_whose_gradient_is_not_zero(tmp_
     x, y = trainer.train_dataset.__getitems__(range(4))
     trainer.model(x, y).backward()
     tables = [group_param for group in sparse.param_groups for group_param in group["params"]]
-    assert len(tables) == 1 + len(trainer.config["ngram_orders"])  # bytes + n-gram tables
+    assert len(tables) == len(trainer.config["ngram_orders"])  # the n-gram tables
     for param, rows in zip(tables, sparse.used_rows(tables)):
         assert torch.equal(rows, param.grad.abs().amax(dim=1).nonzero().squeeze(1))
 
@@ -107,8 +107,7 @@ def test_the_tables_leave_adamw_and_the_layers_stay_with_muon(tmp_path):
     adamw, muon, sparse = trainer.optimizers
     model = trainer.raw_model
     in_sparse = {id(p) for group in sparse.param_groups for p in group["params"]}
-    assert in_sparse == {id(model.embedding.weight)} | {
-        id(p) for p in model.ngram_embedding.parameters()}
+    assert in_sparse == {id(p) for p in model.ngram_embedding.parameters()}
     in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     assert in_muon == {id(p) for p in model.hidden_matrices()}
