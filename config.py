@@ -106,7 +106,7 @@ CONFIG_V3 = {
     "weight_decay": 0.1,  # weight decay on weight matrices (not biases, norms or embeddings' bias)
     "gradient_accumulation_steps": 1,  # micro-batches summed per optimizer step
     "clip_grad_norm_value": 1.0,  # clip the global gradient norm to this (None = no clipping)
-    "sparse_table_updates": False,  # AdamW updates only the embedding rows a step used (docs/design.md)
+    "sparse_table_updates": False,  # update only the n-gram table rows a step used (pays with large ngram_buckets)
     "print_every": 100,  # print a log line every N optimizer steps
     "metrics_every": 10,  # append a row to metrics.csv every N optimizer steps
     "test_every_batches": 500,  # print an interim generated sample every N steps (0 = never)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -48,11 +49,19 @@ class TrainingDiverged(UserError):
 
 def schedule_problems(c):
     """Cross-key rules of the schedule (only keys whose own values are valid are in `c`)."""
+    problems = []
     if "lr_scheduler_eta_min" in c and "learning_rate" in c \
             and c["lr_scheduler_eta_min"] > c["learning_rate"]:
-        return [f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
-                f"`learning_rate` ({c['learning_rate']})"]
-    return []
+        problems.append(f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
+                        f"`learning_rate` ({c['learning_rate']})")
+    # RowSparseAdamW sums log(1 - lr * weight_decay); no rate exceeds the peak.
+    if c.get("sparse_table_updates") and "learning_rate" in c and "weight_decay" in c \
+            and c["learning_rate"] * c["weight_decay"] >= 1:
+        problems.append(f"`learning_rate` x `weight_decay` ({c['learning_rate']} x "
+                        f"{c['weight_decay']}) is 1 or more: each step's decay, by (1 - their "
+                        f"product), would zero or flip the weights; sparse_table_updates "
+                        f"needs it below 1")
+    return problems
 
 
 def schedule_warnings(schedule):
@@ -298,8 +307,13 @@ class RowSparseAdamW(torch.optim.Optimizer):
                          dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                               lr_ratio=lr_ratio))
         self.looked_up = {}  # weight -> [index tensors] since the last zero_grad
+        record = weakref.WeakMethod(self._record)  # a table may outlive its optimizer
+
+        def hook(module, args):
+            if record() is not None:
+                record()(module, args)
         for module in embeddings:
-            module.register_forward_pre_hook(self._record)
+            module.register_forward_pre_hook(hook)
 
     def _record(self, module, args):
         if torch.is_grad_enabled():

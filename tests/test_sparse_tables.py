@@ -159,3 +159,16 @@ def test_a_resume_that_turns_sparse_table_updates_on_says_what_changed(tmp_path)
                              sparse_table_updates=True)
     with pytest.raises(Exception, match="sparse_table_updates changed"):
         turned_on.resume(checkpoint_path(first.config, "latest"))
+
+
+def test_a_decay_the_running_sum_of_logs_cannot_follow_is_a_config_error():
+    from main import check_config
+    from utils import ConfigError
+    config = make_tiny_config("/unused", sparse_table_updates=True, learning_rate=0.5,
+                              weight_decay=2.0, lr_scheduler_eta_min=1e-4)
+    with pytest.raises(ConfigError) as caught:
+        check_config(config)
+    assert any("`learning_rate` x `weight_decay` (0.5 x 2.0) is 1 or more" in problem
+               for problem in caught.value.problems)
+    check_config(dict(config, weight_decay=1.9))  # below 1: accepted
+    check_config(dict(config, sparse_table_updates=False))  # dense AdamW: not its rule
