@@ -247,7 +247,7 @@ def build_optimizers(model, config, amp_dtype=None):
     # Adam's decay is in the gradient, not decoupled as RowSparseAdamW's: its tables stay dense.
     sparse = config["sparse_table_updates"] and config["optimizer_type"] != "Adam"
     tables = [table for table in model.sparse_tables() if table.weight.requires_grad] \
-        if sparse else []
+        if sparse and hasattr(model, "sparse_tables") else []
     taken = {id(p) for p in hidden + [table.weight for table in tables]}
     decay, no_decay = [], []
     for parameter in model.parameters():
@@ -287,8 +287,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
     GradScaler and clipping by the global norm see what they see without it. A table must
     be used through its module's forward only: a row reached through `.weight` directly
     (weight tying) would never be recorded, so never updated. Where no index was recorded
-    but a gradient is there (a compiled model may leave out hooks added after compiling),
-    the rows are found from the gradient instead: slower, the same rows.
+    but a gradient is there (a model under torch.compile runs no module hooks), the rows
+    are found from the gradient instead: slower, the same rows.
 
     A row's moments and weight decay are caught up when it is next updated: its moments
     are multiplied by beta^k for the k steps it skipped, its weights by the product of

@@ -172,3 +172,21 @@ def test_a_decay_the_running_sum_of_logs_cannot_follow_is_a_config_error():
                for problem in caught.value.problems)
     check_config(dict(config, weight_decay=1.9))  # below 1: accepted
     check_config(dict(config, sparse_table_updates=False))  # dense AdamW: not its rule
+
+
+def test_fp16_with_a_grad_scaler_steps_the_tables(tmp_path):
+    trainer = real_trainer(tmp_path, sparse_table_updates=True, use_amp=True,
+                           amp_dtype="float16", max_steps=3)
+    assert trainer.scaler.is_enabled()
+    table = trainer.raw_model.ngram_embedding.embeddings[0].weight
+    assert not table.any()  # the tables start at zero
+    trainer.train()
+    assert table.any() and torch.isfinite(table).all()
+    assert trainer.optimizers[-1].state[table]["step"] >= 1  # a step the scaler took
+
+
+def test_a_model_without_sparse_tables_trains_with_the_option_on(tmp_path):
+    from tests.test_trainer import make_trainer, tiny
+    trainer = make_trainer(tiny(tmp_path, sparse_table_updates=True))
+    assert len(trainer.optimizers) == 1  # the stand-in model declares no sparse tables
+    assert trainer.train()["steps"] == 6
