@@ -274,6 +274,35 @@ def build_optimizers(model, config, amp_dtype=None):
     return optimizers
 
 
+def coasting(exp_avg, exp_avg_sq, last_step, skipped, betas, eps, keep=1.0):
+    """(R, width): the sum of AdamW's update directions m^_j / (sqrt(v^_j) + eps) over the
+    `skipped` steps j = 1..k after a row's update at `last_step` (both (R, 1)), in which
+    its gradient was zero: m_j = beta1^j m, v_j = beta2^j v; each term times keep^(k-j),
+    the weight decay of the steps after it. In closed form, with the bias corrections of
+    step last_step + 1 throughout, and each term's denominator taken as the larger of its
+    parts, beta2^(j/2) sqrt(v^) while that exceeds eps, eps after: two geometric series.
+    Exact where sqrt(v^) is far above or below eps; where they meet, a term is at most
+    twice its true size."""
+    beta1, beta2 = betas
+    after = (last_step + 1).double()
+    m = exp_avg / (1 - beta1 ** after).to(exp_avg.dtype)
+    root_v = exp_avg_sq.sqrt() / (1 - beta2 ** after).sqrt().to(exp_avg.dtype)
+    if beta2 == 0:  # v is 0 from the first skipped step on
+        above = torch.zeros_like(root_v)
+    else:  # how many of the k terms have beta2^(j/2) sqrt(v^) >= eps
+        above = (2 * torch.log(eps / root_v) / math.log(beta2)).floor().clamp_(min=0)
+        above = torch.minimum(above, skipped)
+
+    def series(ratio, first, last):  # sum of ratio^j for j = first..last (tensors)
+        if ratio == 1:
+            return last - first + 1
+        return (ratio ** first - ratio ** (last + 1)) / (1 - ratio)
+    ratio = beta1 / math.sqrt(beta2) / keep if beta2 else 0.0
+    over_root_v = series(ratio, torch.ones_like(above), above)
+    over_eps = series(beta1 / keep, above + 1, skipped)
+    return keep ** skipped * m * (over_root_v / root_v.clamp(min=eps) + over_eps / eps)
+
+
 class RowSparseAdamW(torch.optim.Optimizer):
     """AdamW for embedding tables (nn.Embedding modules) that reads and writes only the
     rows a step looked up. A step of B x T bytes uses at most B x T rows of each n-gram
@@ -362,12 +391,20 @@ class RowSparseAdamW(torch.optim.Optimizer):
         exp_avg = state["exp_avg"].index_select(0, rows)
         exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
         weights = param.index_select(0, rows)
-        skipped = (step - 1 - state["last_step"].index_select(0, rows)).double()[:, None]
-        exp_avg.mul_(torch.pow(beta1, skipped).to(param.dtype))  # 1 for a row used last step
-        exp_avg_sq.mul_(torch.pow(beta2, skipped).to(param.dtype))
+        last = state["last_step"].index_select(0, rows)[:, None]  # (R, 1)
+        skipped = (step - 1 - last).to(param.dtype)  # 0 for a row used last step
+        # The steps a row skipped, as dense AdamW took them with a zero gradient: its
+        # decay, its move by momentum alone, its moments' decay.
         if weight_decay:
             owed = state["decay_logs"] - state["decay_mark"].index_select(0, rows)[:, None]
-            weights.mul_(owed.exp().to(param.dtype)).mul_(1 - lr * weight_decay)
+            weights.mul_(owed.exp().to(param.dtype))
+        if beta1:
+            weights.sub_(coasting(exp_avg, exp_avg_sq, last, skipped, group["betas"],
+                                  group["eps"], keep=1 - lr * weight_decay), alpha=lr)
+        exp_avg.mul_(beta1 ** skipped)
+        exp_avg_sq.mul_(beta2 ** skipped)
+        if weight_decay:
+            weights.mul_(1 - lr * weight_decay)
             state["decay_logs"] += math.log1p(-lr * weight_decay)
             state["decay_mark"].index_fill_(0, rows, state["decay_logs"])
         # As torch.optim.AdamW's single-tensor step, on the rows alone.
