@@ -49,18 +49,32 @@ class TrainingDiverged(UserError):
 
 def schedule_problems(c):
     """Cross-key rules of the schedule (only keys whose own values are valid are in `c`)."""
-    problems = []
     if "lr_scheduler_eta_min" in c and "learning_rate" in c \
             and c["lr_scheduler_eta_min"] > c["learning_rate"]:
-        problems.append(f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
-                        f"`learning_rate` ({c['learning_rate']})")
-    # RowSparseAdamW sums log(1 - lr * weight_decay); no rate exceeds the peak.
-    if c.get("sparse_table_updates") and "learning_rate" in c and "weight_decay" in c \
+        return [f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
+                f"`learning_rate` ({c['learning_rate']})"]
+    return []
+
+
+def optimizer_problems(c):
+    """Cross-key rules of RowSparseAdamW's closed forms (sparse_table_updates)."""
+    if not c.get("sparse_table_updates"):
+        return []
+    problems = []
+    # It sums log(1 - lr * weight_decay); no rate exceeds the peak.
+    if "learning_rate" in c and "weight_decay" in c \
             and c["learning_rate"] * c["weight_decay"] >= 1:
         problems.append(f"`learning_rate` x `weight_decay` ({c['learning_rate']} x "
                         f"{c['weight_decay']}) is 1 or more: each step's decay, by (1 - their "
                         f"product), would zero or flip the weights; sparse_table_updates "
                         f"needs it below 1")
+    # A skipped row's moves by momentum are a geometric series of this ratio (coasting).
+    if "adam_beta1" in c and "adam_beta2" in c \
+            and c["adam_beta1"] >= math.sqrt(c["adam_beta2"]):
+        problems.append(f"`adam_beta1` ({c['adam_beta1']}) is not below the square root of "
+                        f"`adam_beta2` ({c['adam_beta2']}): the momentum fades slower than "
+                        f"the root of the second moment, and sparse_table_updates cannot "
+                        f"sum a skipped row's moves; raise adam_beta2 or lower adam_beta1")
     return problems
 
 
@@ -277,30 +291,21 @@ def build_optimizers(model, config, amp_dtype=None):
 def coasting(exp_avg, exp_avg_sq, last_step, skipped, betas, eps, keep=1.0):
     """(R, width): the sum of AdamW's update directions m^_j / (sqrt(v^_j) + eps) over the
     `skipped` steps j = 1..k after a row's update at `last_step` (both (R, 1)), in which
-    its gradient was zero: m_j = beta1^j m, v_j = beta2^j v; each term times keep^(k-j),
-    the weight decay of the steps after it. In closed form, with the bias corrections of
-    step last_step + 1 throughout, and each term's denominator taken as the larger of its
-    parts, beta2^(j/2) sqrt(v^) while that exceeds eps, eps after: two geometric series.
-    Exact where sqrt(v^) is far above or below eps; where they meet, a term is at most
-    twice its true size."""
+    its gradient was zero, each times keep^(k-j), the decay of the steps after it. As
+    m_j = beta1^j m and v_j = beta2^j v, the terms are m^ / sqrt(v^) times a geometric
+    series of ratio beta1 / sqrt(beta2), summed here per row in closed form, with the
+    bias corrections of step last_step + 1 throughout. eps is kept as in the step after
+    the update: exact while sqrt(v^_j) stays far above eps (for any gradient not tiny,
+    for longer than the series lasts); for tiny gradients the series is the upper bound."""
     beta1, beta2 = betas
-    after = (last_step + 1).double()
-    m = exp_avg / (1 - beta1 ** after).to(exp_avg.dtype)
+    after, k = (last_step + 1).double(), skipped.double()
+    fading = beta1 / math.sqrt(beta2)  # below 1: optimizer_problems
+    ratio = fading / keep
+    # keep^k (ratio + ... + ratio^k), written so that no power exceeds 1
+    series = k * keep ** k if ratio == 1 else ratio * (keep ** k - fading ** k) / (1 - ratio)
+    scale = (series / (1 - beta1 ** after)).to(exp_avg.dtype)  # (R, 1)
     root_v = exp_avg_sq.sqrt() / (1 - beta2 ** after).sqrt().to(exp_avg.dtype)
-    if beta2 == 0:  # v is 0 from the first skipped step on
-        above = torch.zeros_like(root_v)
-    else:  # how many of the k terms have beta2^(j/2) sqrt(v^) >= eps
-        above = (2 * torch.log(eps / root_v) / math.log(beta2)).floor().clamp_(min=0)
-        above = torch.minimum(above, skipped)
-
-    def series(ratio, first, last):  # sum of ratio^j for j = first..last (tensors)
-        if ratio == 1:
-            return last - first + 1
-        return (ratio ** first - ratio ** (last + 1)) / (1 - ratio)
-    ratio = beta1 / math.sqrt(beta2) / keep if beta2 else 0.0
-    over_root_v = series(ratio, torch.ones_like(above), above)
-    over_eps = series(beta1 / keep, above + 1, skipped)
-    return keep ** skipped * m * (over_root_v / root_v.clamp(min=eps) + over_eps / eps)
+    return exp_avg / root_v.add_(eps) * scale
 
 
 class RowSparseAdamW(torch.optim.Optimizer):

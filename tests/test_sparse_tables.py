@@ -184,7 +184,7 @@ def test_a_resume_that_turns_sparse_table_updates_on_says_what_changed(tmp_path)
         turned_on.resume(checkpoint_path(first.config, "latest"))
 
 
-def test_a_decay_the_running_sum_of_logs_cannot_follow_is_a_config_error():
+def test_settings_the_closed_forms_cannot_follow_are_config_errors():
     from main import check_config
     from utils import ConfigError
     config = make_tiny_config("/unused", sparse_table_updates=True, learning_rate=0.5,
@@ -195,6 +195,8 @@ def test_a_decay_the_running_sum_of_logs_cannot_follow_is_a_config_error():
                for problem in caught.value.problems)
     check_config(dict(config, weight_decay=1.9))  # below 1: accepted
     check_config(dict(config, sparse_table_updates=False))  # dense AdamW: not its rule
+    with pytest.raises(ConfigError, match="`adam_beta1` \\(0.9\\) is not below the square root"):
+        check_config(dict(config, weight_decay=0.1, adam_beta2=0.8))
 
 
 def test_fp16_with_a_grad_scaler_steps_the_tables(tmp_path):
