@@ -304,7 +304,9 @@ def coasting(exp_avg, exp_avg_sq, last_step, skipped, betas, eps, keep=1.0):
     # keep^k (ratio + ... + ratio^k), written so that no power exceeds 1
     series = k * keep ** k if ratio == 1 else ratio * (keep ** k - fading ** k) / (1 - ratio)
     scale = (series / (1 - beta1 ** after)).to(exp_avg.dtype)  # (R, 1)
-    root_v = exp_avg_sq.sqrt() / (1 - beta2 ** after).sqrt().to(exp_avg.dtype)
+    # sqrt(v) as 1 / rsqrt(v): the CPU's sqrt takes a slow path at 0, the v of every row
+    # a step uses for the first time
+    root_v = exp_avg_sq.rsqrt().reciprocal_() / (1 - beta2 ** after).sqrt().to(exp_avg.dtype)
     return exp_avg / root_v.add_(eps) * scale
 
 
