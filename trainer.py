@@ -326,13 +326,12 @@ class RowSparseAdamW(torch.optim.Optimizer):
     but a gradient is there (a model under torch.compile runs no module hooks), the rows
     are found from the gradient instead: slower, the same rows.
 
-    A row's moments and weight decay are caught up when it is next updated: its moments
-    are multiplied by beta^k for the k steps it skipped, its weights by the product of
-    (1 - lr * weight_decay) over those steps (a running sum of logs, as the rate changes
-    each step). So its moments equal dense AdamW's, and so does its decay, up to rounding.
-    What is not replayed is the move dense AdamW gives a skipped row by its momentum
-    alone: a skipped row stands still, as in lazy Adam (docs/design.md, Sparse updates of
-    the embedding tables)."""
+    A row that skipped k steps is caught up when it is next updated, to what dense AdamW
+    would have made of it with a zero gradient: its weights are multiplied by the product
+    of (1 - lr * weight_decay) over those steps (a running sum of logs, as the rate
+    changes each step), moved as its momentum alone would have moved them (coasting: in
+    closed form, at this step's rate), and its moments multiplied by beta^k (docs/
+    design.md, Sparse updates of the embedding tables)."""
 
     # Per-row state that load_state_dict must not cast to the parameter's dtype (it casts
     # every state tensor but "step"): step counts and float64 sums of logs.
