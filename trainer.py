@@ -330,8 +330,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
     would have made of it with a zero gradient: its weights are multiplied by the product
     of (1 - lr * weight_decay) over those steps (a running sum of logs, as the rate
     changes each step), moved as its momentum alone would have moved them (coasting: in
-    closed form, at this step's rate), and its moments multiplied by beta^k (docs/
-    design.md, Sparse updates of the embedding tables)."""
+    closed form, at this step's rate), and its moments multiplied by beta^k
+    (docs/design.md, Sparse updates of the embedding tables)."""
 
     # Per-row state that load_state_dict must not cast to the parameter's dtype (it casts
     # every state tensor but "step"): step counts and float64 sums of logs.
