@@ -343,22 +343,36 @@ def matmul_peak(device, size, rounds):
     return {name: 2 * size**3 / s for name, s in seconds.items()}
 
 
+# config.py's default model itself (not the reference shape), dense and sparse updates of
+# its n-gram tables: the step users run, against the arithmetic bound (MFU).
+DEFAULT_MODEL_VARIANTS = {"dense tables": {}, "sparse_table_updates": {"sparse_table_updates": True}}
+
+
 def bench_training(device, scale):
     """ms per optimizer step of the reference shape with config.py's recipe (the
     Trainer's own step: forward, backward, clipping, Muon + AdamW), single/parallel
-    stream x fp32/bf16 autocast, interleaved."""
-    data = np.random.default_rng(0).integers(0, 256, size=64 * 1024, dtype=np.uint8)
+    stream x fp32/bf16 autocast, and of config.py's default model with dense and sparse
+    table updates, all interleaved. Text windows: which n-gram rows a step touches
+    depends on the text (sparse updates)."""
+    data = np.frombuffer(dummy_corpus_text(target_bytes=256 * 1024).encode("utf-8"),
+                         dtype=np.uint8)
     steps, configs = {}, {}
+
+    def add(key, overrides):
+        config = check_config({**CONFIG_V3, **overrides})
+        trainer = build_training(config, data, device)
+        batch = trainer.train_dataset.__getitems__(range(config["batch_size"]))
+        steps[key] = seconds_of(lambda t=trainer, b=batch: t.train_step([b]), device)
+        configs[key] = (config, count_parameters(trainer.raw_model))
+
     for arch, parallel in ARCHITECTURES.items():
         for precision, dtype in PRECISIONS.items():
-            config = check_config({**CONFIG_V3, **REFERENCE_SHAPE,
-                                   "use_parallel_stream_model": parallel,
-                                   "use_amp": dtype is not None, "amp_dtype": "bfloat16"})
-            trainer = build_training(config, data, device)
-            batch = trainer.train_dataset.__getitems__(range(config["batch_size"]))
-            steps[arch, precision] = seconds_of(lambda t=trainer, b=batch: t.train_step([b]),
-                                                device)
-            configs[arch, precision] = (config, count_parameters(trainer.raw_model))
+            add((arch, precision), {**REFERENCE_SHAPE, "use_parallel_stream_model": parallel,
+                                    "use_amp": dtype is not None, "amp_dtype": "bfloat16"})
+    for name, overrides in DEFAULT_MODEL_VARIANTS.items():
+        for precision, dtype in PRECISIONS.items():
+            add((f"defaults, {name}", precision), {**overrides, "use_amp": dtype is not None,
+                                                   "amp_dtype": "bfloat16"})
     log(f"training: timing {len(steps)} variants")
     seconds = side_by_side(steps, scale["train_rounds"], scale["train_block"],
                            scale["train_warmup"])
@@ -379,6 +393,9 @@ def bench_training(device, scale):
     rate = {(r["model"], r["precision"]): r["bytes_per_s"] for r in rows}
     comparisons = [comparison(f"bf16 vs fp32, {arch}", "bytes_per_s", rate[arch, "bf16"],
                               rate[arch, "fp32"]) for arch in ARCHITECTURES]
+    comparisons += [comparison(f"sparse vs dense table updates, defaults, {p}", "bytes_per_s",
+                               rate["defaults, sparse_table_updates", p],
+                               rate["defaults, dense tables", p]) for p in PRECISIONS]
     comparisons += [comparison(f"parallel vs single-stream, {p}", "bytes_per_s",
                                rate["parallel-stream", p], rate["single-stream", p])
                     for p in PRECISIONS]

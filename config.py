@@ -113,6 +113,7 @@ CONFIG_V3 = {
     "weight_decay": 0.1,  # weight decay on weight matrices (not biases, norms or embeddings' bias)
     "gradient_accumulation_steps": 1,  # micro-batches summed per optimizer step
     "clip_grad_norm_value": 1.0,  # clip the global gradient norm to this (None = no clipping)
+    "sparse_table_updates": False,  # update only the n-gram table rows a step used (pays with large ngram_buckets)
     "print_every": 100,  # print a log line every N optimizer steps
     "metrics_every": 10,  # append a row to metrics.csv every N optimizer steps
     "test_every_batches": 500,  # print an interim generated sample every N steps (0 = never)
@@ -271,6 +272,7 @@ RULES = {
     "weight_decay": real(0),
     "gradient_accumulation_steps": POSITIVE,
     "clip_grad_norm_value": real(0, low_open=True, nullable=True),
+    "sparse_table_updates": flag(),
     "print_every": POSITIVE,
     "metrics_every": POSITIVE,
     "test_every_batches": COUNT,
@@ -412,6 +414,7 @@ KEY_ROLES = {
     "weight_decay": ("training",),
     "gradient_accumulation_steps": ("training",),
     "clip_grad_norm_value": ("training",),
+    "sparse_table_updates": ("training",),
     "validate_and_checkpoint_best_every_batches": ("training",),
     "eval_max_batches": ("training",),
     # schedule and AMP

@@ -33,14 +33,15 @@ from model import (ARCHITECTURE_KEYS, LEGACY_ARCHITECTURE, ByteLLM_GrugV3, count
                    parameters_of, structure_problems, structure_warnings)
 from predictor import Predictor, interactive_loop
 from report import write_report
-from trainer import Trainer, schedule_problems, validate_final_model
+from trainer import Trainer, optimizer_problems, schedule_problems, validate_final_model
 from utils import (ConfigError, UserError, agree_across_ranks, apply_overrides, atomic_output,
                    available_memory_bytes,
                    config_comments, config_problems, remove_stale_temporaries,
                    resolve_amp_dtype, resolve_device, seed_everything, setup_distributed,
                    suggestion)
 
-CROSS_KEY_RULES = (structure_problems, schedule_problems, evaluation_problems, split_problems)
+CROSS_KEY_RULES = (structure_problems, schedule_problems, optimizer_problems,
+                   evaluation_problems, split_problems)
 # The program's own options (not config keys): None = a bare switch.
 SWITCHES = {"help": None, "interactive": None, "evaluate": "PATH", "json": "PATH",
             "report": None}

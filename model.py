@@ -555,6 +555,12 @@ class ByteLLM_GrugV3(nn.Module):
                 for layer_module in (layer.attn.qkv, layer.attn.out_proj,
                                      layer.ffn.linear1, layer.ffn.linear2)]
 
+    def sparse_tables(self):
+        """The embedding modules a step looks up only a few rows of (the n-gram tables;
+        what RowSparseAdamW optimizes with sparse_table_updates). The byte embedding is
+        not among them: a step uses most of its 256 rows."""
+        return list(self.ngram_embedding.embeddings) if self.ngram_embedding is not None else []
+
     def _init_weights(self, zero_output_projections):
         for module in self.modules():
             if isinstance(module, nn.Linear):

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -53,6 +54,28 @@ def schedule_problems(c):
         return [f"`lr_scheduler_eta_min` ({c['lr_scheduler_eta_min']}) is above "
                 f"`learning_rate` ({c['learning_rate']})"]
     return []
+
+
+def optimizer_problems(c):
+    """Cross-key rules of RowSparseAdamW's closed forms (sparse_table_updates)."""
+    if not c.get("sparse_table_updates"):
+        return []
+    problems = []
+    # It sums log(1 - lr * weight_decay); no rate exceeds the peak.
+    if "learning_rate" in c and "weight_decay" in c \
+            and c["learning_rate"] * c["weight_decay"] >= 1:
+        problems.append(f"`learning_rate` x `weight_decay` ({c['learning_rate']} x "
+                        f"{c['weight_decay']}) is 1 or more: each step's decay, by (1 - their "
+                        f"product), would zero or flip the weights; sparse_table_updates "
+                        f"needs it below 1")
+    # A skipped row's moves by momentum are a geometric series of this ratio (coasting).
+    if "adam_beta1" in c and "adam_beta2" in c \
+            and c["adam_beta1"] >= math.sqrt(c["adam_beta2"]):
+        problems.append(f"`adam_beta1` ({c['adam_beta1']}) is not below the square root of "
+                        f"`adam_beta2` ({c['adam_beta2']}): the momentum fades slower than "
+                        f"the root of the second moment, and sparse_table_updates cannot "
+                        f"sum a skipped row's moves; raise adam_beta2 or lower adam_beta1")
+    return problems
 
 
 def schedule_warnings(schedule):
@@ -228,12 +251,18 @@ class LearningRateSchedule:
 def build_optimizers(model, config, amp_dtype=None):
     """[AdamW (or Adam)] with weight decay on matrices only; with "Muon", [AdamW, Muon]:
     Muon takes the transformer layers' matrices (model.hidden_matrices()) and AdamW the
-    rest. Each parameter group carries `lr_ratio`, its peak rate over learning_rate, so
-    one schedule drives them all. Muon orthogonalizes in bf16 when the run trains under
-    bf16 autocast (`amp_dtype`), else in fp32: one precision decision per run."""
+    rest. With sparse_table_updates the embedding tables of model.sparse_tables() leave
+    AdamW for a RowSparseAdamW, appended last, that updates only the rows a step used. Each
+    parameter group carries `lr_ratio`, its peak rate over learning_rate, so one schedule
+    drives them all. Muon orthogonalizes in bf16 when the run trains under bf16 autocast
+    (`amp_dtype`), else in fp32: one precision decision per run."""
     muon = config["optimizer_type"] == "Muon"
     hidden = list(model.hidden_matrices()) if muon else []
-    taken = {id(p) for p in hidden}
+    # Adam's decay is in the gradient, not decoupled as RowSparseAdamW's: its tables stay dense.
+    sparse = config["sparse_table_updates"] and config["optimizer_type"] != "Adam"
+    tables = [table for table in model.sparse_tables() if table.weight.requires_grad] \
+        if sparse and hasattr(model, "sparse_tables") else []
+    taken = {id(p) for p in hidden + [table.weight for table in tables]}
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad and id(parameter) not in taken:
@@ -254,7 +283,153 @@ def build_optimizers(model, config, amp_dtype=None):
                                orthogonalize_in_bf16=amp_dtype == torch.bfloat16,
                                lr=config["muon_learning_rate"],
                                momentum=config["muon_momentum"], weight_decay=0.0))
+    if tables:
+        optimizers.append(RowSparseAdamW(tables, weight_decay=config["weight_decay"], **options))
     return optimizers
+
+
+def coasting(exp_avg, exp_avg_sq, last_step, skipped, betas, eps, keep=1.0):
+    """(R, width): the sum of AdamW's update directions m^_j / (sqrt(v^_j) + eps) over the
+    `skipped` steps j = 1..k after a row's update at `last_step` (both (R, 1)), in which
+    its gradient was zero, each times keep^(k-j), the decay of the steps after it. As
+    m_j = beta1^j m and v_j = beta2^j v, the terms are m^ / sqrt(v^) times a geometric
+    series of ratio beta1 / sqrt(beta2), summed here per row in closed form, with the
+    bias corrections of step last_step + 1 throughout. eps is kept as in the step after
+    the update: exact while sqrt(v^_j) stays far above eps (for any gradient not tiny,
+    for longer than the series lasts); for tiny gradients the series is the upper bound."""
+    beta1, beta2 = betas
+    after, k = (last_step + 1).double(), skipped.double()
+    fading = beta1 / math.sqrt(beta2)  # below 1: optimizer_problems
+    ratio = fading / keep
+    # keep^k (ratio + ... + ratio^k), written so that no power exceeds 1
+    series = k * keep ** k if ratio == 1 else ratio * (keep ** k - fading ** k) / (1 - ratio)
+    scale = (series / (1 - beta1 ** after)).to(exp_avg.dtype)  # (R, 1)
+    # sqrt(v) as 1 / rsqrt(v): the CPU's sqrt takes a slow path at 0, the v of every row
+    # a step uses for the first time
+    root_v = exp_avg_sq.rsqrt().reciprocal_() / (1 - beta2 ** after).sqrt().to(exp_avg.dtype)
+    return exp_avg / root_v.add_(eps) * scale
+
+
+class RowSparseAdamW(torch.optim.Optimizer):
+    """AdamW for embedding tables (nn.Embedding modules) that reads and writes only the
+    rows a step looked up. A step of B x T bytes uses at most B x T rows of each n-gram
+    table, a small part of its buckets, where dense AdamW reads and writes every row's
+    weights, gradient and two moments.
+
+    A forward pre-hook on each module records the indices it looks up while gradients are
+    on (training forwards: not validation or sampling); zero_grad forgets them. Under
+    torchrun the ranks' rows are united (a max all-reduce of a row mask), as the all-
+    reduced gradients are. The gradients stay dense, so gradient accumulation, DDP,
+    GradScaler and clipping by the global norm see what they see without it. A table must
+    be used through its module's forward only: a row reached through `.weight` directly
+    (weight tying) would never be recorded, so never updated. Where no index was recorded
+    but a gradient is there (a model under torch.compile runs no module hooks), the rows
+    are found from the gradient instead: slower, the same rows.
+
+    A row that skipped k steps is caught up when it is next updated, to what dense AdamW
+    would have made of it with a zero gradient: its weights are multiplied by the product
+    of (1 - lr * weight_decay) over those steps (a running sum of logs, as the rate
+    changes each step), moved as its momentum alone would have moved them (coasting: in
+    closed form, at this step's rate), and its moments multiplied by beta^k
+    (docs/design.md, Sparse updates of the embedding tables)."""
+
+    # Per-row state that load_state_dict must not cast to the parameter's dtype (it casts
+    # every state tensor but "step"): step counts and float64 sums of logs.
+    EXACT_STATE = ("last_step", "decay_mark")
+
+    def __init__(self, embeddings, lr, betas, eps, weight_decay, lr_ratio=1.0):
+        super().__init__([module.weight for module in embeddings],
+                         dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                              lr_ratio=lr_ratio))
+        self.looked_up = {}  # weight -> [index tensors] since the last zero_grad
+        record = weakref.WeakMethod(self._record)  # a table may outlive its optimizer
+
+        def hook(module, args):
+            if record() is not None:
+                record()(module, args)
+        for module in embeddings:
+            module.register_forward_pre_hook(hook)
+
+    def _record(self, module, args):
+        if torch.is_grad_enabled():
+            self.looked_up.setdefault(module.weight, []).append(args[0].detach().flatten())
+
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none)
+        self.looked_up.clear()
+
+    def used_rows(self, params):
+        """(R,) sorted indices of the rows of each param this step used, on any rank."""
+        masks = []
+        for param in params:
+            mask = param.new_zeros(param.size(0), dtype=torch.int32)
+            if param in self.looked_up:
+                mask.index_fill_(0, torch.cat(self.looked_up[param]), 1)
+            else:
+                mask.copy_(param.grad.abs().amax(dim=1) > 0)
+            masks.append(mask)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            united = torch.cat(masks)
+            dist.all_reduce(united, op=dist.ReduceOp.MAX)
+            masks = united.split([param.size(0) for param in params])
+        return [mask.nonzero().squeeze(1) for mask in masks]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [param for param in group["params"] if param.grad is not None]
+            for param, rows in zip(params, self.used_rows(params)):
+                self._update_rows(param, rows, group)
+        return None
+
+    def _update_rows(self, param, rows, group):
+        state, (beta1, beta2) = self.state[param], group["betas"]
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if not state:
+            state.update(step=0, decay_logs=0.0,  # sum of log(1 - lr * wd) over steps so far
+                         exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
+                         # per row: the step of its last update (0: none), decay_logs then
+                         last_step=param.new_zeros(param.size(0), dtype=torch.int64),
+                         decay_mark=param.new_zeros(param.size(0), dtype=torch.float64))
+        state["step"] += 1
+        step = state["step"]
+        grad = param.grad.index_select(0, rows)  # (R, width)
+        exp_avg = state["exp_avg"].index_select(0, rows)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+        weights = param.index_select(0, rows)
+        last = state["last_step"].index_select(0, rows)[:, None]  # (R, 1)
+        skipped = (step - 1 - last).to(param.dtype)  # 0 for a row used last step
+        # The steps a row skipped, as dense AdamW took them with a zero gradient: its
+        # decay, its move by momentum alone, its moments' decay.
+        if weight_decay:
+            owed = state["decay_logs"] - state["decay_mark"].index_select(0, rows)[:, None]
+            weights.mul_(owed.exp().to(param.dtype))
+        if beta1:
+            weights.sub_(coasting(exp_avg, exp_avg_sq, last, skipped, group["betas"],
+                                  group["eps"], keep=1 - lr * weight_decay), alpha=lr)
+        exp_avg.mul_(beta1 ** skipped)
+        exp_avg_sq.mul_(beta2 ** skipped)
+        if weight_decay:
+            weights.mul_(1 - lr * weight_decay)
+            state["decay_logs"] += math.log1p(-lr * weight_decay)
+            state["decay_mark"].index_fill_(0, rows, state["decay_logs"])
+        # As torch.optim.AdamW's single-tensor step, on the rows alone.
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        weights.addcdiv_(exp_avg, denom, value=-step_size)
+        param.index_copy_(0, rows, weights)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        state["last_step"].index_fill_(0, rows, step)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key in self.EXACT_STATE:
+                self.state[params[index]][key] = saved[key].to(params[index].device)
 
 
 class Muon(torch.optim.Muon):
@@ -700,7 +875,8 @@ class Trainer:
             self.raw_model.load_state_dict(state["model_state"])
             if len(saved) != len(self.optimizers):
                 raise ValueError(f"it holds {len(saved)} optimizer state(s) and this run "
-                                 f"has {len(self.optimizers)} (optimizer_type changed?)")
+                                 f"has {len(self.optimizers)} (optimizer_type or "
+                                 f"sparse_table_updates changed?)")
             for optimizer, optimizer_state in zip(self.optimizers, saved):
                 optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as error:

@@ -58,8 +58,10 @@ def final_validation(root):
                                      "--use_parallel_stream_model=True",
                                      "--parallel_fusion=at_boundaries",
                                      "--patch_boundaries=spacelike", "--agg_cnn_stride=5",
-                                     "--attention_window=6"]],
-                         ids=["default-recipe-muon", "adamw-sinusoidal-wsd", "at-ends-window"])
+                                     "--attention_window=6"],
+                                    ["--sparse_table_updates=True"]],
+                         ids=["default-recipe-muon", "adamw-sinusoidal-wsd", "at-ends-window",
+                              "sparse-tables"])
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     """Pinned to fp32 (launch passes --use_amp=False, and Muon then orthogonalizes in fp32
     too), so the tolerance is fp32's summation-order rounding on every CPU; bf16 rounding

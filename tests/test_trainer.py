@@ -411,7 +411,9 @@ MODERN_RECIPE = dict(optimizer_type="Muon", scheduler_type="wsd", positional_enc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recipe", [{}, MODERN_RECIPE], ids=["seed-recipe", "modern-recipe"])
+@pytest.mark.parametrize("recipe", [{}, MODERN_RECIPE,
+                                    dict(MODERN_RECIPE, sparse_table_updates=True)],
+                         ids=["seed-recipe", "modern-recipe", "sparse-tables"])
 def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe, device):
     fp32 = losses_of_a_short_run(tmp_path / "fp32", device, use_amp=False, **recipe)
     bf16 = losses_of_a_short_run(tmp_path / "bf16", device, use_amp=True, amp_dtype="bfloat16",
