@@ -95,7 +95,9 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     training = report["sections"]["training"]
     ours = [row for row in training["rows"] if row["model"] != "nanoGPT (reference)"]
     assert {(r["model"], r["precision"]) for r in ours} == {
-        (a, p) for a in bench.ARCHITECTURES for p in bench.PRECISIONS}
+        (a, p) for a in [*bench.ARCHITECTURES, *(f"defaults, {name}" for name in
+                                                 bench.DEFAULT_MODEL_VARIANTS)]
+        for p in bench.PRECISIONS}
     for row in ours:
         assert row["ms_per_step"] > 0 and row["bytes_per_s"] > 0 and row["mfu_pct"] > 0
     assert all(c["ratio"] > 0 for c in training["comparisons"])
