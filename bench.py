@@ -3,6 +3,7 @@
     python3 bench.py                                  # every section on tiny Shakespeare
     python3 bench.py --quick --data corpus.txt        # smoke test, under a minute
     python3 bench.py --only training,generation --json bench_results.json
+    python3 bench.py --only generation --generation-rounds 15 --threads 2
     python3 bench.py --data my_texts/ --quality-seconds 300 --threads 2
     python3 bench.py --only scale --data big_corpus/ --json scale.json   # about an hour
     python3 bench.py --only long --data big_corpus/ --json long.json     # hours
@@ -11,7 +12,10 @@ Sections (--only):
     training    bytes/s, ms per optimizer step and model FLOP utilisation (MFU) against a
                 matmul peak measured in the same run; single/parallel stream, fp32/bf16
     quality     validation bits per byte after a fixed wall-clock training budget
-    generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024
+    generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024; what
+                users get: config.py's default generation (and the compiled steady state)
+                against the seed's cached path, paired round by round (--generation-rounds),
+                and the first byte of a new process with and without a kept program
     data        DataProcessor MB/s on a generated corpus, and the peak memory it takes
     scale       (only with --only) each phase of real `python3 main.py` runs on prefixes
                 of --data of --scale-sizes MB: processing, start-up, steps/s, validations,
@@ -29,7 +33,8 @@ The file reads in parts: what every section shares (the scales, the targets, the
 references and designs compared), the timing harness every section measures with, one
 part per section (each ends in its bench_<section>(...) -> (result, targets)), then the
 report and the command line. Every section runs from a plain copy of these files (no
-git history needed).
+git history needed: the generation section's rows against the seed's code, which it reads
+from git history, are then skipped and their targets reported as not measured).
 """
 
 import argparse
@@ -618,7 +623,8 @@ def quality_targets(by_variant, seconds):
 # Section: generation (--only generation)
 # Bytes/s of the Predictor without the KV cache, with it eagerly, streamed and
 # compiled, at growing contexts; 8 prompts at once, time to first byte, compile time
-# and when compiling pays, and nanoGPT's sample.py shape.
+# and when compiling pays, and nanoGPT's sample.py shape; then what users get, against
+# the seed's cached path.
 # =============================================================================
 
 
@@ -712,8 +718,9 @@ def bench_generation(device, scale, designs):
     """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
     KV cache, with it eagerly (also streamed: one byte read back and printed per step, as
     an interactive user reads it), and compiled; then 8 prompts at once, time to first
-    byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
-    are the models timed; those of GENERATION_DESIGNS get every figure."""
+    byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs`
+    (generation_designs) are the models timed; those of GENERATION_DESIGNS get every
+    figure. Then what users get (bench_user_generation)."""
     import torch._dynamo  # here, not at the top: loading it takes seconds
     # torch.compile (a GPU's step) keeps recompile_limit graphs of the step per process;
     # the predictors timed side by side need more (each model, batch size and patch_due)
@@ -832,7 +839,7 @@ SEED_COMMIT = "6c4571e"  # the seed's code: its cached path is issue 30's refere
 SEED_MODULES = ("model_components", "model", "utils", "config", "predictor")  # imports first
 USER_WINDOWS = {64: 20, 1024: 1000}  # window -> prompt bytes
 USER_STREAMS = {"single": False, "parallel": True}  # -> use_parallel_stream_model
-FIRST_BYTE_KEPT = "first byte of a later process, program kept"
+FIRST_BYTE_KEPT = "first decode-step byte of a later process, program kept"
 
 
 def seed_code(folder):
@@ -969,8 +976,9 @@ def generation_worker(mode, checkpoint_dir, device):
     """The hidden --generation-worker mode, a fresh process as `python3 main.py` after
     training: loads the model saved in checkpoint_dir as main.py does, then "first-byte"
     times config.py's generation (compile "auto": it decodes through a program kept on
-    disk) from the model loaded to the first byte, and "compile" compiles the step
-    ("always"), keeping its programs under checkpoint_dir. Prints {"seconds"} as JSON."""
+    disk) from the model loaded to the first byte of a decode step, and "compile"
+    compiles the step ("always"), keeping its programs under checkpoint_dir. Prints
+    {"seconds"} as JSON."""
     device = resolve_device(device)
     config = model_config(checkpoint_dir=checkpoint_dir,
                           generation_compile="always" if mode == "compile" else "auto")
@@ -979,9 +987,11 @@ def generation_worker(mode, checkpoint_dir, device):
     if mode == "compile":
         seconds = compile_seconds_of(Predictor(model, device, config))
     else:
+        # Two bytes: the first comes from the prompt's pass, the second from the first
+        # decode step, which loads the kept program; a user waits for both.
         began = time.perf_counter()
         Predictor(model, device, config).generate(printable_prompt(USER_WINDOWS[64]),
-                                                  max_new_bytes=1)
+                                                  max_new_bytes=2)
         synchronize(device)
         seconds = time.perf_counter() - began
     print(json.dumps({"seconds": seconds}))
@@ -1000,7 +1010,7 @@ def first_byte_rows(device, scale, folder):
     program kept, and (not in quick mode: compiling takes a while) after a process that
     compiled the step and kept its programs."""
     save_default_model(folder)
-    rows = [{"what": "first byte of a new process, no program kept",
+    rows = [{"what": "first decode-step byte of a new process, no program kept",
              "seconds": run_generation_worker("first-byte", folder, device)}]
     if scale["gen_compile"]:
         rows += [{"what": "compile in a new process (generation_compile=\"always\")",
@@ -1029,8 +1039,8 @@ def user_targets(rows, first_byte, why):
                             found.get(("compiled steady state", window, stream)), "x", why)
                 for stream in USER_STREAMS]
     kept = [row["seconds"] for row in first_byte if row["what"] == FIRST_BYTE_KEPT]
-    targets.append(user_target("first byte of a later process with the program kept, after "
-                               "the model is loaded", "first_byte_kept_program_s",
+    targets.append(user_target("first decode-step byte of a later process with the program "
+                               "kept, from the model loaded", "first_byte_kept_program_s",
                                kept[0] if kept else None, "s", "quick mode"))
     return targets
 
