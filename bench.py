@@ -1030,14 +1030,11 @@ def user_target(name, key, measured, unit, why):
 
 def user_targets(rows, first_byte, why):
     found = {(row["path"], row["window"], row["stream"]): row["vs_seed"] for row in rows}
-    targets = [user_target(f"default path vs the seed's cached path, window {window}, {stream} "
-                           "stream", "default_vs_seed", found.get(("default path", window, stream)),
-                           "x", why) for window in USER_WINDOWS for stream in USER_STREAMS]
-    window = max(USER_WINDOWS)
-    targets += [user_target(f"compiled steady state vs the seed's cached path, window {window}, "
-                            f"{stream} stream", "compiled_vs_seed_1024",
-                            found.get(("compiled steady state", window, stream)), "x", why)
-                for stream in USER_STREAMS]
+    wanted = [("default path", window, "default_vs_seed") for window in USER_WINDOWS]
+    wanted.append(("compiled steady state", max(USER_WINDOWS), "compiled_vs_seed_1024"))
+    targets = [user_target(f"{path} vs the seed's cached path, window {window}, {stream} stream",
+                           key, found.get((path, window, stream)), "x", why)
+               for path, window, key in wanted for stream in USER_STREAMS]
     kept = [row["seconds"] for row in first_byte if row["what"] == FIRST_BYTE_KEPT]
     targets.append(user_target("first decode-step byte of a later process with the program "
                                "kept, from the model loaded", "first_byte_kept_program_s",
