@@ -942,15 +942,16 @@ def versus_seed_rows(device, scale, seed, folder):
     for window, prompt_length in USER_WINDOWS.items():
         for stream, parallel in USER_STREAMS.items():
             prompt = printable_prompt(prompt_length)
-            theirs = seed and generation_rate(seed_predictor(seed, window, parallel, device),
-                                              prompt, new_bytes)
+            # each with its own config's settings: what `python3 main.py` gives its user
+            theirs = None if seed is None else generation_rate(
+                seed_predictor(seed, window, parallel, device), prompt, new_bytes)
             paths = {"default path": (os.path.join(folder, "default"), "auto")}
             if window == max(USER_WINDOWS) and scale["gen_compile"]:  # compiling takes a while
                 paths["compiled steady state"] = (os.path.join(folder, "compiled"), "always")
             for path, (programs, compile) in paths.items():
                 ours = generation_rate(default_predictor(window, parallel, device, programs,
                                                          compile), prompt, new_bytes)
-                for measure in (ours, theirs or ours):
+                for measure in filter(None, (ours, theirs)):
                     measure()  # a warm-up (for the compiled path: the compile)
                 log(f"generation: {path}, window {window}, {stream} stream, {rounds} rounds")
                 summary = paired_rounds(ours, theirs, rounds)
