@@ -936,29 +936,39 @@ def bench_user_generation(device, scale):
             user_targets(rows, first_byte, why))
 
 
+def user_paths(window, scale, folder):
+    """{path: (checkpoint_dir, generation_compile, prompt bytes, new bytes)} at `window`."""
+    paths = {"default path": (os.path.join(folder, "default"), "auto", USER_WINDOWS[window],
+                              scale["gen_user_new_bytes"])}
+    if window == max(USER_WINDOWS) and scale["gen_compile"]:  # compiling takes a while
+        # the generation rows' shape at 1024: prompt and new bytes fill the window, no slide
+        new_bytes = min(window // 4, scale["gen_max_new_bytes"])
+        paths["compiled steady state"] = (os.path.join(folder, "compiled"), "always",
+                                          window - new_bytes, new_bytes)
+    return paths
+
+
 def versus_seed_rows(device, scale, seed, folder):
-    new_bytes, rounds = scale["gen_user_new_bytes"], scale["gen_user_rounds"]
     rows = []
-    for window, prompt_length in USER_WINDOWS.items():
+    for window in USER_WINDOWS:
         for stream, parallel in USER_STREAMS.items():
-            prompt = printable_prompt(prompt_length)
-            # each with its own config's settings: what `python3 main.py` gives its user
-            theirs = None if seed is None else generation_rate(
-                seed_predictor(seed, window, parallel, device), prompt, new_bytes)
-            paths = {"default path": (os.path.join(folder, "default"), "auto")}
-            if window == max(USER_WINDOWS) and scale["gen_compile"]:  # compiling takes a while
-                paths["compiled steady state"] = (os.path.join(folder, "compiled"), "always")
-            for path, (programs, compile) in paths.items():
+            reference = None if seed is None else seed_predictor(seed, window, parallel, device)
+            for path, (programs, compile, prompt_bytes, new_bytes) in user_paths(
+                    window, scale, folder).items():
+                prompt = printable_prompt(prompt_bytes)
                 ours = generation_rate(default_predictor(window, parallel, device, programs,
                                                          compile), prompt, new_bytes)
+                # each with its own config's settings: what `python3 main.py` gives its user
+                theirs = None if seed is None else generation_rate(reference, prompt, new_bytes)
                 for measure in filter(None, (ours, theirs)):
                     measure()  # a warm-up (for the compiled path: the compile)
-                log(f"generation: {path}, window {window}, {stream} stream, {rounds} rounds")
-                summary = paired_rounds(ours, theirs, rounds)
+                log(f"generation: {path}, window {window}, {stream} stream")
+                summary = paired_rounds(ours, theirs, scale["gen_user_rounds"])
                 rows.append({"path": path, "window": window, "stream": stream,
-                             "new_bytes": new_bytes, "rounds": summary["rounds"],
-                             "ours_bytes_per_s": summary["a"], "seed_bytes_per_s": summary["b"],
-                             "vs_seed": summary["ratio"], "vs_seed_min": summary["ratio_min"],
+                             "prompt_bytes": prompt_bytes, "new_bytes": new_bytes,
+                             "rounds": summary["rounds"], "ours_bytes_per_s": summary["a"],
+                             "seed_bytes_per_s": summary["b"], "vs_seed": summary["ratio"],
+                             "vs_seed_min": summary["ratio_min"],
                              "vs_seed_max": summary["ratio_max"]})
     return rows
 
