@@ -846,9 +846,12 @@ def seed_code(folder):
     """{name: module} of the seed's SEED_MODULES, written from git history into `folder`;
     None where this copy has no history (a plain copy of the files)."""
     for name in SEED_MODULES:
-        shown = subprocess.run(["git", "-C", REPO, "show", f"{SEED_COMMIT}:{name}.py"],
-                               capture_output=True)
-        if shown.returncode != 0:
+        try:
+            shown = subprocess.run(["git", "-C", REPO, "show", f"{SEED_COMMIT}:{name}.py"],
+                                   capture_output=True)
+        except OSError:  # no git installed
+            shown = None
+        if shown is None or shown.returncode != 0:
             log(f"generation: no git history with {SEED_COMMIT} here: the seed's rows "
                 "are skipped")
             return None
