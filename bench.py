@@ -3,6 +3,7 @@
     python3 bench.py                                  # every section on tiny Shakespeare
     python3 bench.py --quick --data corpus.txt        # smoke test, under a minute
     python3 bench.py --only training,generation --json bench_results.json
+    python3 bench.py --only generation --generation-rounds 15 --threads 2
     python3 bench.py --data my_texts/ --quality-seconds 300 --threads 2
     python3 bench.py --only scale --data big_corpus/ --json scale.json   # about an hour
     python3 bench.py --only long --data big_corpus/ --json long.json     # hours
@@ -11,7 +12,10 @@ Sections (--only):
     training    bytes/s, ms per optimizer step and model FLOP utilisation (MFU) against a
                 matmul peak measured in the same run; single/parallel stream, fp32/bf16
     quality     validation bits per byte after a fixed wall-clock training budget
-    generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024
+    generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024; what
+                users get: config.py's default generation (and the compiled steady state)
+                against the seed's cached path, paired round by round (--generation-rounds),
+                and the first byte of a new process with and without a kept program
     data        DataProcessor MB/s on a generated corpus, and the peak memory it takes
     scale       (only with --only) each phase of real `python3 main.py` runs on prefixes
                 of --data of --scale-sizes MB: processing, start-up, steps/s, validations,
@@ -29,13 +33,15 @@ The file reads in parts: what every section shares (the scales, the targets, the
 references and designs compared), the timing harness every section measures with, one
 part per section (each ends in its bench_<section>(...) -> (result, targets)), then the
 report and the command line. Every section runs from a plain copy of these files (no
-git history needed).
+git history needed: the generation section's rows against the seed's code, which it reads
+from git history, are then skipped and their targets reported as not measured).
 """
 
 import argparse
 import contextlib
 import datetime
 import gc
+import importlib
 import json
 import math
 import operator
@@ -56,12 +62,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import FORMAT_VERSION, checkpoint_path, load_checkpoint, save_checkpoint
 from config import CONFIG_V3
 from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan_sources,
                      split_point)
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
-from main import build_training, check_config
+from main import build_training, check_config, load_model_for_prediction
 from model import ByteLLM_GrugV3, count_parameters, patch_slots
 from predictor import Predictor
 from report import write_report
@@ -89,10 +95,12 @@ SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
                  matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
                  gen_max_new_bytes=256, gen_rounds=3, gen_compile=True,
+                 gen_user_new_bytes=300, gen_user_rounds=9,
                  data_bytes=200 * MB, data_rounds=3, long_seconds=600.0, report_rows=10**6),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
                   matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
                   gen_max_new_bytes=4, gen_rounds=1, gen_compile=False,
+                  gen_user_new_bytes=4, gen_user_rounds=1,
                   data_bytes=20 * MB, data_rounds=1, long_seconds=2.0, report_rows=10**4),
 }
 
@@ -118,9 +126,13 @@ TARGETS = {  # (comparison, threshold) for each target of the issue
     "quality_bpb": ("<=", 2.25),
     "train_bf16_vs_fp32": (">", 1.0),
     "train_fp32_bytes_per_s": (">=", NANOGPT["bytes_per_s"]),
-    "kv_cache_speedup_1024": (">=", 10.0),
+    "kv_cache_speedup_1024": (">=", 10.0),  # every design timed (issues 11 and 32)
     "compiled_vs_eager_1024": (">=", 5.0),
     "batch_of_8_vs_one": (">=", 4.0),
+    # What users get, against the seed's cached path (issue 30), both streams
+    "default_vs_seed": (">=", 1.5),  # 300 new bytes at windows 64 and 1024
+    "compiled_vs_seed_1024": (">=", 5.0),
+    "first_byte_kept_program_s": ("<=", 2.0),  # a later process, after the model is loaded
     "data_mb_per_s": (">=", 100.0),
     "data_peak_mb": ("<", 300.0),
     # The scale section's, at its largest corpus (docs/benchmarks.md, Scale: why these)
@@ -611,7 +623,8 @@ def quality_targets(by_variant, seconds):
 # Section: generation (--only generation)
 # Bytes/s of the Predictor without the KV cache, with it eagerly, streamed and
 # compiled, at growing contexts; 8 prompts at once, time to first byte, compile time
-# and when compiling pays, and nanoGPT's sample.py shape.
+# and when compiling pays, and nanoGPT's sample.py shape; then what users get, against
+# the seed's cached path.
 # =============================================================================
 
 
@@ -621,12 +634,17 @@ GENERATION_DESIGNS = {  # -> overrides of config.py's defaults
     "parallel-stream": {"use_parallel_stream_model": True},
 }
 # Every other parallel design is also timed without the cache, eagerly and compiled
-# (issue 11's 10x); the one config.py's parallel keys already give is "parallel-stream" above.
+# (issue 11's 10x; issue 32's for the designs at patch ends); the one config.py's parallel
+# keys already give is "parallel-stream" above.
 PARALLEL_GENERATION_DESIGNS = {
     f"parallel: {name}": {**PARALLEL_BASE, **overrides}
     for name, overrides in PARALLEL_DESIGNS.items()
     if any(CONFIG_V3[key] != value for key, value in {**PARALLEL_BASE, **overrides}.items()
            if key != "use_parallel_stream_model")}
+# Issue 32's window of attention, timed like the parallel designs (its KV cache's 10x)
+WINDOWED_GENERATION_DESIGNS = {
+    "single-stream, attention window 256": {"use_parallel_stream_model": False,
+                                            "attention_window": 256}}
 
 
 GENERATION_SETTINGS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
@@ -690,22 +708,27 @@ def generation_models(device, designs, programs):
 
 def generation_designs(choice):
     """The designs the generation section times: config.py's two streams ("main"), or
-    those and every other parallel design ("all")."""
-    return {**GENERATION_DESIGNS, **(PARALLEL_GENERATION_DESIGNS if choice == "all" else {})}
+    those, every other parallel design and the windowed single stream ("all")."""
+    if choice != "all":
+        return dict(GENERATION_DESIGNS)
+    return {**GENERATION_DESIGNS, **PARALLEL_GENERATION_DESIGNS, **WINDOWED_GENERATION_DESIGNS}
 
 
 def bench_generation(device, scale, designs):
     """Bytes/s of the Predictor at contexts growing to 64, 256 and 1024 bytes: without the
     KV cache, with it eagerly (also streamed: one byte read back and printed per step, as
     an interactive user reads it), and compiled; then 8 prompts at once, time to first
-    byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs` (generation_designs)
-    are the models timed; those of GENERATION_DESIGNS get every figure."""
+    byte of a 1,000-byte prompt, compile time, and nanoGPT's sample.py shape. `designs`
+    (generation_designs) are the models timed; those of GENERATION_DESIGNS get every
+    figure. Then what users get (bench_user_generation)."""
     import torch._dynamo  # here, not at the top: loading it takes seconds
     # torch.compile (a GPU's step) keeps recompile_limit graphs of the step per process;
     # the predictors timed side by side need more (each model, batch size and patch_due)
     with (tempfile.TemporaryDirectory(prefix="grug_bench_programs_") as programs,
           torch._dynamo.config.patch(recompile_limit=64)):
-        return timed_generation(device, scale, designs, programs)
+        result, targets = timed_generation(device, scale, designs, programs)
+    users, found = bench_user_generation(device, scale)
+    return {**result, **users}, targets + found
 
 
 def timed_generation(device, scale, designs, programs):
@@ -803,6 +826,233 @@ def generation_targets(rows, batches):
     op, threshold = TARGETS["batch_of_8_vs_one"]
     targets += [check_target(f"8 prompts vs one, total bytes/s, {batch['model']}",
                              batch["batch_vs_one"], op, threshold, "x") for batch in batches]
+    return targets
+
+
+# -----------------------------------------------------------------------------
+# What users get (issue 30): config.py's default model as `python3 main.py` generates
+# with it, against the seed's cached path in the same process, round by round.
+# -----------------------------------------------------------------------------
+
+
+SEED_COMMIT = "6c4571e"  # the seed's code: its cached path is issue 30's reference
+SEED_MODULES = ("model_components", "model", "utils", "config", "predictor")  # imports first
+USER_WINDOWS = {64: 20, 1024: 1000}  # window -> prompt bytes
+USER_STREAMS = {"single": False, "parallel": True}  # -> use_parallel_stream_model
+FIRST_BYTE_KEPT = "first decode-step byte of a later process, program kept"
+
+
+def seed_code(folder):
+    """{name: module} of the seed's SEED_MODULES, written from git history into `folder`;
+    None where this copy has no history (a plain copy of the files)."""
+    for name in SEED_MODULES:
+        try:
+            shown = subprocess.run(["git", "-C", REPO, "show", f"{SEED_COMMIT}:{name}.py"],
+                                   capture_output=True)
+        except OSError:  # no git installed
+            shown = None
+        if shown is None or shown.returncode != 0:
+            log(f"generation: no git history with {SEED_COMMIT} here: the seed's rows "
+                "are skipped")
+            return None
+        Path(folder, f"{name}.py").write_bytes(shown.stdout)
+    return modules_from(folder, SEED_MODULES)
+
+
+def modules_from(folder, names):
+    """`names` imported from `folder`, apart from this process's own modules of the same
+    names: while they import, sys.modules holds none of ours (so `from model import ...`
+    in the seed's utils finds the seed's model), and ours are put back after."""
+    ours = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, folder)
+    try:
+        importlib.invalidate_caches()
+        return {name: importlib.import_module(name) for name in names}
+    finally:
+        sys.path.remove(folder)
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(ours)
+
+
+def seed_predictor(seed, window, parallel, device):
+    """The seed's Predictor of the seed's default model at `window`."""
+    config = dict(seed["config"].CONFIG_V3, sequence_length=window,
+                  use_parallel_stream_model=parallel)
+    torch.manual_seed(0)
+    model = seed["model"].ByteLLM_GrugV3(config).to(device).eval()
+    return seed["predictor"].Predictor(model, device, config)
+
+
+def default_predictor(window, parallel, device, folder, compile="auto"):
+    """Our Predictor of config.py's default model at `window`, as main.py builds it, with
+    checkpoint_dir `folder` (fresh: no program kept there, so "auto" decodes eagerly)."""
+    config = model_config(sequence_length=window, use_parallel_stream_model=parallel,
+                          checkpoint_dir=folder, generation_compile=compile)
+    seed_everything(config["seed"])
+    return Predictor(ByteLLM_GrugV3(config).to(device).eval(), device, config)
+
+
+def generation_rate(predictor, prompt, new_bytes):
+    """A measure: bytes/s of one generate() of `new_bytes` with the config's settings."""
+    seconds = seconds_of(lambda: predictor.generate(prompt, max_new_bytes=new_bytes),
+                         predictor.device)
+    return lambda: new_bytes / seconds()
+
+
+def paired_rounds(measure_a, measure_b, rounds):
+    """paired_summary of `rounds` rounds of one result of each measure (b: None to time
+    a alone), the order swapped every round so that neither always runs second."""
+    samples = {"a": [], "b": []}
+    measures = {"a": measure_a, "b": measure_b}
+    for number in range(rounds):
+        for name in ("a", "b") if number % 2 == 0 else ("b", "a"):
+            if measures[name] is not None:
+                samples[name].append(measures[name]())
+    return paired_summary(samples["a"], samples["b"] or None)
+
+
+def paired_summary(a, b):
+    """The median of each and the median (and range) of the per-round ratios a / b. A
+    round's two timings share that moment's load on the machine, so their ratio is
+    steadier than a ratio of medians taken over different moments (b None: a alone)."""
+    ratios = [x / y for x, y in zip(a, b)] if b else []
+    return {"a": statistics.median(a), "b": statistics.median(b) if b else None,
+            "ratio": statistics.median(ratios) if ratios else None,
+            "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
+            "rounds": len(a)}
+
+
+def bench_user_generation(device, scale):
+    """What users get: the default path (config.py's generation, "auto" with no program
+    kept: eager) at windows 64 and 1024 and the compiled steady state at 1024, both
+    streams, each paired round by round with the seed's cached path; then the first byte
+    of a new process with and without a kept program."""
+    with tempfile.TemporaryDirectory(prefix="grug_bench_users_") as folder:
+        for part in ("seed", "default", "compiled", "worker"):
+            os.makedirs(os.path.join(folder, part))
+        seed = seed_code(os.path.join(folder, "seed"))
+        rows = versus_seed_rows(device, scale, seed, folder)
+        first_byte = first_byte_rows(device, scale, os.path.join(folder, "worker"))
+    why = "no git history" if seed is None else "quick mode"
+    return ({"versus_seed": rows, "first_byte": first_byte},
+            user_targets(rows, first_byte, why))
+
+
+def user_paths(window, scale, folder):
+    """{path: (checkpoint_dir, generation_compile, prompt bytes, new bytes)} at `window`."""
+    paths = {"default path": (os.path.join(folder, "default"), "auto", USER_WINDOWS[window],
+                              scale["gen_user_new_bytes"])}
+    if window == max(USER_WINDOWS) and scale["gen_compile"]:  # compiling takes a while
+        # the generation rows' shape at 1024: prompt and new bytes fill the window, no slide
+        new_bytes = min(window // 4, scale["gen_max_new_bytes"])
+        paths["compiled steady state"] = (os.path.join(folder, "compiled"), "always",
+                                          window - new_bytes, new_bytes)
+    return paths
+
+
+def versus_seed_rows(device, scale, seed, folder):
+    rows = []
+    for window in USER_WINDOWS:
+        for stream, parallel in USER_STREAMS.items():
+            reference = None if seed is None else seed_predictor(seed, window, parallel, device)
+            for path, (programs, compile, prompt_bytes, new_bytes) in user_paths(
+                    window, scale, folder).items():
+                prompt = printable_prompt(prompt_bytes)
+                ours = generation_rate(default_predictor(window, parallel, device, programs,
+                                                         compile), prompt, new_bytes)
+                # each with its own config's settings: what `python3 main.py` gives its user
+                theirs = None if seed is None else generation_rate(reference, prompt, new_bytes)
+                for measure in filter(None, (ours, theirs)):
+                    measure()  # a warm-up (for the compiled path: the compile)
+                log(f"generation: {path}, window {window}, {stream} stream")
+                summary = paired_rounds(ours, theirs, scale["gen_user_rounds"])
+                rows.append({"path": path, "window": window, "stream": stream,
+                             "prompt_bytes": prompt_bytes, "new_bytes": new_bytes,
+                             "rounds": summary["rounds"], "ours_bytes_per_s": summary["a"],
+                             "seed_bytes_per_s": summary["b"], "vs_seed": summary["ratio"],
+                             "vs_seed_min": summary["ratio_min"],
+                             "vs_seed_max": summary["ratio_max"]})
+    return rows
+
+
+def save_default_model(folder):
+    """config.py's default model (random weights, its seed) saved as main.py's training
+    saves its best checkpoint in checkpoint_dir `folder`."""
+    config = model_config(checkpoint_dir=folder)
+    seed_everything(config["seed"])
+    save_checkpoint({"format_version": FORMAT_VERSION, "config": config, "step": 0,
+                     "model_state": ByteLLM_GrugV3(config).state_dict()},
+                    checkpoint_path(config, "best"))
+
+
+def generation_worker(mode, checkpoint_dir, device):
+    """The hidden --generation-worker mode, a fresh process as `python3 main.py` after
+    training: loads the model saved in checkpoint_dir as main.py does, then "first-byte"
+    times config.py's generation (compile "auto": it decodes through a program kept on
+    disk) from the model loaded to the first byte of a decode step, and "compile"
+    compiles the step ("always"), keeping its programs under checkpoint_dir. Prints
+    {"seconds"} as JSON."""
+    device = resolve_device(device)
+    config = model_config(checkpoint_dir=checkpoint_dir,
+                          generation_compile="always" if mode == "compile" else "auto")
+    with contextlib.redirect_stdout(sys.stderr):
+        model = load_model_for_prediction(config, device)
+    if mode == "compile":
+        seconds = compile_seconds_of(Predictor(model, device, config))
+    else:
+        # Two bytes: the first comes from the prompt's pass, the second from the first
+        # decode step, which loads the kept program; a user waits for both.
+        began = time.perf_counter()
+        Predictor(model, device, config).generate(printable_prompt(USER_WINDOWS[64]),
+                                                  max_new_bytes=2)
+        synchronize(device)
+        seconds = time.perf_counter() - began
+    print(json.dumps({"seconds": seconds}))
+
+
+def run_generation_worker(mode, checkpoint_dir, device):
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--generation-worker",
+                           mode, checkpoint_dir, str(device)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"generation worker ({mode}) failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def first_byte_rows(device, scale, folder):
+    """Seconds from the default model loaded to its first byte in a new process: with no
+    program kept, and (not in quick mode: compiling takes a while) after a process that
+    compiled the step and kept its programs."""
+    save_default_model(folder)
+    rows = [{"what": "first decode-step byte of a new process, no program kept",
+             "seconds": run_generation_worker("first-byte", folder, device)}]
+    if scale["gen_compile"]:
+        rows += [{"what": "compile in a new process (generation_compile=\"always\")",
+                  "seconds": run_generation_worker("compile", folder, device)},
+                 {"what": FIRST_BYTE_KEPT,
+                  "seconds": run_generation_worker("first-byte", folder, device)}]
+    return rows
+
+
+def user_target(name, key, measured, unit, why):
+    """check_target of TARGETS[key]; a figure not measured (`why`) neither passes nor fails."""
+    target = check_target(name, measured, *TARGETS[key], unit)
+    if measured is None:
+        target.update(target=f"{name} (not measured: {why})", passed=None)
+    return target
+
+
+def user_targets(rows, first_byte, why):
+    found = {(row["path"], row["window"], row["stream"]): row["vs_seed"] for row in rows}
+    wanted = [("default path", window, "default_vs_seed") for window in USER_WINDOWS]
+    wanted.append(("compiled steady state", max(USER_WINDOWS), "compiled_vs_seed_1024"))
+    targets = [user_target(f"{path} vs the seed's cached path, window {window}, {stream} stream",
+                           key, found.get((path, window, stream)), "x", why)
+               for path, window, key in wanted for stream in USER_STREAMS]
+    kept = [row["seconds"] for row in first_byte if row["what"] == FIRST_BYTE_KEPT]
+    targets.append(user_target("first decode-step byte of a later process with the program "
+                               "kept, from the model loaded", "first_byte_kept_program_s",
+                               kept[0] if kept else None, "s", "quick mode"))
     return targets
 
 
@@ -1437,9 +1687,12 @@ def parse_args(argv):
                         help="quality section: also train each of PARALLEL_DESIGNS, and both "
                              "streams at windows of 256 and 1024 bytes (2 minutes per run)")
     parser.add_argument("--generation-designs", choices=("all", "main"), default="all",
-                        help="generation section: time every parallel design (all) or only "
-                             "config.py's single and parallel stream (main: about a third "
-                             "of the time)")
+                        help="generation section: time every parallel design and the "
+                             "windowed single stream (all) or only config.py's single and "
+                             "parallel stream (main: about a third of the time)")
+    parser.add_argument("--generation-rounds", type=int,
+                        help="generation section: paired rounds of each comparison with the "
+                             "seed's cached path (default: 9; quick: 1)")
     parser.add_argument("--long-seconds", type=float,
                         help="long section: training budget of each run (default: 600; "
                              "quick: 2)")
@@ -1463,11 +1716,13 @@ def parse_args(argv):
                              "as one string (default: config.py's defaults)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     parser.add_argument("--data-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--generation-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if "long" in args.only and not args.data:
         parser.error("--only long needs --data: a real corpus of 100 MB or more "
                      "(docs/benchmarks.md: the reference corpus)")
-    if "quality" in args.only and not args.data and not args.data_worker:
+    if "quality" in args.only and not args.data and not (args.data_worker or
+                                                         args.generation_worker):
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
         args.data = os.path.normpath(DEFAULT_DATA)
@@ -1483,9 +1738,14 @@ def main(argv):
     if args.data_worker:
         data_worker(*args.data_worker)
         return 0
+    if args.generation_worker:
+        generation_worker(*args.generation_worker)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = SCALES["quick" if args.quick else "full"]
+    if args.generation_rounds:
+        scale = {**scale, "gen_user_rounds": args.generation_rounds}
     device = resolve_device(args.device)
     quality_seconds = args.quality_seconds or scale["quality_seconds"]
     report = {"machine": machine_info(device),

@@ -49,7 +49,8 @@ def test_the_main_generation_designs_are_the_two_streams_of_config_py(monkeypatc
                                             timed[0])
     assert {row["model"] for row in result["rows"]} == set(bench.GENERATION_DESIGNS)
     assert {batch["model"] for batch in result["batches"]} == set(bench.GENERATION_DESIGNS)
-    assert len(targets) == 3 * len(bench.GENERATION_DESIGNS)  # cache, compiled, batch
+    # cache, compiled, batch; 7 against the seed or of the first byte
+    assert len(targets) == 3 * len(bench.GENERATION_DESIGNS) + 7
 
 
 @pytest.mark.parametrize("stride", [4, 5])
@@ -112,7 +113,7 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert all(c["ratio"] > 0 for c in quality["comparisons"])
 
     generation = report["sections"]["generation"]
-    designs = {**bench.GENERATION_DESIGNS, **bench.PARALLEL_GENERATION_DESIGNS}
+    designs = bench.generation_designs("all")
     assert {(r["model"], r["context"]) for r in generation["rows"]} == {
         (d, c) for d in designs for c in bench.GENERATION_CONTEXTS}
     for row in generation["rows"]:
@@ -130,11 +131,20 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
     assert data["peak_rss_mb"] >= data["baseline_rss_mb"] > 0
     assert data["content_hash_mb_per_s"] > 0
 
+    # No git history: the default path is timed without the seed's beside it
+    assert all(row["ours_bytes_per_s"] > 0 and row["vs_seed"] is None
+               for row in generation["versus_seed"])
+    assert generation["first_byte"][0]["seconds"] > 0
+
     # training 2, quality 2, data 2, generation: the cache for every design, compile and
-    # batch for the two compiled ones
-    assert len(report["targets"]) == 6 + len(designs) + 2 * len(bench.GENERATION_DESIGNS)
+    # batch for the two compiled ones, and 7 against the seed or of the first byte (which
+    # are not measured here: no git history, quick mode)
+    assert len(report["targets"]) == 6 + len(designs) + 2 * len(bench.GENERATION_DESIGNS) + 7
     for target in report["targets"]:
-        assert isinstance(target["passed"], bool) and target["measured"] > 0
+        if "not measured" in target["target"]:
+            assert target["passed"] is None and target["measured"] is None
+        else:
+            assert isinstance(target["passed"], bool) and target["measured"] > 0
 
 
 TINY_MAIN_ARGS = ("--sequence_length=16 --data_stride=16 --batch_size=4 --embedding_dim=32 "
@@ -268,6 +278,67 @@ def test_side_by_side_interleaves_blocks_after_warmup():
                                  warmup=1)
     assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
     assert medians == {"a": np.median([3, 4, 7, 8]), "b": np.median([5, 6, 9, 10])}
+
+
+def test_paired_rounds_swap_the_order_and_report_the_median_of_per_round_ratios():
+    calls = []
+
+    def measure(name, results):
+        def run():
+            calls.append(name)
+            return results[len([c for c in calls if c == name]) - 1]
+        return run
+
+    summary = bench.paired_rounds(measure("a", [2, 4, 30]), measure("b", [1, 4, 10]), rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    # ratios 2, 1, 3: their median (2) is not the ratio of the medians (4 / 4)
+    assert summary == {"a": 4, "b": 4, "ratio": 2, "ratio_min": 1, "ratio_max": 3, "rounds": 3}
+    alone = bench.paired_rounds(measure("c", [5, 7]), None, rounds=2)
+    assert alone == {"a": 6, "b": None, "ratio": None, "ratio_min": None, "ratio_max": None,
+                     "rounds": 2}
+
+
+def test_the_seeds_code_loads_apart_from_ours(tmp_path):
+    import model
+    seed = bench.seed_code(str(tmp_path))
+    if seed is None:
+        pytest.skip(f"no git history with {bench.SEED_COMMIT} here")
+    assert os.path.dirname(seed["model"].__file__) == str(tmp_path)
+    assert seed["predictor"].CONFIG_V3 is seed["config"].CONFIG_V3  # the seed's own config
+    assert sys.modules["model"] is model and sys.modules["config"].CONFIG_V3 is CONFIG_V3
+    predictor = bench.seed_predictor(seed, 64, True, torch.device("cpu"))
+    assert bench.generation_rate(predictor, bench.printable_prompt(20), 2)() > 0
+
+
+def test_without_git_history_the_seeds_rows_are_skipped_and_not_failed(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SEED_COMMIT", "0" * 40)  # in no history
+    # the worker's process is timed by the quick run (slow); here its answer stands in
+    monkeypatch.setattr(bench, "run_generation_worker", lambda mode, folder, device: 0.5)
+    scale = {**bench.SCALES["quick"], "gen_user_new_bytes": 2}
+    result, targets = bench.bench_user_generation(torch.device("cpu"), scale)
+    assert "the seed's rows are skipped" in capsys.readouterr().err
+    assert {(r["window"], r["stream"]) for r in result["versus_seed"]} == {
+        (w, s) for w in bench.USER_WINDOWS for s in bench.USER_STREAMS}
+    for row in result["versus_seed"]:
+        assert row["ours_bytes_per_s"] > 0 and row["seed_bytes_per_s"] is None
+        assert row["vs_seed"] is None
+    assert result["first_byte"] == [
+        {"what": "first decode-step byte of a new process, no program kept", "seconds": 0.5}]
+    assert len(targets) == 7  # default path x 4, compiled x 2, first byte
+    for target in targets:
+        assert target["passed"] is None and target["measured"] is None
+        assert "not measured" in target["target"]
+    assert any("no git history" in target["target"] for target in targets)
+
+
+def test_every_design_at_patch_ends_and_the_windowed_stream_are_timed():
+    designs = bench.generation_designs("all")
+    at_ends = [name for name, d in bench.PARALLEL_DESIGNS.items()
+               if d["parallel_fusion"] == "at_boundaries"]
+    assert at_ends and all(f"parallel: {name}" in designs for name in at_ends)
+    assert any(d.get("attention_window") for d in designs.values())
+    for overrides in designs.values():
+        bench.model_config(**overrides, sequence_length=max(bench.GENERATION_CONTEXTS))
 
 
 def test_config_defaults_are_the_seed_recipe_with_the_adopted_changes():
