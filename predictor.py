@@ -44,7 +44,6 @@ COMPILE_PAYS_AFTER_BYTES = {"cpu": 20_000, "cuda": 4_000}
 
 # generate() argument -> the config key that gives its default (config.KEY_ROLES)
 SETTING_KEYS = {key.removeprefix("generation_"): key for key in keys_with("generate")}
-EAGER_CPU_THREADS = 1  # threads of an eager decode loop on a CPU (small_operations)
 NOISE_BLOCK = 64  # steps of sampling noise an eager CPU sampler makes at once (_log_noise)
 
 
@@ -211,8 +210,7 @@ def small_operations(threads):
     """Global settings for a loop of eager CPU decode steps, whose operations each handle
     a few hundred values, restored after: inference mode (no view or version tracking);
     PyTorch's own kernels rather than oneDNN's (its gelu's fixed cost per call is several
-    times that of PyTorch's for so few values); at most `threads` threads (waking a
-    second thread costs more than it saves on so little work). Measured in
+    times that of PyTorch's for so few values); at most `threads` threads. Measured in
     docs/benchmarks.md, Eager decode step."""
     threads_before, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     try:
@@ -714,7 +712,9 @@ class Predictor:
         operations (small_operations); elsewhere nothing."""
         if self.device.type != "cpu" or self._compiles(steps, batch):
             return contextlib.nullcontext()
-        return small_operations(EAGER_CPU_THREADS)
+        # One stream's products have one row each: a second thread costs more than it
+        # saves. Several streams' products have a row each and keep every thread.
+        return small_operations(1 if batch == 1 else torch.get_num_threads())
 
     def _patch_due(self, at):
         """Parallel stream: whether a byte fed at the host-side positions `at` completes
