@@ -318,11 +318,20 @@ class HashedNgramEmbedding(nn.Module):
             # The bytes are in host memory: hashing them as Python ints costs less than
             # the chain's tensor operations, each a dispatch (docs/benchmarks.md, Eager
             # decode step). Compiled code cannot read values, so it keeps the tensor chain.
-            rows = torch.tensor([[h % self.buckets for h in newest_ngram_hashes(row, self.orders)]
-                                 for row in tail.tolist()]).unbind(1)
+            hashes = [[h % self.buckets for h in newest_ngram_hashes(row, self.orders)]
+                      for row in tail.tolist()]
+            if len(hashes) == 1:  # one stream: its rows as slices, no index tensor or lookup
+                vectors = [table.weight[h:h + 1] for h, table in zip(hashes[0], self.embeddings)]
+                return self._summed(vectors)
+            rows = torch.tensor(hashes).unbind(1)
         else:
             rows = (newest_ngram_hashes(tail, self.orders) % self.buckets).unbind(1)
-        vectors = [F.embedding(row, table.weight) for row, table in zip(rows, self.embeddings)]
+        return self._summed([F.embedding(row, table.weight)
+                             for row, table in zip(rows, self.embeddings)])
+
+    @staticmethod
+    def _summed(vectors):
+        """The vectors summed in forward's order."""
         total = vectors[0]  # forward's sum starts from 0, which adds nothing
         for vector in vectors[1:]:
             total = total + vector

@@ -16,6 +16,7 @@ the same seed they produce the same output.
 
 import codecs
 import collections
+import contextlib
 import copy
 import functools
 import hashlib
@@ -202,6 +203,24 @@ def decode_and_choose(decode, byte, cache, positions, sampler, patch_due=None):
     chosen = sampler.choose(decode(byte, cache, positions, patch_due))
     positions += 1
     return chosen
+
+
+@contextlib.contextmanager
+def small_operations(threads):
+    """Global settings for a loop of eager CPU decode steps, whose operations each handle
+    a few hundred values, restored after: inference mode (no view or version tracking);
+    PyTorch's own kernels rather than oneDNN's (its gelu's fixed cost per call is several
+    times that of PyTorch's for so few values); at most `threads` threads. Measured in
+    docs/benchmarks.md, Eager decode step."""
+    threads_before, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    try:
+        torch.set_num_threads(min(threads, threads_before))
+        torch.backends.mkldnn.enabled = False
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.backends.mkldnn.enabled = onednn
 
 
 def stream_seeds(seed, count):
@@ -654,14 +673,15 @@ class Predictor:
             [positions] = self._kept_buffers("positions", [positions])
         step = self._step_function(count, len(streams))
         generated = [chosen]
-        for _ in range(count - 1):
-            if on_text is not None:  # streaming reads each byte back; a batch need not
-                streams[0].emit([int(chosen[0])], on_text)
-            self._slide_full_windows(cache, streams, at, positions, generated)
-            # the step moves `positions` on itself, on the device; `at` follows on the host
-            chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
-            at = [p + 1 for p in at]
-            generated.append(chosen)
+        with self._eager_cpu_steps(count, len(streams)):
+            for _ in range(count - 1):
+                if on_text is not None:  # streaming reads each byte back; a batch need not
+                    streams[0].emit([int(chosen[0])], on_text)
+                self._slide_full_windows(cache, streams, at, positions, generated)
+                # the step moves `positions` on itself, on the device; `at` follows on the host
+                chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
+                at = [p + 1 for p in at]
+                generated.append(chosen)
         if on_text is not None:
             streams[0].emit([int(chosen[0])], on_text)
         for b, data in enumerate(torch.stack(generated, 1).tolist()):
@@ -686,6 +706,15 @@ class Predictor:
             view = context[stream.start:-1]
             self.model.forward_incremental(self._as_input(view), cache.row(b))
             at[b] = positions[b] = len(view)
+
+    def _eager_cpu_steps(self, steps, batch):
+        """Where a call's steps run eagerly on a CPU, the settings that suit their small
+        operations (small_operations); elsewhere nothing."""
+        if self.device.type != "cpu" or self._compiles(steps, batch):
+            return contextlib.nullcontext()
+        # One stream's products have one row each: a second thread costs more than it
+        # saves. Several streams' products have a row each and keep every thread.
+        return small_operations(1 if batch == 1 else torch.get_num_threads())
 
     def _patch_due(self, at):
         """Parallel stream: whether a byte fed at the host-side positions `at` completes

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from config import CONFIG_V3
 from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, EncoderLayer,
                    band_mask, count_parameters)
-from model_components import (NO_BYTE, START_MARKS, CNNFrontend, LearnablePositionalEncoding,
-                              SinusoidalPositionalEncoding, newest_ngram_hashes,
-                              ngram_hashes, spacelike_patch_ends)
+from model_components import (NO_BYTE, START_MARKS, CNNFrontend, HashedNgramEmbedding,
+                              LearnablePositionalEncoding, SinusoidalPositionalEncoding,
+                              newest_ngram_hashes, ngram_hashes, spacelike_patch_ends)
 
 
 @pytest.fixture(autouse=True)
@@ -237,6 +237,23 @@ def test_the_decode_steps_ngram_hashes_equal_ngram_hashes(orders):
         for column, n in enumerate(orders):
             assert torch.equal(hashes[:, column], reference[n][:, t]), (n, t)
             assert [row[column] for row in on_host] == reference[n][:, t].tolist(), (n, t)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_decode_steps_ngram_vectors_equal_forwards_to_the_bit(streams):
+    """HashedNgramEmbedding.newest (rows as slices for one stream, a lookup for several)
+    gives forward's vector of the last byte, to the bit."""
+    torch.manual_seed(0)
+    ngrams = HashedNgramEmbedding((2, 3, 4, 5, 6), 64, 8)
+    for table in ngrams.embeddings:
+        torch.nn.init.normal_(table.weight)
+    joined = torch.cat([torch.full((streams, ngrams.context), NO_BYTE),
+                        torch.randint(0, 256, (streams, 12))], 1)
+    with torch.no_grad():
+        reference = ngrams(joined)  # (streams, 12, 8)
+        for t in range(12):
+            tail = joined[:, t:t + ngrams.context + 1]
+            assert torch.equal(ngrams.newest(tail), reference[:, t]), t
 
 
 def test_ngram_buckets_fill_like_a_random_function():

@@ -389,6 +389,39 @@ def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
     assert texts[0] == texts[1] == texts[2]
 
 
+def test_eager_cpu_steps_leave_threads_onednn_and_grad_mode_as_they_were(tmp_path):
+    """The eager CPU decode loop runs without oneDNN in inference mode, one stream on one
+    thread, several on every thread (small_operations), and gives the same bytes as with
+    the settings it found; after it, and after an error in it, those settings are back."""
+    predictor = make_predictor(tmp_path)
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    seen = []
+
+    def look(piece):
+        seen.append((torch.get_num_threads(), torch.backends.mkldnn.enabled,
+                     torch.is_inference_mode_enabled()))
+    try:
+        torch.set_num_threads(2)
+        text = predictor.generate("abc", max_new_bytes=20, seed=3, on_text=look, **RANDOM)
+        assert (1, False, True) in seen
+        seen.clear()
+        predictor.generate_batch(["abc", "de"], max_new_bytes=20, seed=3, on_text=look)
+        assert (2, False, True) in seen and (1, False, True) not in seen
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, onednn)
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        predictor.use_kv_cache = False  # the full forward under the settings found
+        assert predictor.generate("abc", max_new_bytes=20, seed=3, **RANDOM) == text
+
+        def fail(piece):
+            raise KeyboardInterrupt
+        predictor.use_kv_cache = True
+        with pytest.raises(KeyboardInterrupt):
+            predictor.generate("abc", max_new_bytes=20, seed=3, on_text=fail)
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, onednn)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_train_mode_is_restored_after_an_error(tmp_path):
     predictor = make_predictor(tmp_path)
     model = predictor.model
