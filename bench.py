@@ -520,6 +520,19 @@ def quality_config(name, seconds, device, workdir, **overrides):
                         checkpoint_every_batches=10**9, eval_max_batches=1, device=str(device))
 
 
+def distinct_runs(variants, seconds, device, workdir):
+    """{label: (names, config)} of `variants` ({name: overrides}), each trained for
+    `seconds` (quality_config): variants with the same configuration are one run, labelled
+    with their names joined by " = ", in the order they first appear."""
+    runs = {}  # configuration (as JSON) -> (names, config)
+    for name, overrides in variants.items():
+        config = quality_config(name, seconds, device, workdir, **overrides)
+        key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
+                         sort_keys=True)
+        runs.setdefault(key, ([], config))[0].append(name)
+    return {" = ".join(names): (names, config) for names, config in runs.values()}
+
+
 def quality_variants(ablation, parallel_designs=False):
     """{name: overrides of config.py's defaults} of the quality section's runs."""
     variants = {
@@ -555,16 +568,11 @@ def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
     give medians."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)
-        runs = {}  # configuration (as JSON) -> (names, config)
-        for name, overrides in quality_variants(ablation, parallel_designs).items():
-            config = quality_config(name, seconds, device, workdir, **overrides)
-            key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
-                             sort_keys=True)
-            runs.setdefault(key, ([], config))[0].append(name)
+        runs = distinct_runs(quality_variants(ablation, parallel_designs), seconds, device,
+                             workdir)
         log(f"quality: {len(runs)} distinct runs x {repeats} of {seconds:g} s")
-        measures = {" = ".join(names): lambda c=config: quality_run(c, data, device,
-                                                                    scale["eval_windows"])
-                    for names, config in runs.values()}
+        measures = {label: lambda c=config: quality_run(c, data, device, scale["eval_windows"])
+                    for label, (names, config) in runs.items()}
         samples = side_by_side_samples(measures, repeats)
 
     rows, by_variant = [], {}
@@ -1234,17 +1242,12 @@ def long_run(config, data, span, device):
 def bench_long(device, scale, data_path, seconds, repeats, heldout_bytes=LONG_HELDOUT_BYTES,
                variants=None):
     """Held-out bits/byte of config.py's defaults and of each LONG_DESIGNS design at each
-    at each of its windows after `seconds` of training; `repeats` interleaved runs, medians."""
+    of its windows after `seconds` of training; `repeats` interleaved runs, medians."""
     variants = variants or long_variants()
     with tempfile.TemporaryDirectory(prefix="grug_bench_long_") as workdir:
         data = prepare_corpus(data_path, workdir)
-        runs = {}  # configuration (as JSON) -> (names, config): equal runs train once
-        for name, overrides in variants.items():
-            config = quality_config(name, seconds, device, workdir, **overrides)
-            key = json.dumps({k: v for k, v in config.items() if k != "checkpoint_dir"},
-                             sort_keys=True)
-            runs.setdefault(key, ([], config))[0].append(name)
-        configs = {" = ".join(names): config for names, config in runs.values()}
+        configs = {label: config for label, (_, config)
+                   in distinct_runs(variants, seconds, device, workdir).items()}
         span = heldout_span(data, next(iter(configs.values())), heldout_bytes)
         log(f"long: {len(configs)} runs x {repeats} of {seconds:g} s; held-out slice "
             f"[{span[0]:,}, {span[1]:,}) of a {len(data) / MB:,.0f} MB corpus")
