@@ -1199,6 +1199,16 @@ def long_variants(designs=None):
     return variants
 
 
+def chosen_long_variants(names):
+    """long_variants() with only config.py's defaults and the runs `names` (all of them
+    when None); the defaults stay first, since every target is read against them."""
+    variants = long_variants()
+    if not names:
+        return variants
+    return {name: overrides for name, overrides in variants.items()
+            if name == "defaults" or name in names}
+
+
 def longest_window():
     return max(window for _, windows in LONG_DESIGNS.values() for window in windows)
 
@@ -1318,7 +1328,7 @@ LINES = {"rebuilding": r"^data: rebuilding cache", "wrote": r"^data: wrote ",
          "validation": r"^step (\d+): validation loss", "trained": r"^training finished",
          "stopped": r"^stopped by", "final": r"^final model on", "report": r"^report: ",
          "evaluated": r": every byte but the first scored once",
-         "peak": r"^bench: peak_rss_bytes (\d+)", "training": r"^training \d+ steps at most"}
+         "peak": r"^bench: peak_rss_bytes (\d+)", "training": r"^training [\d,]+ steps at most"}
 
 
 def write_prefix(sources, size, path):
@@ -1701,6 +1711,10 @@ def parse_args(argv):
                              "quick: 2)")
     parser.add_argument("--long-repeats", type=int, default=2,
                         help="long section: train each run this many times; report medians")
+    parser.add_argument("--long-run", action="append", metavar="NAME",
+                        help="long section: train only this run beside config.py's defaults "
+                             "(repeat the flag for more; names as the section prints them, "
+                             "e.g. 'single-stream, window 1024'); default: every run")
     parser.add_argument("--long-heldout-mb", type=float, default=LONG_HELDOUT_BYTES / MB,
                         help="long section: size of the held-out slice every model is "
                              "scored on (default: 1)")
@@ -1729,6 +1743,10 @@ def parse_args(argv):
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
         args.data = os.path.normpath(DEFAULT_DATA)
+    unknown = sorted(set(args.long_run or ()) - set(long_variants()))
+    if unknown:
+        parser.error(f"--long-run {unknown[0]!r}: no such run; the long section's runs are: "
+                     + "; ".join(repr(name) for name in long_variants()))
     if "scale" in args.only and not args.data:
         parser.error("the scale section needs --data (a .txt file or a folder of them)")
     if args.data and not os.path.exists(args.data):
@@ -1764,7 +1782,8 @@ def main(argv):
                            "scale_validate_every": args.scale_validate_every,
                            "scale_main_args": args.scale_main_args,
                            "long_seconds": args.long_seconds,
-                           "long_repeats": args.long_repeats},
+                           "long_repeats": args.long_repeats,
+                           "long_runs": args.long_run or "all"},
               "sections": {}, "targets": []}
     print("GrugV3 benchmark | " + " | ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     sections = {
@@ -1777,7 +1796,8 @@ def main(argv):
         "data": lambda: bench_data(scale),
         "long": lambda: bench_long(device, scale, args.data,
                                    args.long_seconds or scale["long_seconds"],
-                                   args.long_repeats, int(args.long_heldout_mb * MB)),
+                                   args.long_repeats, int(args.long_heldout_mb * MB),
+                                   chosen_long_variants(args.long_run)),
         "scale": lambda: bench_scale(args.data, args.scale_sizes, args.scale_seconds,
                                      args.scale_evaluate_mb, args.scale_validate_every,
                                      shlex.split(args.scale_main_args), args.device,

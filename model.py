@@ -707,11 +707,11 @@ class ByteLLM_GrugV3(nn.Module):
                 ends = ((at + 1) % self.agg_stride == 0).expand(x.size(0), -1)
             else:
                 ends = ((positions + 1) % self.agg_stride == 0)[:, None]
-            after = torch.cat([marks[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
+            after = marks
         if self.max_patches is not None:
             ends = ends & (marks[:, 2:] + ends.cumsum(dim=1) <= self.max_patches)
-            after = torch.cat([after[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
-        return ends, after
+        # the patches ended, counted after the cap (fixed patches keep the other marks)
+        return ends, torch.cat([after[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
 
     def patch_slots(self, length):
         return patch_slots(length, self.agg_stride, self.boundaries, self.max_patches)

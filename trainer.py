@@ -1048,10 +1048,12 @@ class Trainer:
         os.makedirs(c["checkpoint_dir"], exist_ok=True)
         self.log = TrainingLog(c, self.windows_per_step() * self.train_dataset.sequence_length,
                                self.step, self.resumed, self.is_main)
-        self.log.message(f"training {self.schedule.step_limit} steps at most "
-                         f"({self.order.steps_per_epoch} per epoch, {self.windows_per_step()} "
-                         f"windows per step)" + (f", {c['max_train_minutes']} minutes at most"
-                                                 if self.time_budget else ""))
+        windows = self.windows_per_step()
+        self.log.message(f"training {self.schedule.step_limit:,} steps at most "
+                         f"({self.order.steps_per_epoch:,} per epoch, {windows} "
+                         f"window{'s' if windows > 1 else ''} per step)"
+                         + (f", {c['max_train_minutes']} minutes at most"
+                            if self.time_budget else ""))
         for warning in schedule_warnings(self.schedule):
             self.log.message(f"warning: {warning}")
         self._start_time = time.perf_counter()

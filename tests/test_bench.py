@@ -581,6 +581,25 @@ def test_the_long_section_runs_only_when_asked_and_needs_a_corpus(capsys):
     assert "--only long needs --data" in capsys.readouterr().err
 
 
+def test_long_run_picks_runs_beside_the_defaults_and_names_the_choices(capsys):
+    chosen = bench.chosen_long_variants(["parallel-stream, window 256",
+                                         "single-stream, window 1024"])
+    # the defaults come first whatever the order asked, since the targets read against them
+    assert list(chosen) == ["defaults", "single-stream, window 1024",
+                            "parallel-stream, window 256"]
+    assert chosen["parallel-stream, window 256"] == \
+        bench.long_variants()["parallel-stream, window 256"]
+    assert bench.chosen_long_variants(None) == bench.long_variants()
+    args = bench.parse_args(["--only", "long", "--data", __file__,
+                             "--long-run", "single-stream, window 4096"])
+    assert args.long_run == ["single-stream, window 4096"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "long", "--data", __file__, "--long-run", "single, 64"])
+    err = capsys.readouterr().err
+    assert "--long-run 'single, 64': no such run" in err
+    assert "'single-stream, window 4096'" in err
+
+
 @pytest.mark.slow
 def test_quick_long_section_prints_its_table(tmp_path, monkeypatch, capsys):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=300_000))
