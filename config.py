@@ -22,6 +22,13 @@ epoch (docs/benchmarks.md, The GPU preset): give it more text than that:
     amp_dtype="auto", use_torch_compile=True, generation_compile="always"
 Several GPUs or machines: see "Scaling out" in README.md (torchrun, no edit needed).
 
+Long context, for runs of 10 minutes or more on a large corpus (100 MB and up): a window
+of 256 bytes, 4 windows a step (the same 1,024 bytes a step as the defaults). On the Linux
+sources it beat the defaults by far after 10 minutes on a 2-core CPU, and lost to them
+after 90 s: a longer window needs more steps before its context pays (docs/benchmarks.md,
+Long context):
+    sequence_length=256, data_stride=256, batch_size=4, max_train_minutes=10
+
 Below CONFIG_V3, RULES declares what each key accepts (type, range, choices, None or
 not): the config check, the command-line parser and --help all read it.
 """

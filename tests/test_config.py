@@ -194,6 +194,22 @@ def test_the_gpu_preset_in_config_docstring_is_a_valid_config():
     assert all(checked[key] == value for key, value in preset.items())
 
 
+def test_the_long_context_preset_in_config_docstring_is_the_measured_run():
+    # The preset is bench's long-section run that won, with the long runs' 10 minutes.
+    import ast
+    import re
+    import bench
+    text = config_module.__doc__.split("Long context, for runs")[1].split('"""')[0]
+    preset = {key: ast.literal_eval(value.strip()) for key, value in
+              re.findall(r"(\w+)=([^,\n]+)", text)}
+    measured = dict(bench.long_variants()["single-stream, window 256"])
+    assert measured.pop("use_parallel_stream_model") == \
+        config_module.CONFIG_V3["use_parallel_stream_model"]
+    assert preset == {**measured, "max_train_minutes": 10}
+    checked = check_config({**config_module.CONFIG_V3, **preset})
+    assert all(checked[key] == value for key, value in preset.items())
+
+
 # ---------------------------------------------------------------------------
 # Key roles (config.KEY_ROLES): the lists derived from them hold exactly the keys that
 # the code reading them reads
