@@ -1743,10 +1743,11 @@ def parse_args(argv):
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
         args.data = os.path.normpath(DEFAULT_DATA)
-    unknown = sorted(set(args.long_run or ()) - set(long_variants()))
+    runs = long_variants()
+    unknown = sorted(set(args.long_run or ()) - set(runs))
     if unknown:
         parser.error(f"--long-run {unknown[0]!r}: no such run; the long section's runs are: "
-                     + "; ".join(repr(name) for name in long_variants()))
+                     + "; ".join(repr(name) for name in runs))
     if "scale" in args.only and not args.data:
         parser.error("the scale section needs --data (a .txt file or a folder of them)")
     if args.data and not os.path.exists(args.data):

@@ -707,11 +707,13 @@ class ByteLLM_GrugV3(nn.Module):
                 ends = ((at + 1) % self.agg_stride == 0).expand(x.size(0), -1)
             else:
                 ends = ((positions + 1) % self.agg_stride == 0)[:, None]
-            after = marks
-        if self.max_patches is not None:
+            after = marks  # fixed patches keep the other marks; the count is added below
+        capped = self.max_patches is not None
+        if capped:
             ends = ends & (marks[:, 2:] + ends.cumsum(dim=1) <= self.max_patches)
-        # the patches ended, counted after the cap (fixed patches keep the other marks)
-        return ends, torch.cat([after[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
+        if capped or self.boundaries != "spacelike":  # spacelike_patch_ends counted the rest
+            after = torch.cat([after[:, :2], marks[:, 2:] + ends.sum(1, keepdim=True)], 1)
+        return ends, after
 
     def patch_slots(self, length):
         return patch_slots(length, self.agg_stride, self.boundaries, self.max_patches)

@@ -1046,9 +1046,9 @@ class Trainer:
         Returns a summary dict."""
         c = self.config
         os.makedirs(c["checkpoint_dir"], exist_ok=True)
-        self.log = TrainingLog(c, self.windows_per_step() * self.train_dataset.sequence_length,
-                               self.step, self.resumed, self.is_main)
         windows = self.windows_per_step()
+        self.log = TrainingLog(c, windows * self.train_dataset.sequence_length,
+                               self.step, self.resumed, self.is_main)
         self.log.message(f"training {self.schedule.step_limit:,} steps at most "
                          f"({self.order.steps_per_epoch:,} per epoch, {windows} "
                          f"window{'s' if windows > 1 else ''} per step)"
