@@ -428,7 +428,8 @@ def bench_training(device, scale):
 # Section: quality (--only quality)
 # Validation bits per byte after a fixed wall-clock training budget: config.py's
 # recipe and its variants, the seed recipe and (--quality-ablation) each change to
-# it alone, and (--parallel-designs) the parallel-stream designs and longer windows.
+# it alone, (--recipe-candidates) the defaults with each candidate change, and
+# (--parallel-designs) the parallel-stream designs and longer windows.
 # =============================================================================
 
 
@@ -458,6 +459,16 @@ RECIPE_CHANGES = {
     "ReLU²": ({"ffn_activation": "relu2"}, False),
     "SwiGLU": ({"ffn_activation": "swiglu"}, False),
     "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
+}
+
+
+# Issue 31's changes from published small-model recipes (modded-nanogpt), tried on
+# config.py's defaults (--recipe-candidates), each alone and all together:
+# (overrides, adopted into config.py).
+CANDIDATE_CHANGES = {
+    "smear": ({"smear_previous_byte": True}, False),
+    "embeddings into every layer": ({"embeddings_into_every_layer": True}, False),
+    "value embeddings": ({"value_embeddings": True}, False),
 }
 
 
@@ -533,7 +544,7 @@ def distinct_runs(variants, seconds, device, workdir):
     return {" = ".join(names): (names, config) for names, config in runs.values()}
 
 
-def quality_variants(ablation, parallel_designs=False):
+def quality_variants(ablation, parallel_designs=False, candidates=False):
     """{name: overrides of config.py's defaults} of the quality section's runs."""
     variants = {
         "best": {},
@@ -546,6 +557,12 @@ def quality_variants(ablation, parallel_designs=False):
     if ablation:
         variants.update({f"seed + {name}": {**SEED_RECIPE, **overrides}
                          for name, (overrides, _) in RECIPE_CHANGES.items()})
+    if candidates:
+        variants.update({f"best + {name}": overrides
+                         for name, (overrides, _) in CANDIDATE_CHANGES.items()})
+        variants["best + every candidate"] = {key: value for overrides, _ in
+                                              CANDIDATE_CHANGES.values()
+                                              for key, value in overrides.items()}
     if parallel_designs:
         variants.update({f"parallel: {name}": {**PARALLEL_BASE, **overrides}
                          for name, overrides in PARALLEL_DESIGNS.items()})
@@ -559,17 +576,18 @@ def quality_variants(ablation, parallel_designs=False):
 
 
 def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
-                  parallel_designs=False):
+                  parallel_designs=False, candidates=False):
     """Validation bits/byte after `seconds` of training: config.py's recipe, its single-
     and parallel-stream versions, its all_positions and last_byte versions, and the seed
-    recipe; with `ablation`, the seed recipe with each change alone; with
+    recipe; with `ablation`, the seed recipe with each change alone; with `candidates`,
+    the defaults with each of CANDIDATE_CHANGES alone and with all of them; with
     `parallel_designs`, each of PARALLEL_DESIGNS, and both streams at LONG_WINDOWS. Runs
     with the same configuration are trained once; `repeats` runs of each, interleaved,
     give medians."""
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)
-        runs = distinct_runs(quality_variants(ablation, parallel_designs), seconds, device,
-                             workdir)
+        runs = distinct_runs(quality_variants(ablation, parallel_designs, candidates), seconds,
+                             device, workdir)
         log(f"quality: {len(runs)} distinct runs x {repeats} of {seconds:g} s")
         measures = {label: lambda c=config: quality_run(c, data, device, scale["eval_windows"])
                     for label, (names, config) in runs.items()}
@@ -608,6 +626,8 @@ def quality_comparisons(by_variant):
              versus(objectives, "last_byte", "all_positions", "last_byte_bpb")]
     found += [versus(f"{name} alone vs the seed recipe", name, "seed recipe")
               for name in by_variant if name.startswith("seed + ")]
+    found += [versus(f"{name} vs best", name, "best")
+              for name in by_variant if name.startswith("best + ")]
     found += [versus(f"{name} vs single-stream", name, "single-stream")
               for name in by_variant if name.startswith("parallel: ")]
     found += [versus(f"window {window}: parallel vs single-stream",
@@ -1696,6 +1716,9 @@ def parse_args(argv):
     parser.add_argument("--quality-ablation", action="store_true",
                         help="quality section: also train the seed recipe with each change "
                              "of RECIPE_CHANGES alone (about 2 minutes per change and repeat)")
+    parser.add_argument("--recipe-candidates", action="store_true",
+                        help="quality section: also train config.py's defaults with each of "
+                             "CANDIDATE_CHANGES alone and with all of them (2 minutes a run)")
     parser.add_argument("--parallel-designs", action="store_true",
                         help="quality section: also train each of PARALLEL_DESIGNS, and both "
                              "streams at windows of 256 and 1024 bytes (2 minutes per run)")
@@ -1776,6 +1799,7 @@ def main(argv):
                            "quality_repeats": args.quality_repeats,
                            "quality_ablation": args.quality_ablation,
                            "parallel_designs": args.parallel_designs,
+                           "recipe_candidates": args.recipe_candidates,
                            "generation_designs": args.generation_designs, "scale": scale,
                            "scale_sizes_mb": args.scale_sizes,
                            "scale_seconds": args.scale_seconds,
@@ -1791,7 +1815,7 @@ def main(argv):
         "training": lambda: bench_training(device, scale),
         "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
                                          args.quality_repeats, args.quality_ablation,
-                                         args.parallel_designs),
+                                         args.parallel_designs, args.recipe_candidates),
         "generation": lambda: bench_generation(device, scale,
                                                generation_designs(args.generation_designs)),
         "data": lambda: bench_data(scale),

@@ -86,6 +86,9 @@ CONFIG_V3 = {
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
+    "smear_previous_byte": False,  # add a learned, gated share of the previous byte's input
+    "embeddings_into_every_layer": False,  # re-add the input embedding before each byte layer (learned scales)
+    "value_embeddings": False,  # each byte layer adds a learned vector of the byte to its values
     "output_dropout": 0.0,  # dropout before the output projection, probability
     "num_attention_layers": 2,  # transformer layers of the single-stream model
     "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"
@@ -252,6 +255,9 @@ RULES = {
     "ffn_activation": one_of("gelu", "relu2", "swiglu"),
     "zero_init_output_projections": flag(),
     "logit_softcap": real(0),
+    "smear_previous_byte": flag(),
+    "embeddings_into_every_layer": flag(),
+    "value_embeddings": flag(),
     "output_dropout": FRACTION,
     "num_attention_layers": POSITIVE,
     "training_objective": one_of("all_positions", "last_byte"),
@@ -394,6 +400,9 @@ KEY_ROLES = {
     "ffn_activation": ("model", "architecture"),
     "zero_init_output_projections": ("model",),
     "logit_softcap": ("model", "architecture"),
+    "smear_previous_byte": ("model", "architecture"),
+    "embeddings_into_every_layer": ("model", "architecture"),
+    "value_embeddings": ("model", "architecture"),
     "output_dropout": ("model", "training"),
     "num_attention_layers": ("model", "architecture"),
     "training_objective": ("model", "training"),
@@ -453,7 +462,8 @@ LEGACY_ARCHITECTURE = {"norm_type": "layernorm", "qk_norm": False, "attention_wi
                        "ffn_activation": "gelu",
                        "logit_softcap": 0.0, "parallel_fusion": "concat_output",
                        "patch_boundaries": "fixed", "max_patches_per_window": None,
-                       "ngram_orders": [], "ngram_buckets": 8192}
+                       "ngram_orders": [], "ngram_buckets": 8192, "smear_previous_byte": False,
+                       "embeddings_into_every_layer": False, "value_embeddings": False}
 
 
 def keys_with(role):

@@ -27,6 +27,7 @@ from utils import config_problems
 # math of forward (checkpoints only fit a model built with the same values): KEY_ROLES.
 MODEL_KEYS = keys_with("model")
 ARCHITECTURE_KEYS = keys_with("architecture")
+SMEAR_GATE_INPUTS = 12  # smear's gate reads the first dimensions of a byte's input (modded-nanogpt)
 
 
 # ---------------------------------------------------------------------------
@@ -98,6 +99,8 @@ class GenerationCache:
     count (`length`); decode_step feeds each stream one byte at its own position.
     `row(b)` is stream b alone, sharing this cache's storage (to feed one prompt)."""
 
+    PASTS = ("ngram_past", "agg_past", "agg_state", "patch_marks", "smear_past")
+
     def __init__(self, model, batch_size, capacity, dtype, device):
         self.batch_size, self.capacity, self.length = batch_size, capacity, 0
         heads = model.config["attention_num_heads"]
@@ -115,6 +118,9 @@ class GenerationCache:
         if model.ngram_embedding is not None:
             self.ngram_past = torch.full((batch_size, model.ngram_embedding.context), NO_BYTE,
                                          dtype=torch.long, device=device)
+        # smear: the previous byte's layer input (zeros before byte 0)
+        self.smear_past = (torch.zeros(batch_size, model.config["attention_d_model"], dtype=dtype,
+                                       device=device) if model.smear_gate is not None else None)
         self.agg_kv, self.agg_past, self.agg_state, self.patch_marks = [], None, None, None
         if model.parallel and model.fusion == "at_boundaries":
             slots = model.patch_slots(capacity) + 1  # + 1: a step writes its next patch's slot
@@ -135,7 +141,8 @@ class GenerationCache:
     def reset_row(self, b):
         """Stream b back to position 0 (its keys and values need no clearing: positions
         past a stream's own are never read)."""
-        for past in self.conv_pasts + ([self.agg_past] if self.agg_past is not None else []):
+        for past in self.conv_pasts + [t for t in (self.agg_past, self.smear_past)
+                                       if t is not None]:
             past[b].zero_()
         if self.agg_state is not None:
             self.agg_state[b].copy_(self.no_patch_state)
@@ -147,8 +154,7 @@ class GenerationCache:
     def tensors(self):
         """Every tensor decode_step reads or writes, in the order with_tensors takes them."""
         keys_and_values = [t for kv in self.byte_kv + self.agg_kv for t in (kv.k, kv.v)]
-        pasts = [t for t in (self.ngram_past, self.agg_past, self.agg_state, self.patch_marks)
-                 if t is not None]
+        pasts = [getattr(self, name) for name in self.PASTS if getattr(self, name) is not None]
         return keys_and_values + self.conv_pasts + pasts
 
     def with_tensors(self, tensors):
@@ -167,7 +173,7 @@ class GenerationCache:
             return views
         view.byte_kv, view.agg_kv = kv_views(self.byte_kv), kv_views(self.agg_kv)
         view.conv_pasts = [next(given) for _ in self.conv_pasts]
-        for name in ("ngram_past", "agg_past", "agg_state", "patch_marks"):
+        for name in self.PASTS:
             if getattr(self, name) is not None:
                 setattr(view, name, next(given))
         return view
@@ -204,12 +210,15 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = NORMS[norm_type](head_dim) if qk_norm else None
         self.k_norm = NORMS[norm_type](head_dim) if qk_norm else None
 
-    def forward(self, x, kv_cache=None, rotation=None, places=None):
+    def forward(self, x, kv_cache=None, rotation=None, places=None, values=None):
         """x (B, T, C) -> (B, T, C). `rotation`: the turns of rotary positions (turns_of).
-        With `places` (StepPlaces): one byte per stream (T = 1), each at its own position."""
+        With `places` (StepPlaces): one byte per stream (T = 1), each at its own position.
+        `values` (B, T, C): added to the values (value embeddings), so the cache holds them."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(
             2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if values is not None:
+            v = v + values.view(B, T, self.num_heads, -1).transpose(1, 2).to(v.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:
@@ -343,11 +352,13 @@ class EncoderLayer(nn.Module):
         self.norm2 = NORMS[norm_type](d_model)
         self.attn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, kv_cache=None, rotation=None, places=None):
+    def forward(self, x, kv_cache=None, rotation=None, places=None, values=None):
         if self.norm_first:
-            x = x + dropped(self.attn_dropout, self.attn(self.norm1(x), kv_cache, rotation, places))
+            x = x + dropped(self.attn_dropout,
+                            self.attn(self.norm1(x), kv_cache, rotation, places, values))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + dropped(self.attn_dropout, self.attn(x, kv_cache, rotation, places)))
+        x = self.norm1(x + dropped(self.attn_dropout,
+                                   self.attn(x, kv_cache, rotation, places, values)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -535,6 +546,18 @@ class ByteLLM_GrugV3(nn.Module):
         else:
             self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c,
                                                      c["attention_window"])
+        # Options of published small-model recipes (modded-nanogpt), on the byte layers;
+        # each starts as the model without it (docs/benchmarks.md, issue 31's ablation).
+        layers, d_model = len(self.byte_layers), c["attention_d_model"]
+        self.smear_gate = self.smear_scale = self.embedding_scales = self.value_embeddings = None
+        if c["smear_previous_byte"]:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_INPUTS, d_model), 1, bias=False)
+            self.smear_scale = nn.Parameter(torch.zeros(()))
+        if c["embeddings_into_every_layer"]:
+            self.embedding_scales = nn.Parameter(torch.zeros(layers))
+        if c["value_embeddings"]:
+            self.value_embeddings = nn.ModuleList(nn.Embedding(c["vocab_size"], d_model)
+                                                  for _ in range(layers))
         self.final_norm = NORMS[c["norm_type"]](out_width)
         self.output_dropout = nn.Dropout(c["output_dropout"])
         self.fc_out = nn.Linear(out_width, c["vocab_size"])
@@ -570,6 +593,8 @@ class ByteLLM_GrugV3(nn.Module):
         # Unit scale, like the sin/cos table: at 0.02 the positions drown out the bytes and
         # learning stalls for the first hundred steps.
         nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
+        for table in self.value_embeddings or []:  # zero: the values start as without them
+            nn.init.zeros_(table.weight)
         # Residual projections shrink with depth (GPT-2): the sum of L layers' updates to the
         # residual stream starts equally small whatever L is. Or they start at zero, so
         # every layer starts as the identity (modded-nanogpt).
@@ -612,7 +637,11 @@ class ByteLLM_GrugV3(nn.Module):
         h = self._embed(x, cache)  # (B, T, E)
         if self.cnn_frontend is not None:
             h = self.cnn_frontend(h, None if cache is None else cache.conv_pasts)
-        z, rotation = placed(self.pos_encoding, self.projection(h), start, positions)
+        z = self.projection(h)  # (B, T, d_model)
+        if self.smear_gate is not None:
+            z = self._smeared(z, cache)
+        inputs = z  # what embeddings_into_every_layer adds again
+        z, rotation = placed(self.pos_encoding, z, start, positions)
         patches = None  # (B, T, D_agg): for each byte, the state of its last complete patch
         if self.parallel and self.fusion != "at_boundaries":
             patches = (self._patch_state_per_byte(h, cache) if positions is None
@@ -625,10 +654,26 @@ class ByteLLM_GrugV3(nn.Module):
                 z = z + self._patches_at_ends(z, x, cache, positions, patch_due)
             elif i == self.inject_before:
                 z = z + self.patch_to_bytes(patches.to(z.dtype))
-            z = layer(z, kv, rotation, places)  # (B, T, d_model)
+            if self.embedding_scales is not None:  # at layer 0, a learned scale of the input
+                z = z + self.embedding_scales[i] * inputs
+            values = None if self.value_embeddings is None else self.value_embeddings[i](x)
+            z = layer(z, kv, rotation, places, values)  # (B, T, d_model)
         if patches is not None and self.fusion == "concat_output":
             z = torch.cat([z, patches.to(z.dtype)], dim=-1)
         return z
+
+    def _smeared(self, z, cache=None):
+        """z (B, T, D) plus, at each byte, a gated share of the previous byte's z (smear:
+        modded-nanogpt): what the n-gram tables give the byte's identity, for its state.
+        Without a cache the byte before z is none (zeros); with one, the cache holds it
+        and is moved on past z."""
+        past = (z.new_zeros(z.size(0), 1, z.size(2)) if cache is None
+                else cache.smear_past[:, None].to(z.dtype))
+        previous = torch.cat([past, z[:, :-1]], dim=1)
+        if cache is not None:
+            cache.smear_past.copy_(z[:, -1])
+        gate = torch.sigmoid(self.smear_gate(z[..., :self.smear_gate.in_features]))  # (B, T, 1)
+        return z + self.smear_scale * gate * previous
 
     def _patch_stream(self, patches, kvs, start, positions=None):
         """Patch inputs (B, n, D_agg) -> the patch stream's states of those patches: n

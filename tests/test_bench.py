@@ -355,10 +355,16 @@ def test_config_defaults_are_the_seed_recipe_with_the_adopted_changes():
     for overrides, taken in bench.RECIPE_CHANGES.values():
         if not taken:
             assert any(CONFIG_V3[key] != value for key, value in overrides.items())
+    # The candidates tried on the defaults: in them if adopted, out of them if not.
+    for overrides, taken in bench.CANDIDATE_CHANGES.values():
+        assert set(overrides) <= set(CONFIG_V3)
+        assert all(CONFIG_V3[key] == value for key, value in overrides.items()) == taken
 
 
 def test_every_quality_variant_is_a_valid_config_and_long_windows_keep_bytes_per_step():
-    variants = bench.quality_variants(ablation=True, parallel_designs=True)
+    variants = bench.quality_variants(ablation=True, parallel_designs=True, candidates=True)
+    assert {name for name in variants if name.startswith("best + ")} == {
+        f"best + {name}" for name in [*bench.CANDIDATE_CHANGES, "every candidate"]}
     for name, overrides in variants.items():
         config = bench.model_config(**overrides)  # raises ConfigError on a bad variant
         assert config["use_parallel_stream_model"] == (

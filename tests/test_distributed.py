@@ -59,9 +59,11 @@ def final_validation(root):
                                      "--parallel_fusion=at_boundaries",
                                      "--patch_boundaries=spacelike", "--agg_cnn_stride=5",
                                      "--attention_window=6"],
-                                    ["--sparse_table_updates=True"]],
+                                    ["--sparse_table_updates=True", "--smear_previous_byte=True",
+                                     "--embeddings_into_every_layer=True",
+                                     "--value_embeddings=True"]],
                          ids=["default-recipe-muon", "adamw-sinusoidal-wsd", "at-ends-window",
-                              "sparse-tables"])
+                              "sparse-tables-recipe-options"])
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, recipe):
     """Pinned to fp32 (launch passes --use_amp=False, and Muon then orthogonalizes in fp32
     too), so the tolerance is fp32's summation-order rounding on every CPU; bf16 rounding

@@ -59,9 +59,15 @@ DEFAULT_LAYERS = {key: CONFIG_V3[key] for key in ("positional_encoding_type", "q
                                                   "ngram_orders", "ngram_buckets")}
 # Hashed n-grams with a small table (collisions happen) and orders with a gap.
 NGRAMS = dict(ngram_orders=[2, 3, 5], ngram_buckets=61)
+# Issue 31's options from small-model recipes, all three (tiny_model's random weights make
+# every scale and gate non-zero).
+RECIPE_OPTIONS = dict(smear_previous_byte=True, embeddings_into_every_layer=True,
+                      value_embeddings=True)
 
 # (name, overrides): both architectures, frontend on/off, even and odd kernels, and
 # aggregator kernels below, at and above the stride, strides that do not divide T = 13.
+AT_SPACELIKE_ENDS_3 = dict(PARALLEL, parallel_fusion="at_boundaries", patch_boundaries="spacelike",
+                           agg_cnn_stride=3)
 ARCHITECTURES = [
     ("single", {}),
     ("single-cnn-k2k3", CNN),
@@ -104,12 +110,22 @@ ARCHITECTURES = [
     # patches or spacelike ones (at most 3 or 5 bytes), with the other options around it.
     ("parallel-at-boundaries-fixed-s3", dict(PARALLEL, parallel_fusion="at_boundaries",
                                              agg_cnn_stride=3)),
-    ("parallel-at-boundaries-spacelike-max3", dict(PARALLEL, parallel_fusion="at_boundaries",
-                                                   patch_boundaries="spacelike", agg_cnn_stride=3)),
+    ("parallel-at-boundaries-spacelike-max3", AT_SPACELIKE_ENDS_3),
     ("parallel-at-boundaries-spacelike-default-layers-3-layers", {
         **PARALLEL, **DEFAULT_LAYERS, **NGRAMS, "parallel_fusion": "at_boundaries",
         "patch_boundaries": "spacelike", "agg_cnn_stride": 5, "num_byte_stream_layers": 3,
         "num_agg_stream_layers": 2, "agg_cnn_out_dim": 48, "attention_window": 6}),
+    # Smear, the embeddings into every layer and value embeddings: with config.py's layers,
+    # with a CNN frontend and 3 layers, in the seed's parallel stream and in SpaceByte's.
+    ("single-default-layers-recipe-options", {**DEFAULT_LAYERS, **NGRAMS, **RECIPE_OPTIONS}),
+    ("single-cnn-3-layers-smear", {**CNN, **MODERN, "num_attention_layers": 3,
+                                   "smear_previous_byte": True}),
+    ("single-every-layer-values-window4", {**MODERN, "embeddings_into_every_layer": True,
+                                           "value_embeddings": True, "attention_window": 4}),
+    ("parallel-recipe-options-k3s2", dict(PARALLEL, **RECIPE_OPTIONS, agg_cnn_kernel_size=3,
+                                          agg_cnn_stride=2)),
+    ("parallel-at-boundaries-recipe-options", dict(AT_SPACELIKE_ENDS_3, **RECIPE_OPTIONS,
+                                                   num_byte_stream_layers=3)),
 ]
 ARCH_IDS = [name for name, _ in ARCHITECTURES]
 ARCH_OVERRIDES = [overrides for _, overrides in ARCHITECTURES]
@@ -360,7 +376,8 @@ AT_SPACELIKE_ENDS = dict(PARALLEL, parallel_fusion="at_boundaries", patch_bounda
 
 @pytest.mark.parametrize("overrides", [
     dict(PARALLEL, **CNN, **MODERN, agg_cnn_stride=3, parallel_fusion="add_input"),
-    dict(AT_SPACELIKE_ENDS, **MODERN)], ids=["add-input-cnn", "at-spacelike-ends-window"])
+    dict(AT_SPACELIKE_ENDS, **MODERN), dict(DEFAULT_LAYERS, **NGRAMS, **RECIPE_OPTIONS)],
+    ids=["add-input-cnn", "at-spacelike-ends-window", "recipe-options"])
 def test_the_decode_step_traces_as_one_graph(overrides):
     # backend="eager" checks dynamo's tracing (no graph breaks) without compiling kernels.
     model = tiny_model(**overrides)
@@ -375,7 +392,8 @@ def test_a_cache_made_of_other_tensors_decodes_the_same_into_them():
     """cache.with_tensors(cache.tensors()) is how the predictor hands the cache to a step
     compiled ahead of time: made of copies of its tensors, it must decode as the cache
     does, reading and writing those copies only (every kind of cache tensor here)."""
-    model = tiny_model(**PARALLEL, **CNN, **NGRAMS, agg_cnn_kernel_size=3, agg_cnn_stride=2)
+    model = tiny_model(**PARALLEL, **CNN, **NGRAMS, agg_cnn_kernel_size=3, agg_cnn_stride=2,
+                       smear_previous_byte=True)
     x = torch.randint(0, 256, (2, 10))
     cache = model.new_cache(2)
     with torch.no_grad():
@@ -388,7 +406,7 @@ def test_a_cache_made_of_other_tensors_decodes_the_same_into_them():
     for t, expected in zip(range(5, 10), logits):
         assert torch.equal(model.decode_step(x[:, t], cache, torch.full((2,), t)), expected)
     assert all(torch.equal(a, b) for a, b in zip(cache.tensors(), copied.tensors()))
-    assert len(cache.tensors()) == 2 * 3 + 2 + 3  # k, v of 3 layers; 2 convolutions; pasts
+    assert len(cache.tensors()) == 2 * 3 + 2 + 4  # k, v of 3 layers; 2 convolutions; pasts
 
 
 def test_windows_shorter_than_a_patch_use_the_no_patch_state():
@@ -414,9 +432,10 @@ def test_fresh_cache_starts_again_at_position_zero():
                                        dict(PARALLEL, **CNN, **MODERN),
                                        dict(PARALLEL, **MODERN, parallel_fusion="at_boundaries",
                                             patch_boundaries="spacelike", agg_cnn_stride=3,
-                                            attention_window=4)],
+                                            attention_window=4),
+                                       dict(MODERN, **NGRAMS, **RECIPE_OPTIONS)],
                          ids=["single", "parallel", "single-modern", "parallel-modern",
-                              "at-spacelike-ends-window-modern"])
+                              "at-spacelike-ends-window-modern", "recipe-options"])
 def test_incremental_under_autocast(overrides):
     model = tiny_model(**overrides)
     x = torch.randint(0, 256, (2, 9))
@@ -427,6 +446,28 @@ def test_incremental_under_autocast(overrides):
         incremental = incremental_logits(model, x, [4, 1, 1, 1, 1, 1]).float()
     assert (incremental - full_bf16).abs().max() < 1e-2
     assert (incremental - full).abs().max() < 0.1  # bf16 rounding; the logits spread over ~±3
+
+
+@pytest.mark.parametrize("option", sorted(RECIPE_OPTIONS))
+def test_a_recipe_option_starts_as_the_model_without_it(option):
+    """Smear's scale, the per-layer embedding scales and the value tables start at zero:
+    a new model with the option computes what the model without it does."""
+    torch.manual_seed(0)
+    layers = {**DEFAULT_LAYERS, **NGRAMS}
+    without = ByteLLM_GrugV3(tiny_config(**layers)).eval()
+    with torch.no_grad():
+        for table in without.ngram_embedding.embeddings:  # zero at the start, like the options
+            table.weight.normal_()
+    model = ByteLLM_GrugV3(tiny_config(**layers, **{option: True})).eval()
+    missing, unexpected = model.load_state_dict(without.state_dict(), strict=False)
+    assert missing and not unexpected  # the option's own parameters kept their start
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x), without(x))
+        for name, parameter in model.named_parameters():
+            if name in missing and ("scale" in name or "value" in name):
+                parameter.fill_(0.5)
+        assert not torch.allclose(model(x), without(x))  # the option is wired in
 
 
 def test_learnable_positions_past_the_table_raise_clear_error():

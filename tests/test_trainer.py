@@ -408,12 +408,16 @@ def losses_of_a_short_run(tmp_path, device="cpu", trainer_seen=None, **overrides
 MODERN_RECIPE = dict(optimizer_type="Muon", scheduler_type="wsd", positional_encoding_type="rotary",
                      norm_type="rmsnorm", qk_norm=True, ffn_activation="relu2",
                      zero_init_output_projections=True, logit_softcap=15.0)
+# Issue 31's options from small-model recipes, all on.
+RECIPE_OPTIONS = dict(smear_previous_byte=True, embeddings_into_every_layer=True,
+                      value_embeddings=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", [{}, MODERN_RECIPE,
-                                    dict(MODERN_RECIPE, sparse_table_updates=True)],
-                         ids=["seed-recipe", "modern-recipe", "sparse-tables"])
+                                    dict(MODERN_RECIPE, sparse_table_updates=True,
+                                         **RECIPE_OPTIONS)],
+                         ids=["seed-recipe", "modern-recipe", "sparse-tables-recipe-options"])
 def test_bf16_autocast_tracks_fp32_from_the_same_start(tmp_path, recipe, device):
     fp32 = losses_of_a_short_run(tmp_path / "fp32", device, use_amp=False, **recipe)
     bf16 = losses_of_a_short_run(tmp_path / "bf16", device, use_amp=True, amp_dtype="bfloat16",
@@ -897,7 +901,8 @@ AT_ENDS_WINDOW = dict(use_parallel_stream_model=True, parallel_fusion="at_bounda
                       patch_boundaries="spacelike", agg_cnn_stride=5, attention_window=6)
 
 
-@pytest.mark.parametrize("architecture", [{}, AT_ENDS_WINDOW], ids=["single", "at-ends-window"])
+@pytest.mark.parametrize("architecture", [{}, AT_ENDS_WINDOW, dict(AT_ENDS_WINDOW, **RECIPE_OPTIONS)],
+                         ids=["single", "at-ends-window", "at-ends-window-recipe-options"])
 def test_exact_resume_with_muon_and_wsd(tmp_path, architecture):
     recipe = dict(MODERN_RECIPE, transformer_dropout=0.1, gradient_accumulation_steps=2,
                   lr_scheduler_T_max=None, num_epochs=1, validate_and_checkpoint_best_every_batches=4,
