@@ -10,7 +10,9 @@
 
 Sections (--only):
     training    bytes/s, ms per optimizer step and model FLOP utilisation (MFU) against a
-                matmul peak measured in the same run; single/parallel stream, fp32/bf16
+                matmul peak measured in the same run; single/parallel stream, fp32/bf16;
+                where config.py's default step spends its time (torch.profiler: by phase
+                and by operator)
     quality     validation bits per byte after a fixed wall-clock training budget
     generation  bytes/s with and without the KV cache at contexts 64, 256 and 1024; what
                 users get: config.py's default generation (and the compiled steady state)
@@ -93,12 +95,12 @@ MB = 10**6
 # How much work each section does. Quick mode only checks that everything runs.
 SCALES = {
     "full": dict(train_warmup=5, train_rounds=5, train_block=8, matmul_size=2048,
-                 matmul_rounds=10, quality_seconds=100.0, eval_windows=None,
+                 matmul_rounds=10, profile_steps=10, quality_seconds=100.0, eval_windows=None,
                  gen_max_new_bytes=256, gen_rounds=3, gen_compile=True,
                  gen_user_new_bytes=300, gen_user_rounds=9,
                  data_bytes=200 * MB, data_rounds=3, long_seconds=600.0, report_rows=10**6),
     "quick": dict(train_warmup=2, train_rounds=2, train_block=2, matmul_size=512,
-                  matmul_rounds=3, quality_seconds=2.0, eval_windows=16,
+                  matmul_rounds=3, profile_steps=2, quality_seconds=2.0, eval_windows=16,
                   gen_max_new_bytes=4, gen_rounds=1, gen_compile=False,
                   gen_user_new_bytes=4, gen_user_rounds=1,
                   data_bytes=20 * MB, data_rounds=1, long_seconds=2.0, report_rows=10**4),
@@ -280,7 +282,7 @@ def model_config(**overrides):
 # Section: training (--only training)
 # ms per optimizer step of nanoGPT's shape with config.py's recipe, the Trainer's own
 # step, single/parallel stream x fp32/bf16; model FLOP utilisation against a matmul
-# peak timed in the same run.
+# peak timed in the same run; config.py's default step under torch.profiler.
 # =============================================================================
 
 
@@ -355,6 +357,63 @@ def matmul_peak(device, size, rounds):
     return {name: 2 * size**3 / s for name, s in seconds.items()}
 
 
+def training_rate(config, seconds, peak_flops):
+    """(bytes/s, FLOPs per byte, MFU %) of training steps of `config` of `seconds` each,
+    against a matmul peak of `peak_flops` FLOP/s."""
+    rate = config["batch_size"] * config["sequence_length"] / seconds
+    flops = estimate_flops_per_byte(config)
+    return rate, flops, 100 * flops * rate / peak_flops
+
+
+# The ranges a training step is labelled with (utils.profiled) -> the range each is part
+# of: n-gram hashing runs inside forward; the others follow one another within the step.
+PROFILE_PHASES = {"data": "step", "forward": "step", "n-gram hashing": "forward",
+                  "backward": "step", "optimizer": "step"}
+PROFILE_OPERATORS = 12  # rows of the by-operator table
+
+
+def training_profile(config, data, device, warmup, steps):
+    """Where the time of a training step of `config` goes: (phases, operators, seconds
+    per step) of `steps` Trainer steps under torch.profiler, after `warmup` steps
+    without it. Each step fetches fresh micro-batches through the Trainer's loader, as
+    Trainer.train does.
+
+    phases: ms per step of each range of PROFILE_PHASES, and "Python and other": the rest
+    of the step's wall time (the learning rate, the loss's .item(), the profiler's own
+    bookkeeping). operators: the PROFILE_OPERATORS operators of the most self time (their
+    own, not their callees'), the labelled ranges left out. On a GPU the times are the
+    host's: the wait for queued kernels lands where the host waits (loss.item())."""
+    trainer = build_training(config, data, device)
+    batches = trainer.batch_loader()
+
+    def run(count):
+        for _ in range(count):
+            trainer.train_step(trainer.next_micro_batches(batches))
+    run(warmup)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        seconds = seconds_of(lambda: run(steps), device)() / steps
+    events = profiler.key_averages()
+    step_ms = 1000 * seconds
+
+    def phase_row(name, part_of, ms):
+        return {"phase": name, "part_of": part_of, "ms_per_step": ms,
+                "pct_of_step": 100 * ms / step_ms}
+
+    def operator_row(event):
+        ms = event.self_cpu_time_total / 1000 / steps  # the profiler counts microseconds
+        return {"operator": event.key, "calls_per_step": event.count / steps,
+                "self_ms_per_step": ms, "pct_of_step": 100 * ms / step_ms}
+
+    ranges = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in PROFILE_PHASES}
+    phases = [phase_row(name, within, ranges.get(name, 0.0))  # no n-gram tables: no hashing
+              for name, within in PROFILE_PHASES.items()]
+    rest = step_ms - sum(p["ms_per_step"] for p in phases if p["part_of"] == "step")
+    phases += [phase_row("Python and other", "step", rest), phase_row("step", None, step_ms)]
+    busiest = sorted((e for e in events if not e.is_user_annotation),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)
+    return phases, [operator_row(e) for e in busiest[:PROFILE_OPERATORS]], seconds
+
+
 # config.py's default model itself (not the reference shape), dense and sparse updates of
 # its n-gram tables: the step users run, against the arithmetic bound (MFU).
 DEFAULT_MODEL_VARIANTS = {"dense tables": {}, "sparse_table_updates": {"sparse_table_updates": True}}
@@ -364,8 +423,9 @@ def bench_training(device, scale):
     """ms per optimizer step of the reference shape with config.py's recipe (the
     Trainer's own step: forward, backward, clipping, Muon + AdamW), single/parallel
     stream x fp32/bf16 autocast, and of config.py's default model with dense and sparse
-    table updates, all interleaved. Text windows: which n-gram rows a step touches
-    depends on the text (sparse updates)."""
+    table updates, all interleaved; then the default model's step under torch.profiler
+    (default_model_profile). Text windows: which n-gram rows a step touches depends on
+    the text (sparse updates)."""
     data = np.frombuffer(dummy_corpus_text(target_bytes=256 * 1024).encode("utf-8"),
                          dtype=np.uint8)
     steps, configs = {}, {}
@@ -393,12 +453,10 @@ def bench_training(device, scale):
     rows = []
     for (arch, precision), s in seconds.items():
         config, params = configs[arch, precision]
-        rate = config["batch_size"] * config["sequence_length"] / s
-        flops = estimate_flops_per_byte(config)
+        rate, flops, mfu = training_rate(config, s, peak[precision])
         rows.append({"model": arch, "precision": precision, "params": params,
                      "ms_per_step": 1000 * s, "bytes_per_s": rate, "flops_per_byte": flops,
-                     "mfu_pct": 100 * flops * rate / peak[precision],
-                     "vs_nanogpt": ratio(rate, NANOGPT["bytes_per_s"])})
+                     "mfu_pct": mfu, "vs_nanogpt": ratio(rate, NANOGPT["bytes_per_s"])})
     rows.append({"model": "nanoGPT (reference)", "precision": "fp32", "params": None,
                  "ms_per_step": NANOGPT["ms_per_step"], "bytes_per_s": NANOGPT["bytes_per_s"],
                  "flops_per_byte": None, "mfu_pct": None, "vs_nanogpt": 1.0})
@@ -421,7 +479,28 @@ def bench_training(device, scale):
                             "bytes/s")]
     matmul = [{"precision": p, "size": scale["matmul_size"], "gflop_per_s": f / 1e9}
               for p, f in peak.items()]
-    return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul}, targets
+    profile = default_model_profile(data, device, scale, peak, seconds)
+    return {"rows": rows, "comparisons": comparisons, "matmul_peak": matmul, **profile}, targets
+
+
+def default_model_profile(data, device, scale, peak, seconds):
+    """The training section's profile tables: config.py's default model in each precision
+    under torch.profiler (training_profile), by phase and by operator, and its step's time
+    under the profiler against `seconds`, the same step timed without it."""
+    tables = {"profile_step": [], "profile_by_phase": [], "profile_by_operator": []}
+    for precision, dtype in PRECISIONS.items():
+        log(f"training: profiling config.py's defaults, {precision}")
+        config = model_config(use_amp=dtype is not None, amp_dtype="bfloat16")
+        phases, operators, s = training_profile(config, data, device, scale["train_warmup"],
+                                                scale["profile_steps"])
+        rate, _, mfu = training_rate(config, s, peak[precision])
+        tables["profile_step"].append({
+            "precision": precision, "steps": scale["profile_steps"], "ms_per_step": 1000 * s,
+            "unprofiled_ms_per_step": 1000 * seconds["defaults, dense tables", precision],
+            "bytes_per_s": rate, "mfu_pct": mfu})
+        tables["profile_by_phase"] += [{"precision": precision, **p} for p in phases]
+        tables["profile_by_operator"] += [{"precision": precision, **o} for o in operators]
+    return tables
 
 
 # =============================================================================

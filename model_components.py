@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import MASK32
+from utils import MASK32, profiled
 
 
 def sinusoidal_table(length, d_model):
@@ -306,7 +306,8 @@ class HashedNgramEmbedding(nn.Module):
     def forward(self, joined):
         """joined (B, context + T): the `context` bytes before T new ones (NO_BYTE where
         there are none), then the new ones -> (B, T, width), one vector per new byte."""
-        hashes = ngram_hashes(joined, self.orders, joined.size(1) - self.context)
+        with profiled("n-gram hashing"):
+            hashes = ngram_hashes(joined, self.orders, joined.size(1) - self.context)
         return sum(table(hashes[n] % self.buckets)
                    for n, table in zip(self.orders, self.embeddings))
 

@@ -30,7 +30,7 @@ from dataset import BatchOrder, corpus_fingerprint
 from evaluate import bounded_plan, evenly_spread, score_text, score_windows
 from utils import (PRECISION_DTYPES, UserError, agree_across_ranks, atomic_output,
                    autocast_context, bits_per_byte, cpu_has_bf16_units, error_summary,
-                   move_aside, precision_name, read_log_rows, run_precision)
+                   move_aside, precision_name, profiled, read_log_rows, run_precision)
 
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_bits_per_byte",
                    "learning_rate", "bytes_per_second", "elapsed_seconds", "event",
@@ -981,6 +981,17 @@ class Trainer:
     def current_lr(self):
         return self.optimizers[0].param_groups[0]["lr"]
 
+    def batch_loader(self):
+        """An iterator over this rank's training micro-batches from the current position
+        on: what train() and bench.py's profile take steps' batches from."""
+        return self.order.loader(self.train_dataset, self.config["num_workers"],
+                                 pin_memory=self.device.type == "cuda")
+
+    def next_micro_batches(self, batches):
+        """One optimizer step's micro-batches (x, y) from `batches` (batch_loader)."""
+        with profiled("data"):
+            return [next(batches) for _ in range(self.order.accumulation)]
+
     def train_step(self, micro_batches):
         """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns
         the mean loss; a step whose gradients are not finite is not taken."""
@@ -994,22 +1005,24 @@ class Trainer:
             # DDP: synchronise gradients on the last micro-step only.
             no_sync = self.world_size > 1 and index < len(micro_batches) - 1
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
-                with self._autocast():
+                with self._autocast(), profiled("forward"):
                     loss = self.model(x.to(self.device, non_blocking=True),
                                       y.to(self.device, non_blocking=True))
-                self.scaler.scale(loss / len(micro_batches)).backward()
+                with profiled("backward"):
+                    self.scaler.scale(loss / len(micro_batches)).backward()
             total_loss += loss.item()
-        for optimizer in self.optimizers:
-            self.scaler.unscale_(optimizer)
-        norm = gradient_norm(self.raw_model, self.config["clip_grad_norm_value"])
-        # With fp16 the scaler skips a step whose gradients overflowed; otherwise such
-        # a step would write NaN into the weights, so it is not taken.
-        if self.scaler.is_enabled() or torch.isfinite(norm):
+        with profiled("optimizer"):
             for optimizer in self.optimizers:
-                self.scaler.step(optimizer)
-        self.scaler.update()
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+                self.scaler.unscale_(optimizer)
+            norm = gradient_norm(self.raw_model, self.config["clip_grad_norm_value"])
+            # With fp16 the scaler skips a step whose gradients overflowed; otherwise such
+            # a step would write NaN into the weights, so it is not taken.
+            if self.scaler.is_enabled() or torch.isfinite(norm):
+                for optimizer in self.optimizers:
+                    self.scaler.step(optimizer)
+            self.scaler.update()
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total_loss / len(micro_batches)
 
@@ -1058,12 +1071,11 @@ class Trainer:
             self.log.message(f"warning: {warning}")
         self._start_time = time.perf_counter()
         self.model.train()
-        batches = self.order.loader(self.train_dataset, self.config["num_workers"],
-                                    pin_memory=self.device.type == "cuda")
+        batches = self.batch_loader()
         with self.stop.installed(), profiler_context(c, self.device) as profiler:
             reason, steps_run = self._stop_reason(), 0
             while reason is None:
-                loss = self.train_step([next(batches) for _ in range(self.order.accumulation)])
+                loss = self.train_step(self.next_micro_batches(batches))
                 epoch_ended = self.order.advance()
                 if profiler is not None:  # None when enable_profiler is off
                     profiler.step()

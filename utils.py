@@ -406,6 +406,15 @@ def autocast_context(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def profiled(name):
+    """A torch.profiler range named `name` around the code inside (bench.py's training
+    profile reads its phases from them); none inside torch.compile, which drops such
+    ranges with a warning at every compile."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
+
+
 def synchronize(device):
     """Wait for queued GPU work, so wall-clock timings include it."""
     if device.type == "cuda":

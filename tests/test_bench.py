@@ -103,6 +103,10 @@ def test_quick_run_prints_tables_and_writes_every_figure(tmp_path):
         assert row["ms_per_step"] > 0 and row["bytes_per_s"] > 0 and row["mfu_pct"] > 0
     assert all(c["ratio"] > 0 for c in training["comparisons"])
     assert all(m["gflop_per_s"] > 0 for m in training["matmul_peak"])
+    assert "-- profile_by_phase" in done.stdout and "-- profile_by_operator" in done.stdout
+    for table in ("profile_step", "profile_by_phase", "profile_by_operator"):
+        assert {row["precision"] for row in training[table]} == set(bench.PRECISIONS)
+    assert all(row["ms_per_step"] > 0 and row["mfu_pct"] > 0 for row in training["profile_step"])
 
     quality = report["sections"]["quality"]
     runs = [row for row in quality["rows"] if row["model"] != "nanoGPT"]
@@ -476,6 +480,52 @@ def test_flops_are_six_times_matmul_weights_plus_attention():
     spacelike = dict(at_ends, patch_boundaries="spacelike", agg_cnn_stride=16)
     assert flops(**spacelike, max_patches_per_window=16) < flops(**spacelike)  # 16 < 32 slots
     assert flops(**spacelike) == flops(**at_ends, agg_cnn_stride=2)  # 32 slots either way
+
+# ---------------------------------------------------------------------------
+# The training section's profile of a step
+
+PROFILE_DATA = np.frombuffer(dummy_corpus_text(target_bytes=64 * 1024).encode("utf-8"),
+                             dtype=np.uint8)
+
+
+@pytest.mark.parametrize("orders", [[2, 3, 4], []])
+def test_the_profile_splits_a_step_into_its_phases(tmp_path, monkeypatch, orders):
+    """Every phase is timed and lies inside the step: the phases that follow one another
+    and "Python and other" add up to the step's wall time with nothing left negative,
+    n-gram hashing is a part of forward (none without tables), and each step fetches
+    fresh windows through the Trainer's loader, as training does."""
+    fetched, getitems = [], ByteSequenceDataset.__getitems__
+    monkeypatch.setattr(ByteSequenceDataset, "__getitems__", lambda dataset, indices: (
+        fetched.append(tuple(indices)) or getitems(dataset, indices)))
+    config = bench.check_config(make_tiny_config(str(tmp_path), ngram_orders=orders))
+    scale = bench.SCALES["quick"]
+    phases, operators, seconds = bench.training_profile(
+        config, PROFILE_DATA, torch.device("cpu"), scale["train_warmup"], scale["profile_steps"])
+
+    ms = {row["phase"]: row["ms_per_step"] for row in phases}
+    assert list(ms) == [*bench.PROFILE_PHASES, "Python and other", "step"]
+    assert ms["step"] == pytest.approx(1000 * seconds)
+    assert all(value >= 0 for value in ms.values())
+    assert all(ms[name] > 0 for name in ("data", "forward", "backward", "optimizer"))
+    within_step = [row["ms_per_step"] for row in phases if row["part_of"] == "step"]
+    assert sum(within_step) == pytest.approx(ms["step"])
+    assert all(row["pct_of_step"] == pytest.approx(100 * row["ms_per_step"] / ms["step"])
+               for row in phases)
+    if orders:
+        assert 0 < ms["n-gram hashing"] < ms["forward"]
+    else:
+        assert ms["n-gram hashing"] == 0
+
+    # Operators only (no labelled range), each a share of the step
+    assert len(operators) == bench.PROFILE_OPERATORS
+    assert not {row["operator"] for row in operators} & set(bench.PROFILE_PHASES)
+    assert sum(row["self_ms_per_step"] for row in operators) < ms["step"]
+    assert all(row["calls_per_step"] > 0 and row["self_ms_per_step"] >= 0 for row in operators)
+
+    steps = scale["train_warmup"] + scale["profile_steps"]
+    assert len(fetched) == len(set(fetched)) == steps
+    assert all(len(batch) == config["batch_size"] for batch in fetched)
+
 
 # ---------------------------------------------------------------------------
 # Validation bits per byte: the same measure for every model
