@@ -484,9 +484,16 @@ def compile_ahead_of_time(program, args):
 
 
 def load_program(path):
-    """The package at `path`, loaded: a callable AOTICompiledModel."""
-    import torch._inductor  # here, not at the top: loading it takes seconds
-    return torch._inductor.aoti_load_package(path)
+    """The package at `path`, loaded: on a torch in utils.TORCH_INTERNALS_CHECKED its C++
+    runner alone (called through boxed_run), else a callable AOTICompiledModel.
+    aoti_load_package imports torch._inductor and probes the CPU's vector instructions by
+    compiling and running small programs, only to warn of a package built for others
+    (Predictor._program_key holds them instead): most of a later process's wait for its
+    first byte."""
+    if torch_internals_checked():  # with aoti_load_package's defaults for the rest
+        return torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    from torch._inductor import aoti_load_package  # here, not at the top: it takes seconds
+    return aoti_load_package(path)
 
 
 def read_kept_program(folder, key):
@@ -811,9 +818,12 @@ class Predictor:
         """Everything a program for `batch` prompts holds as constants or assumes, as JSON
         values: the torch that compiled it (and with which options), the device type, the
         autocast dtype, the code and the architecture it was compiled from, the shapes
-        of the sampler's state, and patch_due. Not the weights: they are inputs."""
+        of the sampler's state, the CPU's vector instructions (load_program does not check
+        them: a program built for wider ones than the CPU's could stop the process at its
+        first call), and patch_due. Not the weights: they are inputs."""
         return {"torch": str(torch.__version__), "internals": torch_internals_checked(),
                 "device_type": self.device.type, "amp_dtype": str(self.amp_dtype),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "code": step_code_digest(), "batch": batch, "patch_due": patch_due,
                 "repetition_window": self.config["generation_repetition_window"],
                 "architecture": {key: self.model.config.get(key)
@@ -848,7 +858,7 @@ class Predictor:
             # boxed_run (which empties the list it is given) rather than calling the loaded
             # model, which parses its input and output specs and flattens its arguments at
             # every call (the gain: docs/benchmarks.md, Figures behind design choices)
-            boxed_run, rest = run.loader.boxed_run, [tensor for _, tensor in inputs[1:]]
+            boxed_run, rest = run.boxed_run, [tensor for _, tensor in inputs[1:]]
             return lambda new_byte: boxed_run([new_byte, *rest])[0]
         return lambda new_byte: run(new_byte, *args[1:])
 

@@ -263,8 +263,9 @@ TORCH_FEATURES = (
 # import alone takes seconds; the floor covers it.
 # The torch releases whose private compiler details the project was checked against:
 # inductor option names (predictor.CPU_STEP_INDUCTOR_OPTIONS) and the ahead-of-time
-# runner's boxed_run. A private name can change meaning or vanish in any release, silently;
-# on other releases the predictor uses public APIs only (slower, never wrong).
+# runner (predictor.load_program builds it, boxed_run calls it). A private name can
+# change meaning or vanish in any release, silently; on other releases the predictor uses
+# public APIs only (slower, never wrong).
 TORCH_INTERNALS_CHECKED = ((2, 13),)
 
 

@@ -162,12 +162,16 @@ def test_an_interactive_session_after_a_compiled_one_is_compiled_from_its_first_
     """The first session compiles the decode step (generation_compile=always) and keeps it
     in <checkpoint_dir>/compiled; the next, with the default "auto", loads it for its
     first prompt (a short one, which "auto" would otherwise decode eagerly), compiling
-    nothing, and says the same as an eager session."""
+    nothing and without importing torch._inductor (seconds), and says the same as an
+    eager session."""
     root = str(tmp_path)
     write_text_corpus(f"{root}/data", "abc abd abe. " * 400)
     assert run_main(root, "--max_steps=2", "--DO_PREDICTION=False").returncode == 0
-    # main.py run with predictor.py's compile_ahead_of_time and load_program announced
-    code = (f"import runpy, sys\nsys.path.insert(0, {REPO_ROOT!r})\nimport predictor\n"
+    # main.py run with predictor.py's compile_ahead_of_time and load_program announced,
+    # and torch._inductor at exit if it was imported
+    code = (f"import atexit, runpy, sys\nsys.path.insert(0, {REPO_ROOT!r})\nimport predictor\n"
+            "atexit.register(lambda: 'torch._inductor' in sys.modules\n"
+            "                and print('torch._inductor', file=sys.stderr))\n"
             "for name in ('compile_ahead_of_time', 'load_program'):\n"
             "    def announced(*args, real=getattr(predictor, name), name=name):\n"
             "        print(name, file=sys.stderr)\n"
@@ -189,6 +193,7 @@ def test_an_interactive_session_after_a_compiled_one_is_compiled_from_its_first_
     assert len(kept) == 2  # a package and its record
     later = session()
     assert "load_program" in later.stderr and "compile_ahead_of_time" not in later.stderr
+    assert "torch._inductor" in first.stderr and "torch._inductor" not in later.stderr
     assert sorted(os.listdir(f"{root}/ckpt/compiled")) == kept
     assert later.stdout == first.stdout == session("--generation_compile=never").stdout
 

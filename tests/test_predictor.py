@@ -5,7 +5,6 @@ import codecs
 import hashlib
 import json
 import os
-import types
 import warnings
 
 import pytest
@@ -623,11 +622,11 @@ def compiled_and_eager(predictor, prompts, **settings):
 
 
 class CountedProgram:
-    """A loaded program whose calls (public or boxed) count in calls[index]."""
+    """A loaded program (a runner, or on a torch not checked the public model) whose calls
+    (public or boxed) count in calls[index]."""
 
     def __init__(self, program, calls, index):
         self.program, self.calls, self.index = program, calls, index
-        self.loader = types.SimpleNamespace(boxed_run=self.boxed_run)
 
     def __call__(self, *args):
         self.calls[self.index] += 1
@@ -635,7 +634,7 @@ class CountedProgram:
 
     def boxed_run(self, inputs):
         self.calls[self.index] += 1
-        return self.program.loader.boxed_run(inputs)
+        return self.program.boxed_run(inputs)
 
 
 def counting_program_calls(monkeypatch):
@@ -730,7 +729,7 @@ def test_on_a_torch_not_checked_the_step_is_compiled_and_called_through_public_a
     boxed_runs = []
     real_load = predictor_module.load_program
 
-    def load(path):  # the loaded model's public call only (no loader: no boxed_run)
+    def load(path):  # the loaded model's public call only (no boxed_run)
         program = real_load(path)
         return lambda *args: public_calls.append(1) or program(*args)
     public_calls = []
@@ -859,12 +858,17 @@ def test_a_program_that_cannot_be_kept_serves_its_process(tmp_path, monkeypatch)
     assert len(compiled) == 1 and predictor._compiled_step is not False
 
 
-def test_a_program_of_another_torch_is_not_used(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other", ["torch", "vector instructions"])
+def test_a_program_of_another_torch_or_cpu_is_not_used(tmp_path, monkeypatch, other):
+    """Nor one built for another CPU's vector instructions, which loading does not check."""
     compiled = eager_stand_in_compiler(monkeypatch)
     generates_as_eager(make_predictor(tmp_path, generation_compile="always"))
-    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    if other == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    else:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
     predictor = make_predictor(tmp_path, generation_compile="auto")
-    assert not predictor._compiles(12)  # nothing kept for this torch: a short call is eager
+    assert not predictor._compiles(12)  # nothing kept for this one: a short call is eager
     predictor.compile = "always"
     generates_as_eager(predictor)
     assert len(compiled) == 2 and compiled[0] != compiled[1]
