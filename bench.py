@@ -623,6 +623,16 @@ def distinct_runs(variants, seconds, device, workdir):
     return {" = ".join(names): (names, config) for names, config in runs.values()}
 
 
+def chosen_variants(variants, names, first):
+    """`variants` with only the one named `first` and those in `names` (all of them when
+    None), in their order; `first` stays first, since the section's targets and most of
+    its comparisons are read against it."""
+    if not names:
+        return variants
+    return {name: overrides for name, overrides in variants.items()
+            if name == first or name in names}
+
+
 def quality_variants(ablation, parallel_designs=False, candidates=False):
     """{name: overrides of config.py's defaults} of the quality section's runs."""
     variants = {
@@ -655,18 +665,19 @@ def quality_variants(ablation, parallel_designs=False, candidates=False):
 
 
 def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
-                  parallel_designs=False, candidates=False):
+                  parallel_designs=False, candidates=False, names=None):
     """Validation bits/byte after `seconds` of training: config.py's recipe, its single-
     and parallel-stream versions, its all_positions and last_byte versions, and the seed
     recipe; with `ablation`, the seed recipe with each change alone; with `candidates`,
     the defaults with each of CANDIDATE_CHANGES alone and with all of them; with
     `parallel_designs`, each of PARALLEL_DESIGNS, and both streams at LONG_WINDOWS. Runs
     with the same configuration are trained once; `repeats` runs of each, interleaved,
-    give medians."""
+    give medians. `names`: only those runs beside "best" (chosen_variants)."""
+    variants = chosen_variants(quality_variants(ablation, parallel_designs, candidates), names,
+                               "best")
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)
-        runs = distinct_runs(quality_variants(ablation, parallel_designs, candidates), seconds,
-                             device, workdir)
+        runs = distinct_runs(variants, seconds, device, workdir)
         log(f"quality: {len(runs)} distinct runs x {repeats} of {seconds:g} s")
         measures = {label: lambda c=config: quality_run(c, data, device, scale["eval_windows"])
                     for label, (names, config) in runs.items()}
@@ -693,7 +704,10 @@ def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
 
 
 def quality_comparisons(by_variant):
+    """The comparisons of the runs in `by_variant` (those of runs not trained: none)."""
     def versus(name, a, b, measure="val_bpb"):
+        if a not in by_variant or b not in by_variant:
+            return None
         return comparison(name, measure, by_variant[a][measure], by_variant[b][measure])
 
     objectives = "last_byte vs all_positions objective"
@@ -711,19 +725,23 @@ def quality_comparisons(by_variant):
               for name in by_variant if name.startswith("parallel: ")]
     found += [versus(f"window {window}: parallel vs single-stream",
                      f"window {window}: parallel-stream", f"window {window}: single-stream")
-              for window in LONG_WINDOWS if f"window {window}: single-stream" in by_variant]
-    return found
+              for window in LONG_WINDOWS]
+    return [c for c in found if c is not None]
 
 
 def quality_targets(by_variant, seconds):
+    """The targets of the runs in `by_variant` (the parallel stream's: only where both
+    streams were trained)."""
     op, threshold = TARGETS["quality_bpb"]
-    single = by_variant["single-stream"]["val_bpb"]
-    return [check_target(f"best config val bits/byte in {seconds:g} s",
-                         by_variant["best"]["val_bpb"], op, threshold, "bits/byte"),
-            check_target(f"parallel-stream val bits/byte in {seconds:g} s (single-stream "
-                         f"{single:.3f} - {PARALLEL_GAIN_BPB})",
-                         by_variant["parallel-stream"]["val_bpb"], "<=",
-                         single - PARALLEL_GAIN_BPB, "bits/byte")]
+    targets = [check_target(f"best config val bits/byte in {seconds:g} s",
+                            by_variant["best"]["val_bpb"], op, threshold, "bits/byte")]
+    if "single-stream" in by_variant and "parallel-stream" in by_variant:
+        single = by_variant["single-stream"]["val_bpb"]
+        targets.append(check_target(
+            f"parallel-stream val bits/byte in {seconds:g} s (single-stream "
+            f"{single:.3f} - {PARALLEL_GAIN_BPB})", by_variant["parallel-stream"]["val_bpb"],
+            "<=", single - PARALLEL_GAIN_BPB, "bits/byte"))
+    return targets
 
 
 # =============================================================================
@@ -1300,12 +1318,8 @@ def long_variants(designs=None):
 
 def chosen_long_variants(names):
     """long_variants() with only config.py's defaults and the runs `names` (all of them
-    when None); the defaults stay first, since every target is read against them."""
-    variants = long_variants()
-    if not names:
-        return variants
-    return {name: overrides for name, overrides in variants.items()
-            if name == "defaults" or name in names}
+    when None)."""
+    return chosen_variants(long_variants(), names, "defaults")
 
 
 def longest_window():
@@ -1798,6 +1812,10 @@ def parse_args(argv):
     parser.add_argument("--recipe-candidates", action="store_true",
                         help="quality section: also train config.py's defaults with each of "
                              "CANDIDATE_CHANGES alone and with all of them (2 minutes a run)")
+    parser.add_argument("--quality-run", action="append", metavar="NAME",
+                        help="quality section: train only this run beside 'best' (repeat the "
+                             "flag for more; names as quality_variants gives them, e.g. "
+                             "'best + smear'); default: every run")
     parser.add_argument("--parallel-designs", action="store_true",
                         help="quality section: also train each of PARALLEL_DESIGNS, and both "
                              "streams at windows of 256 and 1024 bytes (2 minutes per run)")
@@ -1845,11 +1863,15 @@ def parse_args(argv):
         if not os.path.exists(DEFAULT_DATA):
             parser.error(f"--data is required (no default corpus at {DEFAULT_DATA})")
         args.data = os.path.normpath(DEFAULT_DATA)
-    runs = long_variants()
-    unknown = sorted(set(args.long_run or ()) - set(runs))
-    if unknown:
-        parser.error(f"--long-run {unknown[0]!r}: no such run; the long section's runs are: "
-                     + "; ".join(repr(name) for name in runs))
+    for flag, chosen, runs in [
+            ("--long-run", args.long_run, long_variants()),
+            ("--quality-run", args.quality_run,
+             quality_variants(args.quality_ablation, args.parallel_designs,
+                              args.recipe_candidates))]:
+        unknown = sorted(set(chosen or ()) - set(runs))
+        if unknown:
+            parser.error(f"{flag} {unknown[0]!r}: no such run; with these flags the runs are: "
+                         + "; ".join(repr(name) for name in runs))
     if "scale" in args.only and not args.data:
         parser.error("the scale section needs --data (a .txt file or a folder of them)")
     if args.data and not os.path.exists(args.data):
@@ -1879,6 +1901,7 @@ def main(argv):
                            "quality_ablation": args.quality_ablation,
                            "parallel_designs": args.parallel_designs,
                            "recipe_candidates": args.recipe_candidates,
+                           "quality_runs": args.quality_run or "all",
                            "generation_designs": args.generation_designs, "scale": scale,
                            "scale_sizes_mb": args.scale_sizes,
                            "scale_seconds": args.scale_seconds,
@@ -1894,7 +1917,8 @@ def main(argv):
         "training": lambda: bench_training(device, scale),
         "quality": lambda: bench_quality(device, scale, args.data, quality_seconds,
                                          args.quality_repeats, args.quality_ablation,
-                                         args.parallel_designs, args.recipe_candidates),
+                                         args.parallel_designs, args.recipe_candidates,
+                                         args.quality_run),
         "generation": lambda: bench_generation(device, scale,
                                                generation_designs(args.generation_designs)),
         "data": lambda: bench_data(scale),

@@ -656,6 +656,26 @@ def test_long_run_picks_runs_beside_the_defaults_and_names_the_choices(capsys):
     assert "'single-stream, window 4096'" in err
 
 
+def test_quality_run_picks_runs_beside_best_and_reads_only_what_was_trained(capsys):
+    args = bench.parse_args(["--only", "quality", "--data", __file__, "--recipe-candidates",
+                             "--quality-run", "best + smear"])
+    chosen = bench.chosen_variants(bench.quality_variants(False, False, True), args.quality_run,
+                                   "best")
+    assert list(chosen) == ["best", "best + smear"]
+    result = {"val_bpb": 2.2, "last_byte_bpb": 2.1}
+    by_variant = {"best": result, "best + smear": dict(result, val_bpb=2.1)}
+    found = bench.quality_comparisons(by_variant)
+    assert [c["comparison"] for c in found] == ["best vs nanoGPT", "best + smear vs best"]
+    assert [t["target"] for t in bench.quality_targets(by_variant, 100)] == [
+        "best config val bits/byte in 100 s"]
+    # a candidate's name without --recipe-candidates is not a run: said, with the choices
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "quality", "--data", __file__, "--quality-run",
+                          "best + smear"])
+    err = capsys.readouterr().err
+    assert "--quality-run 'best + smear': no such run" in err and "'seed recipe'" in err
+
+
 @pytest.mark.slow
 def test_quick_long_section_prints_its_table(tmp_path, monkeypatch, capsys):
     write_text_corpus(str(tmp_path / "corpus"), dummy_corpus_text(target_bytes=300_000))
