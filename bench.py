@@ -541,13 +541,17 @@ RECIPE_CHANGES = {
 }
 
 
-# Issue 31's changes from published small-model recipes (modded-nanogpt), tried on
-# config.py's defaults (--recipe-candidates), each alone and all together:
+# Issue 31's candidate changes, most from published small-model recipes (modded-nanogpt),
+# tried on config.py's defaults (--recipe-candidates), each alone and all together:
 # (overrides, adopted into config.py).
 CANDIDATE_CHANGES = {
     "smear": ({"smear_previous_byte": True}, False),
     "embeddings into every layer": ({"embeddings_into_every_layer": True}, False),
     "value embeddings": ({"value_embeddings": True}, False),
+    # issue 31, item 2: larger n-gram tables (BLT: what pays at scale), whose optimizer
+    # step sparse updates keep from growing with them
+    "32,768 buckets, sparse table updates": ({"ngram_buckets": 32768,
+                                              "sparse_table_updates": True}, False),
 }
 
 

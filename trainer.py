@@ -1065,7 +1065,7 @@ class Trainer:
         self.log.message(f"training {self.schedule.step_limit:,} steps at most "
                          f"({self.order.steps_per_epoch:,} per epoch, {windows} "
                          f"window{'s' if windows > 1 else ''} per step)"
-                         + (f", {c['max_train_minutes']} minutes at most"
+                         + (f", {c['max_train_minutes']:g} minutes at most"
                             if self.time_budget else ""))
         for warning in schedule_warnings(self.schedule):
             self.log.message(f"warning: {warning}")
