@@ -70,7 +70,7 @@ from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan
                      split_point)
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from main import build_training, check_config, load_model_for_prediction
-from model import ByteLLM_GrugV3, count_parameters, patch_slots
+from model import SMEAR_GATE_INPUTS, ByteLLM_GrugV3, count_parameters, patch_slots
 from predictor import Predictor
 from report import write_report
 from trainer import METRICS_COLUMNS
@@ -322,6 +322,8 @@ def estimate_flops_per_byte(config):
             front = out_channels
     if front != d:
         matmul += front * d
+    if c["smear_previous_byte"]:  # its gate
+        matmul += min(SMEAR_GATE_INPUTS, d)
     if not c["use_parallel_stream_model"]:
         layers = c["num_attention_layers"]
         matmul += layers * layer_weights(d) + d * V
@@ -522,7 +524,8 @@ SEED_RECIPE = {
     "ffn_activation": "gelu", "zero_init_output_projections": False, "logit_softcap": 0.0,
     "embedding_dim": 160, "attention_d_model": 160, "attention_num_heads": 4,
     "num_attention_layers": 2, "batch_size": 16, "sequence_length": 64, "data_stride": 1,
-    "ngram_orders": [],
+    "ngram_orders": [], "smear_previous_byte": False, "embeddings_into_every_layer": False,
+    "value_embeddings": False,
 }
 # Each change tried on the seed recipe, alone: (overrides, adopted into config.py). The
 # seed recipe with every adopted change is config.py's defaults (tests/test_bench.py).
@@ -538,6 +541,9 @@ RECIPE_CHANGES = {
     "ReLU²": ({"ffn_activation": "relu2"}, False),
     "SwiGLU": ({"ffn_activation": "swiglu"}, False),
     "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
+    "smear, every-layer and value embeddings": ({"smear_previous_byte": True,
+                                                  "embeddings_into_every_layer": True,
+                                                  "value_embeddings": True}, True),
 }
 
 
@@ -545,9 +551,12 @@ RECIPE_CHANGES = {
 # tried on config.py's defaults (--recipe-candidates), each alone and all together:
 # (overrides, adopted into config.py).
 CANDIDATE_CHANGES = {
-    "smear": ({"smear_previous_byte": True}, False),
-    "embeddings into every layer": ({"embeddings_into_every_layer": True}, False),
-    "value embeddings": ({"value_embeddings": True}, False),
+    "smear": ({"smear_previous_byte": True}, True),
+    "embeddings into every layer": ({"embeddings_into_every_layer": True}, True),
+    "value embeddings": ({"value_embeddings": True}, True),
+    "smear, every-layer and value embeddings": ({"smear_previous_byte": True,
+                                                  "embeddings_into_every_layer": True,
+                                                  "value_embeddings": True}, True),
     # issue 31, item 2: larger n-gram tables (BLT: what pays at scale), whose optimizer
     # step sparse updates keep from growing with them
     "32,768 buckets, sparse table updates": ({"ngram_buckets": 32768,

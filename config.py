@@ -86,9 +86,9 @@ CONFIG_V3 = {
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
-    "smear_previous_byte": False,  # add a learned, gated share of the previous byte's input
-    "embeddings_into_every_layer": False,  # re-add the input embedding before each byte layer (learned scales)
-    "value_embeddings": False,  # each byte layer adds a learned vector of the byte to its values
+    "smear_previous_byte": True,  # add a learned, gated share of the previous byte's input
+    "embeddings_into_every_layer": True,  # re-add the input embedding before each byte layer (learned scales)
+    "value_embeddings": True,  # each byte layer adds a learned vector of the byte to its values
     "output_dropout": 0.0,  # dropout before the output projection, probability
     "num_attention_layers": 2,  # transformer layers of the single-stream model
     "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"

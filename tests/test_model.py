@@ -34,7 +34,9 @@ def tiny_config(**overrides):
                   max_positional_encoding_len=64,
                   # The seed's layers unless a case asks otherwise: old checkpoints load with
                   # them (LEGACY_ARCHITECTURE), so they keep their own causality/cache cases.
-                  positional_encoding_type="sinusoidal", qk_norm=False, ngram_orders=[])
+                  positional_encoding_type="sinusoidal", qk_norm=False, ngram_orders=[],
+                  smear_previous_byte=False, embeddings_into_every_layer=False,
+                  value_embeddings=False)
     config.update(overrides)
     return config
 
@@ -56,7 +58,10 @@ MODERN = dict(positional_encoding_type="rotary", norm_type="rmsnorm", qk_norm=Tr
               ffn_activation="relu2")
 DEFAULT_LAYERS = {key: CONFIG_V3[key] for key in ("positional_encoding_type", "qk_norm",
                                                   "norm_type", "ffn_activation",
-                                                  "ngram_orders", "ngram_buckets")}
+                                                  "ngram_orders", "ngram_buckets",
+                                                  "smear_previous_byte",
+                                                  "embeddings_into_every_layer",
+                                                  "value_embeddings")}
 # Hashed n-grams with a small table (collisions happen) and orders with a gap.
 NGRAMS = dict(ngram_orders=[2, 3, 5], ngram_buckets=61)
 # Issue 31's options from small-model recipes, all three (tiny_model's random weights make
@@ -453,12 +458,12 @@ def test_a_recipe_option_starts_as_the_model_without_it(option):
     """Smear's scale, the per-layer embedding scales and the value tables start at zero:
     a new model with the option computes what the model without it does."""
     torch.manual_seed(0)
-    layers = {**DEFAULT_LAYERS, **NGRAMS}
+    layers = {**DEFAULT_LAYERS, **NGRAMS, **dict.fromkeys(RECIPE_OPTIONS, False)}
     without = ByteLLM_GrugV3(tiny_config(**layers)).eval()
     with torch.no_grad():
         for table in without.ngram_embedding.embeddings:  # zero at the start, like the options
             table.weight.normal_()
-    model = ByteLLM_GrugV3(tiny_config(**layers, **{option: True})).eval()
+    model = ByteLLM_GrugV3(tiny_config(**{**layers, option: True})).eval()
     missing, unexpected = model.load_state_dict(without.state_dict(), strict=False)
     assert missing and not unexpected  # the option's own parameters kept their start
     x = torch.randint(0, 256, (2, 12))

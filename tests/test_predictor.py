@@ -880,7 +880,8 @@ def test_a_program_for_other_inputs_warns_and_decodes_eagerly(tmp_path, monkeypa
     record = compiled[0][:-len(".pt2")] + ".json"
     with open(record) as file:
         kept = json.load(file)
-    kept["inputs"][2][1][0] += 1  # the first weight's first dimension
+    first_matrix = next(spec for spec in kept["inputs"][2:] if spec[1])  # a weight, not a scale
+    first_matrix[1][0] += 1  # its first dimension
     with open(record, "w") as file:
         json.dump(kept, file)
     predictor = make_predictor(tmp_path, generation_compile="auto")
