@@ -541,9 +541,6 @@ RECIPE_CHANGES = {
     "ReLU²": ({"ffn_activation": "relu2"}, False),
     "SwiGLU": ({"ffn_activation": "swiglu"}, False),
     "logit soft-cap 15": ({"logit_softcap": 15.0}, False),
-    "smear, every-layer and value embeddings": ({"smear_previous_byte": True,
-                                                  "embeddings_into_every_layer": True,
-                                                  "value_embeddings": True}, True),
 }
 
 
@@ -551,12 +548,12 @@ RECIPE_CHANGES = {
 # tried on config.py's defaults (--recipe-candidates), each alone and all together:
 # (overrides, adopted into config.py).
 CANDIDATE_CHANGES = {
-    "smear": ({"smear_previous_byte": True}, True),
-    "embeddings into every layer": ({"embeddings_into_every_layer": True}, True),
-    "value embeddings": ({"value_embeddings": True}, True),
+    "smear": ({"smear_previous_byte": True}, False),
+    "embeddings into every layer": ({"embeddings_into_every_layer": True}, False),
+    "value embeddings": ({"value_embeddings": True}, False),
     "smear, every-layer and value embeddings": ({"smear_previous_byte": True,
                                                   "embeddings_into_every_layer": True,
-                                                  "value_embeddings": True}, True),
+                                                  "value_embeddings": True}, False),
     # issue 31, item 2: larger n-gram tables (BLT: what pays at scale), whose optimizer
     # step sparse updates keep from growing with them
     "32,768 buckets, sparse table updates": ({"ngram_buckets": 32768,

@@ -10,6 +10,14 @@ are the best 100-second recipe bench.py found on tiny Shakespeare (docs/benchmar
 Muon for the layer matrices, rotary positions, QK-norm, hashed 2-6-byte embeddings,
 2 layers of width 160.
 
+More learned per run, at a price (docs/benchmarks.md, Recipe candidates): three options
+of small-model recipes gained about 0.01 bits per byte in 100 s on Shakespeare and on
+Python sources, and make uncompiled generation about a tenth slower; larger n-gram
+tables gained 0.007 on Shakespeare and 0.019 on Python sources, for checkpoints four
+times the size (324 MB instead of 85). Together they gained 0.010 and 0.042:
+    smear_previous_byte=True, embeddings_into_every_layer=True, value_embeddings=True,
+    ngram_buckets=32768, sparse_table_updates=True
+
 Scaling up for a GPU (one card with 8+ GB): a config edit, nothing else. The same recipe,
 wider and deeper, with larger n-gram tables for the many more bytes a GPU reads. It
 trained stably on an H200, but a model this size learns 1 MB of text by heart after one
@@ -86,9 +94,9 @@ CONFIG_V3 = {
     "ffn_activation": "gelu",  # feed-forward: "gelu" | "relu2" (ReLU squared) | "swiglu"
     "zero_init_output_projections": False,  # start attention/FFN output projections at zero
     "logit_softcap": 0.0,  # cap logits smoothly at ±this (tanh); 0 = off
-    "smear_previous_byte": True,  # add a learned, gated share of the previous byte's input
-    "embeddings_into_every_layer": True,  # re-add the input embedding before each byte layer (learned scales)
-    "value_embeddings": True,  # each byte layer adds a learned vector of the byte to its values
+    "smear_previous_byte": False,  # add a learned, gated share of the previous byte's input
+    "embeddings_into_every_layer": False,  # re-add the input embedding before each byte layer (learned scales)
+    "value_embeddings": False,  # each byte layer adds a learned vector of the byte to its values
     "output_dropout": 0.0,  # dropout before the output projection, probability
     "num_attention_layers": 2,  # transformer layers of the single-stream model
     "training_objective": "all_positions",  # loss over "all_positions" or only the "last_byte"
