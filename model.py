@@ -547,7 +547,7 @@ class ByteLLM_GrugV3(nn.Module):
             self.transformer_encoder = encoder_stack(c["num_attention_layers"], d_model, c,
                                                      c["attention_window"])
         # Options of published small-model recipes (modded-nanogpt), on the byte layers;
-        # each starts as the model without it (docs/benchmarks.md, issue 31's ablation).
+        # each starts as the model without it (docs/benchmarks.md, Recipe candidates).
         layers, d_model = len(self.byte_layers), c["attention_d_model"]
         self.smear_gate = self.smear_scale = self.embedding_scales = self.value_embeddings = None
         if c["smear_previous_byte"]:
