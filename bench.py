@@ -675,15 +675,15 @@ def quality_variants(ablation, parallel_designs=False, candidates=False):
 
 
 def bench_quality(device, scale, data_path, seconds, repeats, ablation=False,
-                  parallel_designs=False, candidates=False, names=None):
+                  parallel_designs=False, candidates=False, chosen=None):
     """Validation bits/byte after `seconds` of training: config.py's recipe, its single-
     and parallel-stream versions, its all_positions and last_byte versions, and the seed
     recipe; with `ablation`, the seed recipe with each change alone; with `candidates`,
     the defaults with each of CANDIDATE_CHANGES alone and with all of them; with
     `parallel_designs`, each of PARALLEL_DESIGNS, and both streams at LONG_WINDOWS. Runs
     with the same configuration are trained once; `repeats` runs of each, interleaved,
-    give medians. `names`: only those runs beside "best" (chosen_variants)."""
-    variants = chosen_variants(quality_variants(ablation, parallel_designs, candidates), names,
+    give medians. `chosen`: only the runs of those names beside "best" (chosen_variants)."""
+    variants = chosen_variants(quality_variants(ablation, parallel_designs, candidates), chosen,
                                "best")
     with tempfile.TemporaryDirectory(prefix="grug_bench_") as workdir:
         data = prepare_corpus(data_path, workdir)

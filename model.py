@@ -548,7 +548,7 @@ class ByteLLM_GrugV3(nn.Module):
                                                      c["attention_window"])
         # Options of published small-model recipes (modded-nanogpt), on the byte layers;
         # each starts as the model without it (docs/benchmarks.md, Recipe candidates).
-        layers, d_model = len(self.byte_layers), c["attention_d_model"]
+        layers = len(self.byte_layers)
         self.smear_gate = self.smear_scale = self.embedding_scales = self.value_embeddings = None
         if c["smear_previous_byte"]:
             self.smear_gate = nn.Linear(min(SMEAR_GATE_INPUTS, d_model), 1, bias=False)
