@@ -63,9 +63,13 @@ class KVCache:
         the whole cache. Index assignment, not scatter_: torch.compile writes it in place,
         where a scatter_ into the cache became a copy of the whole cache and a copy back,
         every step."""
-        k, v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
         if k.dtype != self.k.dtype:  # a .to() to the same dtype still costs a call
             k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if places.rows is None:  # one stream, eagerly: a copy at its position costs less
+            self.k.index_copy_(2, places.positions, k)
+            self.v.index_copy_(2, places.positions, v)
+            return self.k, self.v
+        k, v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
         self.k[places.rows, :, places.positions] = k
         self.v[places.rows, :, places.positions] = v
         return self.k, self.v
@@ -76,21 +80,24 @@ class StepPlaces:
     and what every layer of that stream reads from them, made once per step rather than
     in each layer (a decode step's tensor operations each cost more to dispatch than to
     compute: docs/benchmarks.md, Eager decode step): `rows` (B,) to write the new keys
-    and values at, and `visible` (B, 1, 1, capacity): which slots, up to a stream's own
-    position (the last `window` of them with attention_window), its attention reads. Compiled, True there; eagerly 0 there and -inf past
-    it, the additive mask SDPA would otherwise make of a bool one in every layer."""
+    and values at (None for one stream decoded eagerly: KVCache.write_at copies to its
+    position), and `visible` (B, 1, 1, capacity): which slots, up to a stream's own
+    position (the last `window` of them with attention_window), its attention reads.
+    Compiled, True there; eagerly 0 there and -inf past it, the additive mask SDPA would
+    otherwise make of a bool one in every layer."""
 
     def __init__(self, positions, capacity, window=None):
+        eager, batch = not torch.compiler.is_compiling(), positions.size(0)
         self.positions = positions
-        self.rows = torch.arange(positions.size(0), device=positions.device)
+        self.rows = None if eager and batch == 1 else torch.arange(batch,
+                                                                   device=positions.device)
         slots = torch.arange(capacity, device=positions.device)
         visible = slots <= positions[:, None]
         if window is not None:  # local attention: the last `window` positions only
             visible = visible & (slots > positions[:, None] - window)
-        self.visible = visible[:, None, None]
-        if not torch.compiler.is_compiling():
-            self.visible = torch.zeros(self.visible.shape, device=positions.device).masked_fill_(
-                ~self.visible, float("-inf"))
+        if eager:
+            visible = torch.where(visible, 0.0, float("-inf"))
+        self.visible = visible.view(batch, 1, 1, capacity)
 
 
 class GenerationCache:
@@ -856,16 +863,18 @@ class ByteLLM_GrugV3(nn.Module):
         return self._logits(hidden)[:, 0]
 
     @torch.no_grad()
-    def forward_incremental(self, x_new, cache):
+    def forward_incremental(self, x_new, cache, last_only=False):
         """Logits (B, n, 256) of x_new (B, n), which holds positions cache.length ..
         cache.length+n-1; the cache is updated in place. Equals the full forward's logits
-        at those positions, for any split of the sequence into chunks."""
+        at those positions, for any split of the sequence into chunks. `last_only`: the
+        last position's alone, (B, 1, 256), all that a prompt's pass or a window's refill
+        reads (the output layer is then one row's work, not n rows')."""
         if x_new.dim() != 2 or x_new.size(1) < 1 or x_new.size(0) != cache.batch_size:
             raise ValueError(f"x_new must be (batch {cache.batch_size}, n >= 1), got "
                              f"{tuple(x_new.shape)}")
         hidden = self._hidden_states(x_new, cache)
         cache.length += x_new.size(1)
-        return self._logits(hidden)
+        return self._logits(hidden[:, -1:] if last_only else hidden)
 
 
 # ---------------------------------------------------------------------------

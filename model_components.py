@@ -101,6 +101,7 @@ class RotaryPositions(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,)
         self.register_buffer("table", self._angles(0, max_len), persistent=False)
+        self._turns = self._turns_of = None  # rotation_at's turns, and the table they are of
 
     def _angles(self, start, end):
         positions = torch.arange(start, end, dtype=torch.float32, device=self.inv_freq.device)
@@ -124,8 +125,14 @@ class RotaryPositions(nn.Module):
         return turns_of(angles)
 
     def rotation_at(self, positions):
-        """The turns (turns_of), (B, 1, 1, hs/2): B streams, one position (B,) each."""
-        return turns_of(self.table[positions][:, None, None])
+        """The turns (turns_of), (B, 1, 1, hs/2): B streams, one position (B,) each.
+        Eagerly read from the turns of every stored position, made once (the same values
+        as turns_of of those rows: a test), not three operations per decode step."""
+        if torch.compiler.is_compiling():
+            return turns_of(self.table[positions][:, None, None])
+        if self._turns_of is not self.table:  # new, covered further, or moved
+            self._turns, self._turns_of = turns_of(self.table), self.table
+        return self._turns[positions].view(positions.size(0), 1, 1, -1)
 
 
 def turns_of(angles):
@@ -251,16 +258,18 @@ def ngram_hashes(joined, orders, length):
     `length` positions of `joined` (B, max(orders)-1+length), for each order n.
 
     FNV-1a over the bytes from the newest back, so the hash of n bytes extends the hash
-    of n-1, then finish_hash. Every product stays below 2^63, so int64 never overflows."""
-    context = joined.size(1) - length
+    of n-1, then one finish_hash of all orders stacked (a prompt's pass and a window's
+    refill run this for a few dozen bytes, where each operation costs more to dispatch
+    than to compute). Every product stays below 2^63, so int64 never overflows."""
+    context, end = joined.size(1) - length, joined.size(1)
+    salted = joined + 1
     hashed = torch.full_like(joined[:, context:], FNV_BASIS)
-    out = {}
+    chain = []
     for back in range(max(orders)):
-        byte = joined[:, context - back:joined.size(1) - back]  # byte t-back of each t
-        hashed = fnv_step(hashed, byte + 1)
-        if back + 1 in orders:
-            out[back + 1] = finish_hash(hashed)
-    return out
+        hashed = fnv_step(hashed, salted[:, context - back:end - back])  # byte t-back of each t
+        chain.append(hashed)
+    finished = finish_hash(torch.stack([chain[n - 1] for n in orders]))
+    return dict(zip(orders, finished.unbind(0)))
 
 
 def newest_ngram_hashes(tail, orders):

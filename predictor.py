@@ -81,8 +81,9 @@ def top_p_filter(logits, p):
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # p < 1: a tensor p of 1 could still drop bytes by rounding
-    drop_sorted = ((torch.cumsum(probs, dim=-1) - probs) >= p) & (p < 1.0)
+    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
+    if torch.is_tensor(p):  # p < 1: a tensor p of 1 could still drop bytes by rounding
+        drop_sorted &= p < 1.0
     drop_sorted[..., 0] = False  # the top byte always stays (p may round to 0 in float32)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back in byte order (every place written)
     return logits.masked_fill(drop, float("-inf"))
@@ -120,7 +121,8 @@ class StreamSampler:
         # serves every setting and programs differ only by shapes. Off, each filter
         # changes nothing, so both give the same bytes.
         self.greedy, self.valid_utf8_only = is_greedy(settings["temperature"]), valid_utf8_only
-        self.k, self.filters_top_p = settings["top_k"], settings["top_p"] < 1.0
+        self.k, self.p = settings["top_k"], settings["top_p"]
+        self.filters_top_p = self.p < 1.0
         self.penalizes, self.every_filter = settings["repetition_penalty"] != 1.0, False
         def value(number, dtype=torch.float32):  # float32, as choose() computes
             return torch.tensor(number, dtype=dtype, device=device)
@@ -154,7 +156,7 @@ class StreamSampler:
         else:
             sampled = top_k_filter(logits / self.temperature, self.top_k if every else self.k)
             if every or self.filters_top_p:
-                sampled = top_p_filter(sampled, self.top_p)
+                sampled = top_p_filter(sampled, self.top_p if every else self.p)
             chosen = (sampled - self._log_noise()).argmax(-1)  # Gumbel-max
             if every:
                 chosen = torch.where(self.argmax, logits.argmax(-1), chosen)
@@ -210,17 +212,33 @@ def small_operations(threads):
     """Global settings for a loop of eager CPU decode steps, whose operations each handle
     a few hundred values, restored after: inference mode (no view or version tracking);
     PyTorch's own kernels rather than oneDNN's (its gelu's fixed cost per call is several
-    times that of PyTorch's for so few values); at most `threads` threads. Measured in
-    docs/benchmarks.md, Eager decode step."""
+    times that of PyTorch's for so few values); at most `threads` threads. Yields a
+    context manager that puts the settings found back for a while: a window's refill
+    inside the loop is a pass over many bytes, like the prompt's, and runs as fast as
+    that. Measured in docs/benchmarks.md, Eager decode step."""
     threads_before, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    try:
+
+    def small():
         torch.set_num_threads(min(threads, threads_before))
         torch.backends.mkldnn.enabled = False
-        with torch.inference_mode():
-            yield
-    finally:
+
+    def found():
         torch.set_num_threads(threads_before)
         torch.backends.mkldnn.enabled = onednn
+
+    @contextlib.contextmanager
+    def settings_found():
+        found()
+        try:
+            yield
+        finally:
+            small()
+    try:
+        small()
+        with torch.inference_mode():
+            yield settings_found
+    finally:
+        found()
 
 
 def stream_seeds(seed, count):
@@ -670,7 +688,8 @@ class Predictor:
         for b, stream in enumerate(streams):  # each prompt in one pass, into its own row
             stream.start = window_start(0, len(stream.context), window)
             view = self._as_input(stream.context[stream.start:])
-            last_logits.append(self.model.forward_incremental(view, cache.row(b))[:, -1])
+            last_logits.append(self.model.forward_incremental(view, cache.row(b),
+                                                              last_only=True)[:, -1])
         chosen = sampler.choose(torch.cat(last_logits))  # (B,)
         # Each stream's position, kept on the host too, so that deciding when a window
         # is full reads nothing back from the device.
@@ -680,11 +699,12 @@ class Predictor:
             [positions] = self._kept_buffers("positions", [positions])
         step = self._step_function(count, len(streams))
         generated = [chosen]
-        with self._eager_cpu_steps(count, len(streams)):
+        with self._eager_cpu_steps(count, len(streams)) as refill_settings:
             for _ in range(count - 1):
                 if on_text is not None:  # streaming reads each byte back; a batch need not
                     streams[0].emit([int(chosen[0])], on_text)
-                self._slide_full_windows(cache, streams, at, positions, generated)
+                self._slide_full_windows(cache, streams, at, positions, generated,
+                                         refill_settings or contextlib.nullcontext)
                 # the step moves `positions` on itself, on the device; `at` follows on the host
                 chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
                 at = [p + 1 for p in at]
@@ -696,10 +716,11 @@ class Predictor:
             if b > 0 or on_text is None:
                 streams[b].emit(data)
 
-    def _slide_full_windows(self, cache, streams, at, positions, generated):
+    def _slide_full_windows(self, cache, streams, at, positions, generated, refill_settings):
         """A stream whose next byte would not fit its window keeps the last
         KEEP_FRACTION of it: its row is refilled with that part (all of it but the byte
-        the next step feeds), as the uncached path's view slides (window_start)."""
+        the next step feeds), as the uncached path's view slides (window_start), under
+        `refill_settings()` (a context manager)."""
         window = self.model.context_length
         full = [b for b, p in enumerate(at) if p >= window]
         if not full:
@@ -711,7 +732,9 @@ class Predictor:
             stream.start = window_start(stream.start, len(context), window)
             cache.reset_row(b)
             view = context[stream.start:-1]
-            self.model.forward_incremental(self._as_input(view), cache.row(b))
+            with refill_settings():
+                self.model.forward_incremental(self._as_input(view), cache.row(b),
+                                               last_only=True)
             at[b] = positions[b] = len(view)
 
     def _eager_cpu_steps(self, steps, batch):

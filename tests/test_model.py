@@ -13,8 +13,8 @@ from config import CONFIG_V3
 from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, EncoderLayer,
                    band_mask, count_parameters)
 from model_components import (NO_BYTE, START_MARKS, CNNFrontend, HashedNgramEmbedding,
-                              LearnablePositionalEncoding, SinusoidalPositionalEncoding,
-                              newest_ngram_hashes, ngram_hashes, spacelike_patch_ends)
+                              LearnablePositionalEncoding, RotaryPositions,
+                              SinusoidalPositionalEncoding, newest_ngram_hashes, ngram_hashes, spacelike_patch_ends)
 
 
 @pytest.fixture(autouse=True)
@@ -330,6 +330,12 @@ def test_incremental_logits_equal_full_forward(model, chunks):
     incremental = incremental_logits(model, x, chunks)
     assert incremental.shape == (2, 13, 256)
     assert (incremental - full).abs().max().item() < 1e-4
+    cache = model.new_cache(2)  # the last position alone: a prompt's pass, a refill
+    if len(chunks) > 1:
+        model.forward_incremental(x[:, :13 - chunks[-1]], cache)
+    last = model.forward_incremental(x[:, 13 - chunks[-1]:], cache, last_only=True)
+    assert last.shape == (2, 1, 256) and cache.length == 13
+    assert (last - full[:, -1:]).abs().max().item() < 1e-4
 
 
 def decoded_logits(model, x, prompt_lengths, steps, step=None):
@@ -496,6 +502,18 @@ def test_sinusoidal_positions_past_the_table_work():
     assert torch.equal(encoding(torch.zeros(1, 3, 10), offset=15), long[:, 15:18])
     model = tiny_model(max_positional_encoding_len=8)
     assert model(torch.randint(0, 256, (1, 20))).shape == (1, 20, 256)
+
+
+def test_the_decode_steps_turns_equal_the_forwards_to_the_bit():
+    """rotation_at reads eagerly from turns made once: the same values as the forward's
+    turns at those positions, also after the table is covered further."""
+    encoding = RotaryPositions(32, 0.0, max_len=16, head_dim=8)
+    for length in (16, 40):
+        encoding.cover(length)
+        positions = torch.tensor([0, 5, length - 1])
+        turns = encoding.rotation_at(positions)
+        assert turns.shape == (3, 1, 1, 4)
+        assert torch.equal(turns[:, 0, 0], encoding.rotation(length)[positions])
 
 
 # ---------------------------------------------------------------------------

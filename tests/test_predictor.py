@@ -52,8 +52,8 @@ def spy_on_model(model):
     model.register_forward_pre_hook(lambda module, args: record["full"].append(args[0].shape[1]))
     incremental, decode = model.forward_incremental, model.decode_step
 
-    def spy(x_new, cache):
-        logits = incremental(x_new, cache)
+    def spy(x_new, cache, **options):
+        logits = incremental(x_new, cache, **options)
         record["incremental"].append(x_new.shape[1])
         record["cache_lengths"].append(cache.length)
         return logits
@@ -390,19 +390,34 @@ def test_global_rng_and_train_mode_are_left_alone(tmp_path, device):
 
 def test_eager_cpu_steps_leave_threads_onednn_and_grad_mode_as_they_were(tmp_path):
     """The eager CPU decode loop runs without oneDNN in inference mode, one stream on one
-    thread, several on every thread (small_operations), and gives the same bytes as with
-    the settings it found; after it, and after an error in it, those settings are back."""
+    thread, several on every thread (small_operations), a window's refill inside it
+    under the settings found, and gives the same bytes as with those settings; after it,
+    and after an error in it, they are back."""
     predictor = make_predictor(tmp_path)
     threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    seen = []
+    seen, refills, refills_at = [], [], []
+
+    def settings():
+        return (torch.get_num_threads(), torch.backends.mkldnn.enabled,
+                torch.is_inference_mode_enabled())
 
     def look(piece):
-        seen.append((torch.get_num_threads(), torch.backends.mkldnn.enabled,
-                     torch.is_inference_mode_enabled()))
+        seen.append(settings())
+    incremental = predictor.model.forward_incremental
+
+    def refill(*args, **options):
+        refills.append(settings())
+        refills_at.append(len(seen))  # how many pieces of text came before it
+        return incremental(*args, **options)
+    predictor.model.forward_incremental = refill
     try:
         torch.set_num_threads(2)
         text = predictor.generate("abc", max_new_bytes=20, seed=3, on_text=look, **RANDOM)
         assert (1, False, True) in seen
+        # the prompt's pass, then (window 16, 20 bytes) at least one refill
+        assert len(refills) >= 2 and set(refills[1:]) == {(2, onednn, True)}
+        # after the first refill, the loop's steps run under the loop's settings again
+        assert (1, False, True) in seen[refills_at[1]:]
         seen.clear()
         predictor.generate_batch(["abc", "de"], max_new_bytes=20, seed=3, on_text=look)
         assert (2, False, True) in seen and (1, False, True) not in seen
