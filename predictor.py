@@ -703,11 +703,15 @@ class Predictor:
             for _ in range(count - 1):
                 if on_text is not None:  # streaming reads each byte back; a batch need not
                     streams[0].emit([int(chosen[0])], on_text)
-                self._slide_full_windows(cache, streams, at, positions, generated,
-                                         refill_settings or contextlib.nullcontext)
-                # the step moves `positions` on itself, on the device; `at` follows on the host
-                chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
-                at = [p + 1 for p in at]
+                logits = self._slide_full_windows(cache, streams, at, positions, generated,
+                                                  refill_settings or contextlib.nullcontext)
+                if logits is None:
+                    # the step moves `positions` on itself, on the device; `at` follows on
+                    # the host
+                    chosen = step(chosen, cache, positions, sampler, self._patch_due(at))
+                    at = [p + 1 for p in at]
+                else:  # every stream slid and was fed its newest byte, as a prompt is
+                    chosen = sampler.choose(logits)
                 generated.append(chosen)
         if on_text is not None:
             streams[0].emit([int(chosen[0])], on_text)
@@ -718,24 +722,30 @@ class Predictor:
 
     def _slide_full_windows(self, cache, streams, at, positions, generated, refill_settings):
         """A stream whose next byte would not fit its window keeps the last
-        KEEP_FRACTION of it: its row is refilled with that part (all of it but the byte
-        the next step feeds), as the uncached path's view slides (window_start), under
-        `refill_settings()` (a context manager)."""
+        KEEP_FRACTION of it, as the uncached path's view slides (window_start): its row is
+        refilled with that part, under `refill_settings()` (a context manager). When every
+        stream slides, each is refilled as a prompt is fed, its newest byte included, and
+        the logits of the next bytes (B, 256) are returned: the decode step they replace
+        would have fed that byte alone (a step fewer per slide). Otherwise a refill
+        leaves the newest byte for the next step, and None is returned."""
         window = self.model.context_length
         full = [b for b, p in enumerate(at) if p >= window]
         if not full:
-            return
+            return None
+        every = len(full) == len(streams)
         recent = torch.stack(generated, 1).tolist()
+        last_logits = []
         for b in full:
             stream = streams[b]
             context = stream.context + recent[b]
             stream.start = window_start(stream.start, len(context), window)
             cache.reset_row(b)
-            view = context[stream.start:-1]
+            view = context[stream.start:] if every else context[stream.start:-1]
             with refill_settings():
-                self.model.forward_incremental(self._as_input(view), cache.row(b),
-                                               last_only=True)
+                last_logits.append(self.model.forward_incremental(
+                    self._as_input(view), cache.row(b), last_only=True)[:, -1])
             at[b] = positions[b] = len(view)
+        return torch.cat(last_logits) if every else None
 
     def _eager_cpu_steps(self, steps, batch):
         """Where a call's steps run eagerly on a CPU, the settings that suit their small

@@ -331,9 +331,9 @@ def test_generating_far_past_the_window(tmp_path, parallel, device, window):
     assert cached == uncached
     assert len(cached[1]) >= 97  # at most 3 bytes of an unfinished character trimmed
     assert max(record["full"]) <= 16 and max(record["cache_lengths"]) <= 16
-    # The view slides to keep 3/4 of the window, 12 bytes: 11 refill the cache and the
-    # next step feeds the 12th.
-    rebuilds = record["incremental"].count(11)
+    # The view slides to keep 3/4 of the window, 12 bytes, which refill the cache as a
+    # prompt is fed (the newest byte included: no step feeds it alone).
+    rebuilds = record["incremental"].count(12)
     assert 5 <= rebuilds <= 30  # amortised: not one rebuild per step
 
 
@@ -572,6 +572,19 @@ def test_interactive_loop_rejects_nan_and_accepts_tiny_values(tmp_path):
 PROMPTS = ["Hello, world", "é", "a much longer prompt than the others, past the window", ""]
 
 
+@pytest.mark.parametrize("parallel", ARCHITECTURES)
+def test_streams_sliding_together_are_refilled_as_prompts_and_match_alone(tmp_path, parallel):
+    """Prompts of one length slide at the same steps: each refill then feeds the newest
+    byte too, and no step follows; every stream still gets what it gets alone."""
+    predictor = make_predictor(tmp_path, parallel, sequence_length=16)
+    record = spy_on_model(predictor.model)
+    prompts = ["abcde", "vwxyz"]
+    texts = predictor.generate_batch(prompts, max_new_bytes=30, seed=5, **RANDOM)
+    assert record["incremental"].count(12) >= 2 * 3  # both rows refilled, three times or more
+    for i, prompt in enumerate(prompts):
+        assert predictor.generate(prompt, max_new_bytes=30, seed=5 + i, **RANDOM) == texts[i]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
 def test_a_batch_gives_each_prompt_what_it_would_get_alone(tmp_path, parallel, device):
@@ -749,7 +762,8 @@ def test_on_a_torch_not_checked_the_step_is_compiled_and_called_through_public_a
         return lambda *args: public_calls.append(1) or program(*args)
     public_calls = []
     monkeypatch.setattr(predictor_module, "load_program", load)
-    predictor = make_predictor(tmp_path, generation_compile="always")
+    # a window of 32: the 24 bytes never slide it, so every byte after the first is a step
+    predictor = make_predictor(tmp_path, sequence_length=32, generation_compile="always")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         compiled, eager = compiled_and_eager(predictor, ["The "], seed=2, max_new_bytes=20,
