@@ -71,7 +71,7 @@ from dataset import (ByteSequenceDataset, DataProcessor, dummy_corpus_text, scan
 from evaluate import SlidingPlan, evenly_spread, score_text, score_windows
 from main import build_training, check_config, load_model_for_prediction
 from model import SMEAR_GATE_INPUTS, ByteLLM_GrugV3, count_parameters, patch_slots
-from predictor import Predictor
+from predictor import AHEAD_OF_TIME_DEVICE_TYPES, PROGRAM_FOLDER, Predictor
 from report import write_report
 from trainer import METRICS_COLUMNS
 from utils import (UserError, atomic_output, autocast_context, bits_per_byte, resolve_device,
@@ -820,10 +820,11 @@ def first_call_seconds(predictor, prompt, new_bytes):
 def compile_seconds_of(predictor):
     """Seconds of a compiled predictor's first call, one that runs every program a long
     call needs: the parallel stream has one step with the patch stream and one without,
-    so its 64-byte prompt is followed by enough bytes to complete a patch (else that
-    program would compile inside a timed round)."""
+    so its prompt is followed by enough bytes to complete a patch (else that program
+    would compile inside a timed round). The prompt fills at most half the window: a
+    window that slides at the first byte is refilled with that byte, and no step runs."""
     model = predictor.model
-    return first_call_seconds(predictor, printable_prompt(64),
+    return first_call_seconds(predictor, printable_prompt(min(64, model.context_length // 2)),
                               model.agg_stride + 1 if model.parallel else 2)
 
 
@@ -1162,10 +1163,15 @@ def first_byte_rows(device, scale, folder):
     rows = [{"what": "first decode-step byte of a new process, no program kept",
              "seconds": run_generation_worker("first-byte", folder, device)}]
     if scale["gen_compile"]:
-        rows += [{"what": "compile in a new process (generation_compile=\"always\")",
-                  "seconds": run_generation_worker("compile", folder, device)},
-                 {"what": FIRST_BYTE_KEPT,
-                  "seconds": run_generation_worker("first-byte", folder, device)}]
+        rows.append({"what": "compile in a new process (generation_compile=\"always\")",
+                     "seconds": run_generation_worker("compile", folder, device)})
+        kept = os.path.join(folder, PROGRAM_FOLDER)
+        if device.type in AHEAD_OF_TIME_DEVICE_TYPES and not (
+                os.path.isdir(kept) and any(n.endswith(".pt2") for n in os.listdir(kept))):
+            raise RuntimeError(f"the compiling process kept no program in {kept}: the next "
+                               "row would time uncompiled decoding")
+        rows.append({"what": FIRST_BYTE_KEPT,
+                     "seconds": run_generation_worker("first-byte", folder, device)})
     return rows
 
 

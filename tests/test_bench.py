@@ -314,6 +314,26 @@ def test_the_seeds_code_loads_apart_from_ours(tmp_path):
     assert bench.generation_rate(predictor, bench.printable_prompt(20), 2)() > 0
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["single", "parallel"])
+def test_the_compiling_call_runs_every_step_it_compiles(tmp_path, parallel):
+    """compile_seconds_of's call, at config.py's window, runs decode steps (a prompt that
+    filled the window would slide at the first byte, whose refill replaces the step:
+    nothing would compile, and the kept-program row would time eager decoding), with and
+    without the patch stream for the parallel stream."""
+    from predictor import Predictor
+    config = bench.model_config(use_parallel_stream_model=parallel,
+                                checkpoint_dir=str(tmp_path))
+    model = ByteLLM_GrugV3(config).eval()
+    dues, decode = [], model.decode_step
+
+    def spy(byte, cache, positions, patch_due=None):
+        dues.append(patch_due)
+        return decode(byte, cache, positions, patch_due)
+    model.decode_step = spy
+    bench.compile_seconds_of(Predictor(model, "cpu", config, compile="never"))
+    assert set(dues) == ({False, True} if parallel else {None})
+
+
 def test_without_git_history_the_seeds_rows_are_skipped_and_not_failed(monkeypatch, capsys):
     monkeypatch.setattr(bench, "SEED_COMMIT", "0" * 40)  # in no history
     # the worker's process is timed by the quick run (slow); here its answer stands in
