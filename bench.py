@@ -1165,10 +1165,12 @@ def first_byte_rows(device, scale, folder):
     if scale["gen_compile"]:
         rows.append({"what": "compile in a new process (generation_compile=\"always\")",
                      "seconds": run_generation_worker("compile", folder, device)})
-        kept = os.path.join(folder, PROGRAM_FOLDER)
-        if device.type in AHEAD_OF_TIME_DEVICE_TYPES and not (
-                os.path.isdir(kept) and any(n.endswith(".pt2") for n in os.listdir(kept))):
-            raise RuntimeError(f"the compiling process kept no program in {kept}: the next "
+        config = model_config(checkpoint_dir=folder)
+        with contextlib.redirect_stdout(sys.stderr):
+            predictor = Predictor(load_model_for_prediction(config, device), device, config)
+        if device.type in AHEAD_OF_TIME_DEVICE_TYPES and not predictor._programs_kept_for(1):
+            raise RuntimeError("the compiling process did not keep every program of one "
+                               f"prompt in {os.path.join(folder, PROGRAM_FOLDER)}: the next "
                                "row would time uncompiled decoding")
         rows.append({"what": FIRST_BYTE_KEPT,
                      "seconds": run_generation_worker("first-byte", folder, device)})

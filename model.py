@@ -825,12 +825,14 @@ class ByteLLM_GrugV3(nn.Module):
 
     # --- public API ----------------------------------------------------------
 
-    def forward(self, x, targets=None):
-        """x (B, T) int64 bytes. Without targets: logits (B, T, 256). With targets (B, T):
-        the mean cross-entropy in nats per byte over the training objective's positions."""
+    def forward(self, x, targets=None, last_only=False):
+        """x (B, T) int64 bytes. Without targets: logits (B, T, 256), or with `last_only`
+        the last position's alone, (B, 1, 256), as forward_incremental gives them (the
+        uncached generation path reads no others). With targets (B, T): the mean
+        cross-entropy in nats per byte over the training objective's positions."""
         hidden = self._hidden_states(x)  # (B, T, out_width)
         if targets is None:
-            return self._logits(hidden)
+            return self._logits(hidden[:, -1:] if last_only else hidden)
         if self.training_objective == "last_byte":
             # Only the last position reaches final_norm and fc_out.
             return F.cross_entropy(self._logits(hidden[:, -1]), targets[:, -1])

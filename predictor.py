@@ -9,9 +9,11 @@ trainer relies on it for exact resume).
 
 With the KV cache each prompt is fed in one pass, then one byte per stream and step
 (`Model.decode_step`, which a compiler can turn into a few kernels: AOTInductor ahead of
-time on a CPU, torch.compile on a GPU); without it every step is a full forward over the
-context. Both paths see exactly the same bytes at every step (`window_start`), so with
-the same seed they produce the same output.
+time on a CPU, torch.compile on a GPU); a window that slides is refilled in one pass as a
+prompt is fed (with the newest byte, in place of that step, when every stream slides);
+without the cache every step is a full forward over the context. Both paths see exactly
+the same bytes at every step (`window_start`), so with the same seed they produce the same
+output.
 """
 
 import codecs
@@ -121,7 +123,10 @@ class StreamSampler:
         # serves every setting and programs differ only by shapes. Off, each filter
         # changes nothing, so both give the same bytes.
         self.greedy, self.valid_utf8_only = is_greedy(settings["temperature"]), valid_utf8_only
-        self.k, self.p = settings["top_k"], settings["top_p"]
+        # top-p as the float32 a tensor holds: a p just under 1 rounds to 1 (off), as in
+        # the compiled step
+        self.k, self.p = settings["top_k"], float(torch.tensor(settings["top_p"],
+                                                               dtype=torch.float32))
         self.filters_top_p = self.p < 1.0
         self.penalizes, self.every_filter = settings["repetition_penalty"] != 1.0, False
         def value(number, dtype=torch.float32):  # float32, as choose() computes
@@ -664,7 +669,8 @@ class Predictor:
         window = self.model.context_length
         for _ in range(settings["max_new_bytes"]):
             stream.start = window_start(stream.start, len(stream.context), window)
-            logits = self.model(self._as_input(stream.context[stream.start:]))[:, -1]
+            logits = self.model(self._as_input(stream.context[stream.start:]),
+                                last_only=True)[:, -1]
             byte = int(sampler.choose(logits))
             stream.context.append(byte)
             stream.emit([byte], on_text)
@@ -741,9 +747,10 @@ class Predictor:
             stream.start = window_start(stream.start, len(context), window)
             cache.reset_row(b)
             view = context[stream.start:] if every else context[stream.start:-1]
-            with refill_settings():
-                last_logits.append(self.model.forward_incremental(
-                    self._as_input(view), cache.row(b), last_only=True)[:, -1])
+            if view:  # (a window of 2 keeps one byte: the newest, for the step to feed)
+                with refill_settings():
+                    last_logits.append(self.model.forward_incremental(
+                        self._as_input(view), cache.row(b), last_only=True)[:, -1])
             at[b] = positions[b] = len(view)
         return torch.cat(last_logits) if every else None
 

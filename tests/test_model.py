@@ -14,7 +14,8 @@ from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, Encod
                    band_mask, count_parameters)
 from model_components import (NO_BYTE, START_MARKS, CNNFrontend, HashedNgramEmbedding,
                               LearnablePositionalEncoding, RotaryPositions,
-                              SinusoidalPositionalEncoding, newest_ngram_hashes, ngram_hashes, spacelike_patch_ends)
+                              SinusoidalPositionalEncoding, newest_ngram_hashes, ngram_hashes,
+                              spacelike_patch_ends)
 
 
 @pytest.fixture(autouse=True)
@@ -336,6 +337,23 @@ def test_incremental_logits_equal_full_forward(model, chunks):
     last = model.forward_incremental(x[:, 13 - chunks[-1]:], cache, last_only=True)
     assert last.shape == (2, 1, 256) and cache.length == 13
     assert (last - full[:, -1:]).abs().max().item() < 1e-4
+
+
+def test_a_prompts_pass_gives_the_full_forwards_last_logits_to_the_bit(model):
+    """The last position's logits, all that generation reads of a pass over many bytes:
+    the full forward's (the uncached path) equal the cached path's prompt pass and refills
+    (forward_incremental) bit for bit, so both sample those bytes from the same logits.
+    With an attention window shorter than the bytes, the full forward attends in blocks
+    (_attend_locally), the pass under a band mask: equal to rounding only."""
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        full = model(x, last_only=True)
+    incremental = model.forward_incremental(x, model.new_cache(2), last_only=True)
+    assert full.shape == (2, 1, 256)
+    if model.config["attention_window"] is None:
+        assert torch.equal(full, incremental)
+    else:
+        assert (full - incremental).abs().max().item() < 1e-5
 
 
 def decoded_logits(model, x, prompt_lengths, steps, step=None):

@@ -13,7 +13,7 @@ import torch
 from tests.conftest import DEVICES, GPU_DEVICES, make_tiny_config
 from model import ByteLLM_GrugV3
 from predictor import (
-    Predictor, UTF8_START, interactive_loop, penalize_repeats, top_k_filter,
+    Predictor, StreamSampler, UTF8_START, interactive_loop, penalize_repeats, top_k_filter,
     top_p_filter, utf8_next_state, utf8_unfinished_tail,
 )
 
@@ -567,9 +567,30 @@ def test_interactive_loop_rejects_nan_and_accepts_tiny_values(tmp_path):
     assert output.endswith(predictor.generate("hello", temperature=0, max_new_bytes=8) + "\n\n")
 
 
+@pytest.mark.parametrize("p", [0.5, 0.95, 0.99999999, 1.0])
+def test_top_p_filters_alike_as_the_eager_samplers_number_and_the_compiled_steps_tensor(p):
+    """The eager sampler's top-p is a Python number, the compiled step's a float32 tensor:
+    a p just under 1 rounds to 1 in float32, and both then leave the logits as they are."""
+    settings = {"temperature": 1.0, "top_k": 0, "top_p": p, "repetition_penalty": 1.0}
+    sampler = StreamSampler(settings, [1], [0], [[256]], False, "cpu")
+    logits = torch.tensor([[30.0, 0.0, -1.0] + [-2.0] * 253])
+    eager = top_p_filter(logits, sampler.p) if sampler.filters_top_p else logits
+    assert torch.equal(eager, top_p_filter(logits, sampler.top_p))
+
+
 # --- batches ------------------------------------------------------------------------------
 
 PROMPTS = ["Hello, world", "é", "a much longer prompt than the others, past the window", ""]
+
+
+def test_a_batch_in_a_window_of_two_gives_each_prompt_what_it_gets_alone(tmp_path):
+    """A window of 2 keeps one byte when it slides: a stream that slides alone is refilled
+    with nothing (the step feeds its newest byte), one that slides with all is fed it."""
+    predictor = make_predictor(tmp_path, sequence_length=2)
+    prompts = ["ab", "c"]
+    texts = predictor.generate_batch(prompts, max_new_bytes=10, seed=5, **RANDOM)
+    for i, prompt in enumerate(prompts):
+        assert predictor.generate(prompt, max_new_bytes=10, seed=5 + i, **RANDOM) == texts[i]
 
 
 @pytest.mark.parametrize("parallel", ARCHITECTURES)
@@ -734,6 +755,12 @@ def test_a_step_compiled_ahead_of_time_gives_the_eager_bytes(tmp_path, monkeypat
                                                  **settings)
             assert compiled == eager
     assert predictor._programs == programs and sum(calls) == 3 * 39  # nothing compiled
+    # two prompts of one length slide together: their refills feed the newest bytes in
+    # place of those steps, and the sampler draws between the program's calls
+    before = sum(calls)
+    compiled, eager = compiled_and_eager(predictor, ["q" * 20, "r" * 20], seed=3, **filters,
+                                         **settings)
+    assert compiled == eager and before < sum(calls) < before + 39
     # another process: the programs kept in <checkpoint_dir>/compiled, from the first step
     later = make_predictor(tmp_path, parallel, sequence_length=32, generation_compile="auto",
                            **amp_settings)
@@ -835,6 +862,22 @@ def test_a_program_is_kept_on_disk_and_serves_later_predictors_from_the_first_by
         assert len(compiled) == 1 and list(later._programs) == [name]
         generates_as_eager(later, ["ab", "cd"])  # no program kept for 2 prompts: eager
     assert len(compiled) == 1 and list(later._programs) == [name]
+
+
+def test_a_refill_in_place_of_a_step_decodes_as_eager_between_program_calls(tmp_path,
+                                                                            monkeypatch):
+    """A program decodes one prompt whose window slides: each refill feeds the newest byte
+    and the sampler draws from its logits, on the state the program reads and writes,
+    between its calls. The bytes are eager decoding's, and the slides' bytes are no
+    program calls."""
+    eager_stand_in_compiler(monkeypatch)
+    calls = counting_program_calls(monkeypatch)
+    predictor = make_predictor(tmp_path, sequence_length=16, generation_compile="always")
+    filters = dict(temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
+    compiled, eager = compiled_and_eager(predictor, ["q" * 15], seed=3, max_new_bytes=40,
+                                         **filters)
+    assert compiled == eager
+    assert 0 < sum(calls) < 39  # the 39 bytes after the prompt's, less the slides'
 
 
 @pytest.mark.parametrize("damage", ["truncated", "record garbled", "record of another key",
@@ -960,9 +1003,13 @@ def test_a_step_compiled_for_the_gpu_gives_the_eager_bytes(tmp_path, parallel, a
             for parameter in predictor.model.parameters():
                 parameter.mul_(1.5)
         changed, changed_eager = compiled_and_eager(predictor, prompts, seed=5, **settings)
+        # prompts of one length slide together: refills in place of steps, the sampler
+        # drawing on the graphs' buffers between replays
+        sliding, sliding_eager = compiled_and_eager(predictor, ["q" * 20, "r" * 20], seed=3,
+                                                    **settings)
     assert not [w for w in caught if "decode step failed" in str(w.message)]
     assert predictor._compiled_step not in (None, False)
-    assert compiled == eager
+    assert compiled == eager and sliding == sliding_eager
     assert changed == changed_eager and changed != compiled
     skips = dict(torch._dynamo.utils.counters["inductor"])
     assert not {k: v for k, v in skips.items() if "cudagraph_skip" in k}, skips
@@ -1083,6 +1130,12 @@ def test_a_call_through_graphs_decodes_in_buffers_kept_from_call_to_call(tmp_pat
     assert {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()} == kept
     assert graphs and len(seen) == 2 * 11  # 11 steps a call (12 bytes)
     assert all(addresses <= set(kept.values()) for addresses in seen)
+    # prompts of one length whose windows (16) slide together: the refills write the kept
+    # buffers in place, and the sampler draws on them between the steps
+    generates_like_eager(compiled, eager, [(["q" * 14, "r" * 14], RANDOM, True)])
+    assert {key: buffer.data_ptr() for key, buffer in compiled._buffers.items()} == kept
+    assert 2 * 11 < len(seen) < 3 * 11 and all(addresses <= set(kept.values())
+                                                for addresses in seen)
     assert eager._buffers == {}  # an eager call needs none
 
 
