@@ -693,9 +693,7 @@ class Predictor:
         last_logits = []
         for b, stream in enumerate(streams):  # each prompt in one pass, into its own row
             stream.start = window_start(0, len(stream.context), window)
-            view = self._as_input(stream.context[stream.start:])
-            last_logits.append(self.model.forward_incremental(view, cache.row(b),
-                                                              last_only=True)[:, -1])
+            last_logits.append(self._feed(cache, b, stream.context[stream.start:]))
         chosen = sampler.choose(torch.cat(last_logits))  # (B,)
         # Each stream's position, kept on the host too, so that deciding when a window
         # is full reads nothing back from the device.
@@ -710,7 +708,7 @@ class Predictor:
                 if on_text is not None:  # streaming reads each byte back; a batch need not
                     streams[0].emit([int(chosen[0])], on_text)
                 logits = self._slide_full_windows(cache, streams, at, positions, generated,
-                                                  refill_settings or contextlib.nullcontext)
+                                                  refill_settings)
                 if logits is None:
                     # the step moves `positions` on itself, on the device; `at` follows on
                     # the host
@@ -745,20 +743,26 @@ class Predictor:
             stream = streams[b]
             context = stream.context + recent[b]
             stream.start = window_start(stream.start, len(context), window)
-            cache.reset_row(b)
             view = context[stream.start:] if every else context[stream.start:-1]
+            cache.reset_row(b)
             if view:  # (a window of 2 keeps one byte: the newest, for the step to feed)
                 with refill_settings():
-                    last_logits.append(self.model.forward_incremental(
-                        self._as_input(view), cache.row(b), last_only=True)[:, -1])
+                    last_logits.append(self._feed(cache, b, view))
             at[b] = positions[b] = len(view)
         return torch.cat(last_logits) if every else None
 
+    def _feed(self, cache, b, view):
+        """Row b of `cache`, at position 0, fed the bytes `view` in one pass, as a prompt
+        is: the logits (1, 256) of the byte after them."""
+        return self.model.forward_incremental(self._as_input(view), cache.row(b),
+                                              last_only=True)[:, -1]
+
     def _eager_cpu_steps(self, steps, batch):
         """Where a call's steps run eagerly on a CPU, the settings that suit their small
-        operations (small_operations); elsewhere nothing."""
+        operations (small_operations); elsewhere nothing. Either way it yields what a
+        refill runs under (a context manager)."""
         if self.device.type != "cpu" or self._compiles(steps, batch):
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(contextlib.nullcontext)
         # One stream's products have one row each: a second thread costs more than it
         # saves. Several streams' products have a row each and keep every thread.
         return small_operations(1 if batch == 1 else torch.get_num_threads())
