@@ -1127,15 +1127,20 @@ def generation_worker(mode, checkpoint_dir, device):
     training: loads the model saved in checkpoint_dir as main.py does, then "first-byte"
     times config.py's generation (compile "auto": it decodes through a program kept on
     disk) from the model loaded to the first byte of a decode step, and "compile"
-    compiles the step ("always"), keeping its programs under checkpoint_dir. Prints
-    {"seconds"} as JSON."""
+    compiles the step ("always"), keeping its programs under checkpoint_dir (an error
+    where it did not keep every program of one prompt). Prints {"seconds"} as JSON."""
     device = resolve_device(device)
     config = model_config(checkpoint_dir=checkpoint_dir,
                           generation_compile="always" if mode == "compile" else "auto")
     with contextlib.redirect_stdout(sys.stderr):
         model = load_model_for_prediction(config, device)
     if mode == "compile":
-        seconds = compile_seconds_of(Predictor(model, device, config))
+        predictor = Predictor(model, device, config)
+        seconds = compile_seconds_of(predictor)
+        if device.type in AHEAD_OF_TIME_DEVICE_TYPES and not predictor._programs_kept_for(1):
+            raise RuntimeError("the compiling call did not keep every program of one prompt "
+                               f"in {os.path.join(checkpoint_dir, PROGRAM_FOLDER)}: the "
+                               "kept-program row would time uncompiled decoding")
     else:
         # Two bytes: the first comes from the prompt's pass, the second from the first
         # decode step, which loads the kept program; a user waits for both.
@@ -1163,17 +1168,10 @@ def first_byte_rows(device, scale, folder):
     rows = [{"what": "first decode-step byte of a new process, no program kept",
              "seconds": run_generation_worker("first-byte", folder, device)}]
     if scale["gen_compile"]:
-        rows.append({"what": "compile in a new process (generation_compile=\"always\")",
-                     "seconds": run_generation_worker("compile", folder, device)})
-        config = model_config(checkpoint_dir=folder)
-        with contextlib.redirect_stdout(sys.stderr):
-            predictor = Predictor(load_model_for_prediction(config, device), device, config)
-        if device.type in AHEAD_OF_TIME_DEVICE_TYPES and not predictor._programs_kept_for(1):
-            raise RuntimeError("the compiling process did not keep every program of one "
-                               f"prompt in {os.path.join(folder, PROGRAM_FOLDER)}: the next "
-                               "row would time uncompiled decoding")
-        rows.append({"what": FIRST_BYTE_KEPT,
-                     "seconds": run_generation_worker("first-byte", folder, device)})
+        rows += [{"what": "compile in a new process (generation_compile=\"always\")",
+                  "seconds": run_generation_worker("compile", folder, device)},
+                 {"what": FIRST_BYTE_KEPT,
+                  "seconds": run_generation_worker("first-byte", folder, device)}]
     return rows
 
 

@@ -334,6 +334,15 @@ def test_the_compiling_call_runs_every_step_it_compiles(tmp_path, parallel):
     assert set(dues) == ({False, True} if parallel else {None})
 
 
+def test_a_compiling_worker_that_kept_no_program_is_an_error(tmp_path, monkeypatch):
+    """Were the compiling call to run no step, nothing would be compiled and kept, and the
+    kept-program row would time eager decoding: the worker fails instead."""
+    bench.save_default_model(str(tmp_path))
+    monkeypatch.setattr(bench, "compile_seconds_of", lambda predictor: 0.0)  # no step run
+    with pytest.raises(RuntimeError, match="did not keep every program"):
+        bench.generation_worker("compile", str(tmp_path), "cpu")
+
+
 def test_without_git_history_the_seeds_rows_are_skipped_and_not_failed(monkeypatch, capsys):
     monkeypatch.setattr(bench, "SEED_COMMIT", "0" * 40)  # in no history
     # the worker's process is timed by the quick run (slow); here its answer stands in
