@@ -27,6 +27,9 @@ import config as config_module  # noqa: E402
 GPU_DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 DEVICES = ["cpu", *GPU_DEVICES]
+# Issue 31's options from small-model recipes, all three on (test_model, test_trainer).
+RECIPE_OPTIONS = dict(smear_previous_byte=True, embeddings_into_every_layer=True,
+                      value_embeddings=True)
 
 
 def pytest_addoption(parser):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import CONFIG_V3
+from tests.conftest import RECIPE_OPTIONS
 from model import (ARCHITECTURE_KEYS, ByteLLM_GrugV3, CausalSelfAttention, EncoderLayer,
                    band_mask, count_parameters)
 from model_components import (NO_BYTE, START_MARKS, CNNFrontend, HashedNgramEmbedding,
@@ -65,10 +66,7 @@ DEFAULT_LAYERS = {key: CONFIG_V3[key] for key in ("positional_encoding_type", "q
                                                   "value_embeddings")}
 # Hashed n-grams with a small table (collisions happen) and orders with a gap.
 NGRAMS = dict(ngram_orders=[2, 3, 5], ngram_buckets=61)
-# Issue 31's options from small-model recipes, all three (tiny_model's random weights make
-# every scale and gate non-zero).
-RECIPE_OPTIONS = dict(smear_previous_byte=True, embeddings_into_every_layer=True,
-                      value_embeddings=True)
+# RECIPE_OPTIONS (conftest): tiny_model's random weights make every scale and gate non-zero.
 
 # (name, overrides): both architectures, frontend on/off, even and odd kernels, and
 # aggregator kernels below, at and above the stride, strides that do not divide T = 13.

@@ -20,7 +20,7 @@ import checkpoint as checkpoint_module
 import trainer as trainer_module
 from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dataset import ByteSequenceDataset
-from tests.conftest import DEVICES, GPU_DEVICES, make_tiny_config
+from tests.conftest import DEVICES, GPU_DEVICES, RECIPE_OPTIONS, make_tiny_config
 from trainer import LearningRateSchedule, Trainer, TrainingDiverged
 from utils import UserError, seed_everything
 
@@ -408,9 +408,6 @@ def losses_of_a_short_run(tmp_path, device="cpu", trainer_seen=None, **overrides
 MODERN_RECIPE = dict(optimizer_type="Muon", scheduler_type="wsd", positional_encoding_type="rotary",
                      norm_type="rmsnorm", qk_norm=True, ffn_activation="relu2",
                      zero_init_output_projections=True, logit_softcap=15.0)
-# Issue 31's options from small-model recipes, all on.
-RECIPE_OPTIONS = dict(smear_previous_byte=True, embeddings_into_every_layer=True,
-                      value_embeddings=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
